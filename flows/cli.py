@@ -1,0 +1,135 @@
+"""`lenta-lora`: run the flow, list registered adapters, generate with one.
+
+    lenta-lora run [--config PATH] [--set key=value ...]
+    lenta-lora models [--model NAME]
+    lenta-lora generate --model NAME (--version N | --alias champion) "Заголовок новости"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILE = PROJECT_ROOT / "configs" / "demo.yaml"
+
+
+def _quiet_environment() -> None:
+    """Defaults that keep a CLI run's output readable; a user's own settings win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry traceback offline
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lenta_lora")  # lib logs in Prefect's run logs
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # bounded wait on a dead server
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def _print_summary(summary: dict) -> None:
+    m, model = summary["metrics"], summary["model"]
+    uri = summary["tracking_uri"]
+    print("\n=== lenta-lora: run complete ===")
+    print(f"MLflow run:        {summary['run_id']}")
+    print(f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
+          f"champion: {'yes' if model['champion'] else 'no'})")
+    print(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
+    print(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
+    if "chrf" in m:
+        print(f"chrF++:            base {m['base_chrf']:.2f} -> tuned {m['chrf']:.2f}")
+    print(f"trained:           {summary['train']['steps']} steps, {summary['train']['tokens']} tokens, "
+          f"{summary['train']['seconds']:.0f}s")
+    print(f"browse it:         mlflow ui --backend-store-uri {uri}")
+
+
+def command_run(args) -> int:
+    from lib.config import load_config
+
+    config = load_config(args.config, args.set or [])  # every config problem reported before any work
+    from flows.finetune import finetune
+
+    summary = finetune(config=config)
+    _print_summary(summary)
+    return 0
+
+
+def command_models(args) -> int:
+    from lib.tracking import list_versions, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    rows = list_versions(uri, args.model)
+    if not rows:
+        print(f"no registered adapters in {uri}")
+        return 0
+    print(f"{'model':<24} {'ver':>4}  {'aliases':<18} {'test_bits_per_byte':>18} {'test_perplexity':>15}  run")
+    for r in rows:
+        t = r["tags"]
+        print(f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<18} "
+              f"{t.get('test_bits_per_byte', '-'):>18} {t.get('test_perplexity', '-'):>15}  {r['run_id']}")
+    return 0
+
+
+def command_generate(args) -> int:
+    import torch
+
+    from lib.generation import generate_continuations
+    from lib.tracking import load_registered, model_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    model, tokenizer, _ = load_registered(uri, model_uri(args.model, args.version, args.alias))
+    torch.manual_seed(args.seed)
+    outputs = generate_continuations(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                     do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
+                                     seed=args.seed, batch_size=8)
+    for prompt, text in zip(args.prompt, outputs):
+        print(f"{prompt}\n{text}\n" if len(args.prompt) > 1 else f"{prompt} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="fine-tune, evaluate and register an adapter")
+    run.add_argument("--config", default=str(DEFAULT_PROFILE), help="YAML profile (default: configs/demo.yaml)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.max_steps=20")
+    run.set_defaults(func=command_run)
+    models = sub.add_parser("models", help="list registered adapter versions")
+    models.add_argument("--model", help="registered model name (default: all)")
+    models.set_defaults(func=command_models)
+    gen = sub.add_parser("generate", help="continue a headline with a registered adapter")
+    gen.add_argument("--model", required=True)
+    which = gen.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int)
+    which.add_argument("--alias")
+    gen.add_argument("prompt", nargs="+")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=command_generate)
+    for p in (models, gen):
+        p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_environment()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from lib.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, LookupError, FileNotFoundError) as error:
+        print(f"lenta-lora: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Prepare the corpus for training: select, split, tokenize, pack, and save as a `datasets` folder.
+
+The saved DatasetDict holds the raw splits (`train`, `validation`, `test`: one article a row, with
+`document` = title + text, the string every metric is computed on) and the training views
+(`train_blocks`, `validation_blocks`: `input_ids` + `attention_mask` of length `max_length`).
+
+Packing (default) concatenates tokenized documents, each followed by EOS, and cuts fixed blocks, so
+no compute goes to padding and long articles are used in full; only the final partial block is
+dropped, and counted. `packing: false` is the seed recipe: each document truncated to `max_length`
+and right-padded, padding masked out of the loss by the attention mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+
+from lib.config import SAMPLE_CSV, DataConfig, ModelConfig
+from lib.base_model import load_tokenizer, resolve_base
+from lib.corpus import iter_articles, join_title_and_text
+from lib.splits import describe_splits, fingerprint_articles, select_articles, split_articles
+
+log = logging.getLogger("lenta_lora.dataset")
+
+SPLITS = ("train", "validation", "test")
+
+
+def pack_documents(token_lists: list[list[int]], eos_id: int, block: int) -> tuple[list[list[int]], int]:
+    """Concatenate documents (each + EOS) and cut `block`-token pieces; return blocks, dropped tokens."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        stream.append(eos_id)
+    usable = len(stream) - len(stream) % block
+    return [stream[i : i + block] for i in range(0, usable, block)], len(stream) - usable
+
+
+def pad_documents(token_lists: list[list[int]], eos_id: int, pad_id: int, block: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Seed recipe: each document + EOS truncated to `block` and right-padded; returns ids, masks, dropped."""
+    ids_out, masks, dropped = [], [], 0
+    for ids in token_lists:
+        ids = ids + [eos_id]
+        dropped += max(0, len(ids) - block)
+        ids = ids[:block]
+        ids_out.append(ids + [pad_id] * (block - len(ids)))
+        masks.append([1] * len(ids) + [0] * (block - len(ids)))
+    return ids_out, masks, dropped
+
+
+def corpus_path(data: DataConfig, downloaded: str | None = None) -> Path:
+    if data.source == "sample":
+        return SAMPLE_CSV
+    if data.source == "csv":
+        return Path(data.path).expanduser()
+    return Path(downloaded)
+
+
+def _to_date(text: str | None) -> date | None:
+    return date.fromisoformat(text) if text else None
+
+
+def _block_dataset(tokenizer, documents: list[str], block: int, packing: bool):
+    from datasets import Dataset
+
+    token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if packing:
+        blocks, dropped = pack_documents(token_lists, eos, block)
+        masks = [[1] * block for _ in blocks]
+    else:
+        blocks, masks, dropped = pad_documents(token_lists, eos, pad, block)
+    real = sum(sum(m) for m in masks)
+    stats = {"documents": len(documents), "tokens": sum(len(t) + 1 for t in token_lists), "blocks": len(blocks),
+             "real_tokens": real, "dropped_tokens": dropped}
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": masks}), stats
+
+
+def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConfig, max_length: int,
+                    output_root: str | Path) -> dict:
+    """Read, clean, split and tokenize the corpus; save it atomically; return its path and facts.
+
+    The output folder is named by the dataset fingerprint plus tokenizer and block settings, so an
+    identical request reuses it, and it is written to a temporary folder and renamed when complete:
+    a killed run never leaves a half-written dataset behind.
+    """
+    from datasets import Dataset, DatasetDict
+
+    csv_path = Path(csv_path)
+    selected = select_articles(
+        iter_articles(csv_path), topics=data.topics, date_from=_to_date(data.date_from),
+        date_to=_to_date(data.date_to), min_text_chars=data.min_text_chars,
+        max_articles=data.max_articles, seed=data.seed,
+    )
+    splits = split_articles(selected, data.splits.model_dump())
+    settings = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("cache_dir", "kaggle_secret_block", "path")}
+    fingerprint = fingerprint_articles(splits, settings)
+    documents = {name: [join_title_and_text(a) for a in splits[name]] for name in SPLITS}
+    if not documents["train"]:
+        raise ValueError(f"{csv_path}: no article fell into the train split; add articles or change data.splits")
+
+    base = resolve_base(model_cfg, documents["train"], data.cache_dir)
+    tokenizer = load_tokenizer(base, model_cfg)
+    key = f"{fingerprint[:16]}-{Path(base).name}-L{max_length}-{'packed' if data.packing else 'padded'}"
+    final = Path(output_root) / key
+    info_path = final / "lenta_lora_dataset.json"
+    if info_path.is_file():
+        log.info("reusing prepared dataset %s", final)
+        return json.loads(info_path.read_text())
+
+    parts = {name: Dataset.from_list([{**asdict(a), "document": doc} for a, doc in zip(splits[name], documents[name])])
+             for name in SPLITS}
+    block_stats = {}
+    for name in ("train", "validation"):
+        parts[f"{name}_blocks"], block_stats[name] = _block_dataset(tokenizer, documents[name], max_length, data.packing)
+    if not len(parts["train_blocks"]):
+        raise ValueError(f"{csv_path}: the train split has fewer than {max_length} tokens; lower train.max_length")
+
+    stats = {**describe_splits(splits), "blocks": block_stats,
+             "tokens_per_char": block_stats["train"]["tokens"] / max(1, sum(map(len, documents["train"])))}
+    info = {"path": str(final.resolve()), "fingerprint": fingerprint, "base": base, "csv": str(csv_path),
+            "max_length": max_length, "packing": data.packing, "stats": stats}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    try:
+        DatasetDict(parts).save_to_disk(str(tmp / "data"))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "lenta_lora_dataset.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        os.replace(tmp, final)
+    except OSError:
+        if not info_path.is_file():  # a real failure, not a concurrent twin that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s: %s", final, {k: len(v) for k, v in parts.items()})
+    return info
+
+
+def load_prepared(dataset_path: str | Path):
+    from datasets import load_from_disk
+
+    return load_from_disk(str(Path(dataset_path) / "data"))

@@ -1,0 +1,350 @@
+"""Fetch one file of a Kaggle dataset into a verified local cache, with the official kagglesdk.
+
+Layout: ``cache_dir/<owner>__<name>/<file_name>`` plus ``<file_name>.kaggle.json`` (size and
+sha256). The marker is written last, so a CSV without a valid marker is never trusted.
+
+We call ``kagglesdk`` directly rather than ``kaggle.KaggleApi``: importing the ``kaggle``
+package authenticates at import time (a network call when a token is set), ``authenticate()``
+calls ``exit(1)`` when no credentials exist, and its downloader prints to stdout and retries
+with a fixed 2**n-second backoff we cannot shorten. The SDK (the CLI's own layer) is imported
+lazily: it takes 0.3 s, and a cache hit never needs it.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+
+log = logging.getLogger("lenta_lora.kaggle")
+
+LENTA_COLUMNS = ("url", "title", "text", "topic", "tags", "date")
+_SLUG = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)/([A-Za-z0-9][A-Za-z0-9_.-]*)$")
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+_CHUNK = 1 << 20
+_USER_AGENT = "lenta-lora (kagglesdk)"
+_HOW_TO_AUTH = ("set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN, or put kaggle.json in "
+                "$KAGGLE_CONFIG_DIR or ~/.kaggle, or run `kaggle auth login`; or set "
+                "data.source: csv with data.path to use a local CSV instead")
+
+
+class KaggleError(RuntimeError):
+    """Acquisition failed. The message says what and what to do; it never holds a secret."""
+
+
+class _Retryable(Exception):
+    """A failure a fresh attempt may fix: truncated body, corrupt archive."""
+
+
+def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
+                         credentials: dict[str, str] | None = None, retries: int = 3,
+                         backoff_s: float = 2.0, timeout_s: float = 60.0,
+                         expected_columns: tuple[str, ...] = LENTA_COLUMNS) -> Path:
+    """Return the path of ``file_name`` (unpacked CSV) from Kaggle ``dataset`` ("owner/name").
+
+    A verified cache hit makes no network call and needs no credentials. ``credentials`` is
+    ``{"username", "key"}`` or ``{"api_token"}``; without it the kaggle CLI's sources are used.
+    Network failures are retried ``retries`` times (delay ``backoff_s * 2**n``); ``timeout_s``
+    bounds each connect/read. Raises KaggleError.
+    """
+    match = _SLUG.match(dataset or "")
+    if not match:
+        raise KaggleError(f"dataset {dataset!r} is not 'owner/name' (e.g. yutkin/corpus-of-russian-news-articles-from-lenta)")
+    if not file_name or Path(file_name).name != file_name or file_name in (".", ".."):
+        raise KaggleError(f"file_name {file_name!r} must be a plain file name such as 'lenta-ru-news.csv'")
+    if retries < 0 or backoff_s < 0 or timeout_s <= 0:
+        raise KaggleError("retries and backoff_s must be >= 0 and timeout_s > 0")
+    owner, name = match.groups()
+    cache_dir = Path(cache_dir).expanduser()
+    csv_path = cache_dir / f"{owner}__{name}" / file_name
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KaggleError(f"cannot create cache directory {csv_path.parent}: {exc.strerror}; fix data.cache_dir") from None
+
+    # One lock per dataset: a second process waits, then finds the first one's verified file.
+    with _locked(cache_dir / f".{owner}__{name}.lock"):
+        if _cache_valid(csv_path, dataset, file_name):
+            log.info("using cached %s (size and sha256 verified)", csv_path)
+            return csv_path
+        _discard_unverified(cache_dir, f".tmp-{owner}__{name}-", csv_path)
+        auth, source = _resolve_credentials(credentials, timeout_s)
+        log.info("downloading %s from Kaggle dataset %s (credentials: %s)", file_name, dataset, source)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{owner}__{name}-", dir=cache_dir))
+        try:
+            fresh = _download_with_retries(auth, source, dataset, file_name, work,
+                                           retries, backoff_s, timeout_s)
+            _check_csv(fresh, dataset, file_name, expected_columns)
+            size, digest = fresh.stat().st_size, _sha256(fresh)
+            os.replace(fresh, csv_path)  # same filesystem: atomic
+            _write_json_atomic(_marker(csv_path), {"dataset": dataset, "file_name": file_name, "size": size,
+                                                   "sha256": digest, "downloaded_at": time.time()})
+            log.info("cached %s (%d bytes, sha256 %s)", csv_path, size, digest[:12])
+            return csv_path
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --- cache --------------------------------------------------------------------------------
+
+@contextmanager
+def _locked(lock_path: Path):
+    # flock is released by the kernel when the holder dies, so a killed download never
+    # leaves a stale lock. The lock file itself stays: deleting it would race with waiters.
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish with %s", lock_path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock, on errors too
+
+
+def _marker(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.name + ".kaggle.json")
+
+
+def _cache_valid(csv_path: Path, dataset: str, file_name: str) -> bool:
+    try:
+        meta = json.loads(_marker(csv_path).read_text())
+        size = csv_path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    if (meta.get("dataset"), meta.get("file_name"), meta.get("size")) != (dataset, file_name, size):
+        return False
+    # Streaming the hash costs seconds on the 2 GB CSV and catches same-size edits and bit rot.
+    return meta.get("sha256") == _sha256(csv_path)
+
+
+def _discard_unverified(cache_dir: Path, tmp_prefix: str, csv_path: Path) -> None:
+    # We hold the lock, so any temp dir with our prefix belongs to a dead process.
+    for leftover in cache_dir.glob(tmp_prefix + "*"):
+        log.warning("removing leftover partial download %s", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for stale in [path for path in (csv_path, _marker(csv_path)) if path.exists()]:
+        log.warning("discarding unverified cache file %s", stale)
+        stale.unlink()
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make both renames survive a power loss
+    os.fsync(dir_fd)
+    os.close(dir_fd)
+
+
+# --- credentials --------------------------------------------------------------------------
+
+def _resolve_credentials(explicit: dict[str, str] | None, timeout_s: float) -> tuple[dict, str]:
+    """Return (KaggleClient auth kwargs, where they came from), in the kaggle CLI 2.x order:
+    access token, then legacy username/key (env over kaggle.json), then `kaggle auth login`."""
+    from kagglesdk import KaggleCredentials, get_access_token_from_env
+    token, token_source = get_access_token_from_env()  # KAGGLE_API_TOKEN, ~/.kaggle/access_token
+    token_source = {"access_token": "~/.kaggle/access_token"}.get(token_source, token_source)
+    if explicit is not None:
+        if explicit.get("api_token"):
+            return {"api_token": explicit["api_token"]}, "explicit api_token"
+        if not (explicit.get("username") and explicit.get("key")):
+            raise KaggleError(f"credentials need 'username' and 'key' (or 'api_token'); got keys {sorted(explicit)}")
+        if token:  # kagglesdk always prefers a token it finds over a username/key it is given
+            raise KaggleError(f"explicit username/key given but kagglesdk would use the token from {token_source}; "
+                              "unset it or pass {'api_token': ...}")
+        return {"username": explicit["username"], "password": explicit["key"]}, "explicit username/key"
+    if token:
+        return {"api_token": token}, f"access token from {token_source}"
+    from_file, config_path = _read_kaggle_json()
+    username = os.environ.get("KAGGLE_USERNAME") or from_file.get("username")
+    key = os.environ.get("KAGGLE_KEY") or from_file.get("key")
+    if username and key:
+        source = "KAGGLE_USERNAME/KAGGLE_KEY" if os.environ.get("KAGGLE_KEY") else str(config_path)
+        return {"username": username, "password": key}, source
+    with _open_client({}, timeout_s) as client:
+        oauth = KaggleCredentials.load(client=client)  # ~/.kaggle/credentials.json, no network
+        if oauth is not None:
+            try:
+                return {"api_token": oauth.get_access_token()}, "~/.kaggle/credentials.json"
+            except requests.RequestException as exc:
+                raise KaggleError(f"refreshing the `kaggle auth login` token failed ({type(exc).__name__}); "
+                                  "run `kaggle auth login` again") from None
+    raise KaggleError(f"no Kaggle credentials found: {_HOW_TO_AUTH}")
+
+
+def _read_kaggle_json() -> tuple[dict, Path | None]:
+    # Same search as kaggle.KaggleApi: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else XDG config.
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    config_dir = os.environ.get("KAGGLE_CONFIG_DIR")
+    for directory in [Path(config_dir)] if config_dir else [Path.home() / ".kaggle", xdg]:
+        path = directory / "kaggle.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            raise KaggleError(f"{path} is unreadable or not JSON; fix it or delete it") from None
+        return (data if isinstance(data, dict) else {}), path
+    return {}, None
+
+
+# --- download -----------------------------------------------------------------------------
+
+class _TimeoutAdapter(HTTPAdapter):
+    """kagglesdk sends without a timeout, so a stalled connection would hang forever."""
+    def __init__(self, timeout_s: float):
+        super().__init__()
+        self._timeout_s = timeout_s
+
+    def send(self, request, **kwargs):
+        kwargs["timeout"] = kwargs.get("timeout") or self._timeout_s
+        return super().send(request, **kwargs)
+
+
+def _open_client(auth: dict, timeout_s: float):
+    from kagglesdk import KaggleClient
+    try:  # reads KAGGLE_API_ENVIRONMENT; raises a bare Exception for an unknown value
+        client = KaggleClient(user_agent=_USER_AGENT, **auth)
+    except Exception as exc:
+        raise KaggleError(f"cannot configure the Kaggle client ({exc}); fix KAGGLE_API_ENVIRONMENT") from None
+    client.__enter__()  # creates the requests session, so the adapter can be mounted
+    # Mounting an adapter is requests' own way to set a default timeout; the session is
+    # private to kagglesdk, hence the guard instead of a hard failure if it ever moves.
+    session = getattr(client.http_client(), "_session", None)
+    for prefix in ("http://", "https://") if isinstance(session, requests.Session) else ():
+        session.mount(prefix, _TimeoutAdapter(timeout_s))
+    return client
+
+
+def _download_with_retries(auth, source, dataset, file_name, work, retries, backoff_s, timeout_s) -> Path:
+    secrets = [value for name, value in auth.items() if name != "username"]
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("attempt %d/%d for %s failed: %s; retrying in %.1fs",
+                        attempt, retries + 1, dataset, _describe(last, secrets), delay)
+            time.sleep(delay)
+        try:
+            return _attempt(auth, dataset, file_name, work, timeout_s)
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                raise KaggleError(f"Kaggle rejected the credentials ({source}) for {dataset} (HTTP {status}): "
+                                  "renew them under kaggle.com > Settings > API and check the account may "
+                                  "access the dataset; or use data.source: csv with data.path") from None
+            if status == 404:
+                raise KaggleError(f"Kaggle has no dataset {dataset} with a file {file_name!r} (HTTP 404): "
+                                  "check the dataset and file names") from None
+            if status not in _RETRY_STATUS:
+                raise KaggleError(f"Kaggle answered HTTP {status} for {dataset}: {_describe(exc, secrets)}") from None
+            last = exc
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError, _Retryable) as exc:
+            last = exc
+        except requests.RequestException as exc:  # e.g. too many redirects: a retry won't help
+            raise KaggleError(f"Kaggle request for {dataset} failed: {_describe(exc, secrets)}") from None
+        except OSError as exc:  # requests' errors are OSErrors too, so this is the local disk
+            raise KaggleError(f"cannot write into {work.parent}: {exc.strerror or exc}; free space or "
+                              "change data.cache_dir") from None
+    raise KaggleError(f"downloading {file_name!r} from Kaggle dataset {dataset} failed after {retries + 1} "
+                      f"attempts, last error: {_describe(last, secrets)}; check the network and retry") from None
+
+
+def _attempt(auth: dict, dataset: str, file_name: str, work: Path, timeout_s: float) -> Path:
+    from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
+    request = ApiDownloadDatasetRequest()
+    request.owner_slug, request.dataset_slug = dataset.split("/")
+    request.file_name = file_name
+    body = work / "download.part"
+    with _open_client(auth, timeout_s) as client:
+        # POST DownloadDataset answers 302 to a signed storage URL; requests follows it and
+        # kagglesdk returns the streamed file response (body not read yet).
+        response = client.datasets.dataset_api_client.download_dataset(request)
+        with response:
+            # Content-Length counts wire bytes; with a Content-Encoding requests hands us more.
+            encoded = response.headers.get("Content-Encoding", "identity") != "identity"
+            expected = None if encoded else int(response.headers.get("Content-Length") or 0) or None
+            received = 0
+            with open(body, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=file_name,
+                                               disable=None, leave=False) as bar:  # None: TTY only
+                for chunk in response.iter_content(_CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+    if expected is not None and received != expected:
+        raise _Retryable(f"truncated body: {received} of {expected} bytes")
+    return _unpack(body, file_name, work)
+
+
+def _unpack(body: Path, file_name: str, work: Path) -> Path:
+    """Kaggle serves large files as <file_name>.zip and small ones plain: sniff, not trust names."""
+    target = work / file_name
+    with open(body, "rb") as handle:
+        if handle.read(2) != b"PK":  # no zip magic: the plain file (a truncated zip keeps it)
+            return body.replace(target)
+    try:
+        with zipfile.ZipFile(body) as archive:
+            members = [info for info in archive.infolist() if not info.is_dir()]
+            chosen = [m for m in members if Path(m.filename).name == file_name] or \
+                     (members if len(members) == 1 else [])
+            if not chosen:
+                raise KaggleError(f"the archive for {file_name!r} holds {[m.filename for m in members][:10]}, "
+                                  "not that file: check the file name")
+            # Reading a member to its end checks its CRC-32: the same test zipfile.testzip()
+            # does, without decompressing the 2 GB twice. We write to a fixed name (no zip-slip).
+            with archive.open(chosen[0]) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise _Retryable(f"corrupt zip archive ({exc})") from None
+    body.unlink()
+    return target
+
+
+def _check_csv(path: Path, dataset: str, file_name: str, expected: tuple[str, ...]) -> None:
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16).decode("utf-8-sig", errors="replace")
+    if not (lines := head.splitlines()) or not lines[0].strip():
+        raise KaggleError(f"{file_name!r} from {dataset} is empty: check the file name")
+    header = [column.strip() for column in next(csv.reader([lines[0]]))]
+    columns = header[1:] if header[0] in ("", "Unnamed: 0") else header  # pandas' saved index
+    missing = [column for column in expected if column not in columns]
+    if missing:
+        raise KaggleError(f"{file_name!r} from {dataset} lacks columns {missing} "
+                          f"(header {header[:8]}): is it the right file?")
+    if len(lines) < 2 or not any(line.strip() for line in lines[1:]):
+        raise KaggleError(f"{file_name!r} from {dataset} has a header but no rows")
+
+
+def _describe(exc: BaseException | None, secrets: list[str]) -> str:
+    """One line about an error, without URL query strings (signed URLs) or credential values."""
+    text = str(exc) if isinstance(exc, _Retryable) else f"{type(exc).__name__}: {exc}"
+    text = re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\")]*", r"\1?<redacted>", text)
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "<redacted>")
+    return " ".join(text.split())[:300]

@@ -1,0 +1,42 @@
+"""Open and close the flow's MLflow run (registry/tracking calls retried: they cross a network)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+from prefect import task
+
+from lib import tracking
+from lib.config import PipelineConfig, flatten_config
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent.parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags that link the MLflow run and registry version back to the Prefect run and the code."""
+    from prefect.runtime import flow_run
+
+    return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
+            "git_commit": _git_commit()}
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def start_run(config: PipelineConfig, uri: str, tags: dict[str, str]) -> str:
+    """Create the run that every later task logs into; returns its id."""
+    config_yaml = yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
+    name = f"{config.registry.model_name}-{tags.get('prefect.flow_run_name', 'local')}"
+    return tracking.start_run(uri, config.tracking.experiment, name, flatten_config(config), tags, config_yaml)
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    tracking.finish_run(uri, run_id, status)

@@ -1,0 +1,70 @@
+"""Shared fixtures: one real Prefect test server per session, a fresh MLflow sqlite store per test,
+and a very small offline config so that end-to-end runs take seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before Prefect is imported anywhere: its telemetry logs a traceback offline, and the
+# `lenta_lora` loggers should reach Prefect's run logs as they do in the CLI.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lenta_lora")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real, temporary Prefect API server for the whole session (started once: it takes seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store per test; MLFLOW_TRACKING_URI points at it for child processes."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """Tokenizer/model/dataset cache shared by tests that use identical tiny settings."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny_overrides(cache_dir: str, **extra) -> list[str]:
+    """Overrides on top of configs/demo.yaml that keep a whole flow run to a few seconds."""
+    values = {
+        "data.cache_dir": cache_dir,
+        "model.tiny.vocab_size": 512,
+        "model.tiny.hidden_size": 64,
+        "model.tiny.num_layers": 2,
+        "model.tiny.num_heads": 2,
+        "model.tiny.max_position_embeddings": 128,
+        "model.tiny.window_size": 32,
+        "model.tiny.pretrain_steps": 5,
+        "train.max_length": 64,
+        "train.max_steps": 4,
+        "train.eval_every": 2,
+        "eval.num_samples": 2,
+        "eval.max_new_tokens": 8,
+        "registry.model_name": "test-adapter",
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture
+def tiny_config(shared_cache, tracking_uri):
+    from lib.config import load_config
+    from flows.cli import DEFAULT_PROFILE
+
+    return load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from lib.config import ConfigError, PipelineConfig, build_config, flatten_config, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_profiles():
+    assert {"demo.yaml", "gpt-neo-1.3b.yaml"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_profile_loads(path):
+    config = load_config(path)
+    assert isinstance(config, PipelineConfig)
+    assert config.train.max_length > 1 and config.lora.target_modules
+
+
+def test_seed_profile_is_the_seed_recipe():
+    c = load_config(Path(__file__).resolve().parent.parent / "configs" / "gpt-neo-1.3b.yaml")
+    assert c.model.name == "EleutherAI/gpt-neo-1.3B" and c.model.precision == "int8"
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout) == (8, 16, 0.1)
+    assert (c.train.max_length, c.train.batch_size, c.train.grad_accum, c.train.epochs) == (512, 1, 8, 1)
+    assert c.data.max_articles == 10_000 and c.data.packing is False and c.data.source == "kaggle"
+
+
+def test_overrides_are_typed_and_layered():
+    c = build_config({"train": {"max_steps": 5}}, ["train.max_steps=20", "lora.target_modules=[q_proj]"])
+    assert c.train.max_steps == 20 and c.lora.target_modules == ["q_proj"]
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as info:
+        build_config({}, ["lora.r=0", "lora.dropout=1.0", "train.max_length=abc", "trian.max_steps=3",
+                          "lora.target_modules=[]"])
+    message = str(info.value)
+    for fragment in ("lora.r", "lora.dropout", "train.max_length", "trian", "lora.target_modules", "5 problem"):
+        assert fragment in message, message
+
+
+def test_impossible_values_are_rejected():
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        build_config({}, ["train.max_length=4096"])  # longer than the tiny model's context
+    with pytest.raises(ConfigError, match="sum to 1"):
+        build_config({}, ["data.splits.train=0.5"])
+    with pytest.raises(ConfigError, match="data.path"):
+        build_config({}, ["data.source=csv"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        build_config({}, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_flatten_gives_dotted_scalars():
+    flat = flatten_config(PipelineConfig())
+    assert flat["lora.r"] == 8 and flat["lora.target_modules"] == "q_proj,v_proj"
+    assert all(not isinstance(v, (dict, list)) for v in flat.values())

@@ -1,0 +1,77 @@
+"""The whole `finetune` flow on the demo profile (shrunk), under a real Prefect engine, into a
+temporary MLflow sqlite store: what a user finds in MLflow afterwards."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from lib.config import load_config
+from flows.cli import DEFAULT_PROFILE
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_config, tracking_uri):
+    from flows.finetune import finetune
+
+    summary = finetune(config=tiny_config)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["lora.r"] == "8" and params["train.max_steps"] == "4" and params["model.name"] == "tiny"
+    assert params["dataset.fingerprint"] == summary["dataset_fingerprint"]
+
+    metrics = run.data.metrics
+    for name in ("base_test_perplexity", "test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte",
+                 "test_bits_per_char", "test_word_perplexity", "delta_test_perplexity", "chrf", "base_chrf",
+                 "bleu", "rougeL", "distinct_2", "validation_loss", "train_tokens_per_second"):
+        assert name in metrics, name
+    assert metrics["test_perplexity"] > 1 and metrics["base_test_perplexity"] > 1
+    losses = client.get_metric_history(summary["run_id"], "train_loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]  # one point per optimizer step
+
+    tags = run.data.tags
+    assert tags["prefect.flow_run_id"] and tags["git_commit"] and tags["dataset_fingerprint"]
+
+    artifacts = artifact_paths(client, summary["run_id"])
+    for path in ("config.yaml", "dataset_stats.json", "plots/loss_curve.png", "plots/base_vs_tuned.png",
+                 "samples/samples.md", "samples/samples_table.json", "adapter_model/MLmodel",
+                 "adapter_model/artifacts/adapter/adapter_config.json",
+                 "adapter_model/artifacts/adapter/adapter_model.safetensors"):
+        assert path in artifacts, (path, sorted(artifacts))
+    assert not any(p.endswith("model.safetensors") and "/adapter/" in p and "adapter_model" not in p.split("/")[-1]
+                   for p in artifacts)
+
+    version = client.get_model_version("test-adapter", "1")
+    assert version.run_id == summary["run_id"]
+    assert version.tags["base_model"] == "tiny" and version.tags["dataset_fingerprint"] == summary["dataset_fingerprint"]
+    assert "test_bits_per_byte" in version.tags and version.tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
+    assert int(client.get_model_version_by_alias("test-adapter", "champion").version) == 1
+
+    second = finetune(config=tiny_config)
+    assert second["model"]["version"] == 2
+    assert client.get_run(second["run_id"]).info.status == "FINISHED"
+
+
+def test_failed_flow_marks_run_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri, tmp_path):
+    from flows.finetune import finetune
+
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
+        "data.source": "csv", "data.path": str(tmp_path / "missing.csv"), "registry.model_name": "never"}))
+    with pytest.raises(Exception, match="missing.csv"):
+        finetune(config=config)
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_model_versions("name='never'") == []

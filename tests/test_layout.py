@@ -1,0 +1,65 @@
+"""House rules the code base keeps: imports go flows -> tasks -> lib; lib never imports Prefect;
+only the tracking module (and the MLflow model-from-code file it logs) imports MLflow."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MLFLOW_ALLOWED = {"lib/tracking.py", "lib/adapter_pyfunc.py"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def files(package: str) -> list[Path]:
+    return sorted((ROOT / package).glob("*.py"))
+
+
+def test_lib_never_imports_prefect_tasks_or_flows():
+    for path in files("lib"):
+        bad = imported_roots(path) & {"prefect", "tasks", "flows"}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_only_the_tracking_module_imports_mlflow():
+    for package in ("lib", "tasks", "flows"):
+        for path in files(package):
+            rel = str(path.relative_to(ROOT))
+            if rel not in MLFLOW_ALLOWED:
+                assert "mlflow" not in imported_roots(path), f"{rel} imports mlflow"
+
+
+def test_tasks_never_import_flows():
+    for path in files("tasks"):
+        assert "flows" not in imported_roots(path), path
+
+
+def test_importing_modules_has_no_side_effects(tmp_path):
+    """Importing every module from an empty folder creates no files there (no mkdir, no sqlite db).
+    (Prefect itself creates its PREFECT_HOME on import; that lives outside the folder watched.)"""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    modules = [f"{p.parent.name}.{p.stem}" for pkg in ("lib", "tasks", "flows") for p in files(pkg)
+               if p.stem not in ("__init__", "adapter_pyfunc")]
+    code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PREFECT_HOME": str(tmp_path / ".prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    subprocess.run([sys.executable, "-c", code, *modules], cwd=cwd, env=env, check=True, timeout=300)
+    created = sorted(p.name for p in cwd.iterdir())
+    assert created == [], f"importing created {created}"
+
+
+def test_modules_stay_readable_in_size():
+    for package in ("lib", "tasks", "flows"):
+        for path in files(package):
+            lines = len(path.read_text(encoding="utf-8").splitlines())
+            assert lines <= 400, f"{path.relative_to(ROOT)} has {lines} lines"

@@ -1,30 +1,67 @@
-"""Stage 3: LoRA training; loss and throughput stream into the MLflow run as they happen."""
+"""Stage 3: LoRA training; loss and throughput stream into the MLflow run as they happen.
+
+With a checkpoint folder the task resumes a killed run of the same config: the new MLflow run is
+tagged `resumed_from_run` / `resumed_from_step` and logs its steps under the same step numbers,
+and the killed run (left RUNNING by the kill) is marked KILLED.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from lib import plots, tracking, training
+from lib import checkpoint, plots, tracking, training
 from lib.config import PipelineConfig
 
 
+def _close_interrupted_run(uri: str, found: checkpoint.Checkpoint, run_id: str, logger) -> None:
+    """Mark the run that wrote `found` KILLED if it is still RUNNING and its training was cut short.
+
+    Safe only because the caller holds the checkpoint lock: no live process is training with these
+    checkpoints, so a RUNNING writer with unfinished training died (a Python error would have
+    marked it FAILED). A writer that finished training may still be evaluating: it is left alone.
+    """
+    old = found.run_id
+    if not old or old == run_id or found.step >= found.total_steps:
+        return
+    try:
+        status = tracking.get_run_summary(uri, old)["status"]
+    except Exception as error:  # noqa: BLE001 - e.g. the checkpoint was written under another tracking store
+        logger.warning("MLflow run %s that wrote %s not found in %s (%s); left as it is", old, found.path, uri, error)
+        return
+    if status == "RUNNING":
+        tracking.set_tags(uri, old, {"resumed_in_run": run_id, "killed_reason":
+                                     f"training process died after checkpoint step {found.step} of "
+                                     f"{found.total_steps}; training resumed in run {run_id}"})
+        tracking.finish_run(uri, old, "KILLED")
+        logger.info("marked MLflow run %s KILLED (its process died; resumed here)", old)
+
+
 @task
-def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str) -> dict:
-    """Returns `adapter_dir`, `steps`, `tokens`, `seconds`, `final_loss`, `validation_loss`."""
+def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str,
+                  checkpoint_dir: str | None = None) -> dict:
+    """Returns `adapter_dir`, `steps`, `tokens`, `seconds`, `final_loss`, `validation_loss`, `resumed_from_step`."""
     logger = get_run_logger()
     train = config.train
-    tracking.log_params(uri, run_id, {"train.effective_batch": train.batch_size * train.grad_accum})
+    tracking.log_params(uri, run_id, {"train.effective_batch": train.batch_size * train.grad_accum * train.num_processes})
 
-    def on_log(step: int, record: dict[str, float]) -> None:
+    def on_log(step: int, record: dict[str, float], progress: training.Progress | None) -> None:
         tracking.log_metrics(uri, run_id, record, step=step)
-        if "train_loss" in record:
-            logger.info("step %d loss %.4f lr %.2e %.0f tok/s", step, record["train_loss"],
-                        record["learning_rate"], record["tokens_per_second"])
+        if progress is not None:
+            logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %s", step, progress.total, record["train_loss"],
+                        record["learning_rate"], record["tokens_per_second"],
+                        timedelta(seconds=round(progress.eta_seconds)))
 
-    result = training.train_adapter(dataset_path, config, output_dir, on_log=on_log)
+    def on_resume(found: checkpoint.Checkpoint) -> None:
+        tracking.set_tags(uri, run_id, {"resumed_from_run": found.run_id or "unknown", "resumed_from_step": found.step})
+        logger.info("resuming from %s: step %d of %d (MLflow run %s)", found.path, found.step, found.total_steps, found.run_id)
+        _close_interrupted_run(uri, found, run_id, logger)
+
+    result = training.train_adapter(dataset_path, config, output_dir, on_log=on_log, checkpoint_dir=checkpoint_dir,
+                                    run_id=run_id, on_resume=on_resume)
     plot = plots.plot_loss(result.history, Path(output_dir) / "loss_curve.png")
     tracking.log_artifact(uri, run_id, plot, "plots")
     tracking.log_metrics(uri, run_id, {"train_steps": result.steps, "train_tokens": result.tokens,
@@ -33,3 +70,12 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, ur
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
     logger.info("trained %d steps on %d tokens in %.1fs -> %s", result.steps, result.tokens, result.seconds, result.adapter_dir)
     return summary
+
+
+@task
+def discard_checkpoints(checkpoint_dir: str | None) -> bool:
+    """After a successful run: its adapter is in MLflow, so its checkpoints only take disk space."""
+    removed = checkpoint.discard(checkpoint_dir)
+    if removed:
+        get_run_logger().info("deleted checkpoints %s", checkpoint_dir)
+    return removed

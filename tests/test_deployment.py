@@ -1,0 +1,105 @@
+"""prefect.yaml: its parameters match the profiles, and the demo deployment runs end to end the way
+a user runs it: a real `prefect server start`, `prefect deploy --all`, a process worker started in
+another folder, `prefect deployment run` with a parameter override, MLflow checked afterwards."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.cli import DEFAULT_PROFILE
+from lib.config import PipelineConfig, build_config, load_config
+from tests.conftest import tiny_overrides
+from tests.prefect_server import log_tail, prefect_server
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL = "lenta-process"
+RUN_TIMEOUT_S = 360  # a tiny flow run takes ~1 min here; generous for a loaded 2-core machine
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def profile(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / name).read_text(encoding="utf-8"))
+
+
+def test_deployment_parameters_are_the_profiles_key_for_key():
+    """prefect.yaml repeats the profiles (YAML cannot include a file): catch drift."""
+    found = deployments()
+    assert found["demo"]["parameters"]["config"] == profile("demo.yaml")
+    assert found["lenta-nightly"]["parameters"]["config"] == profile("gpt-neo-1.3b.yaml")
+    for spec in found.values():
+        assert spec["entrypoint"] == "flows/finetune.py:finetune"
+        assert isinstance(build_config(spec["parameters"]["config"]), PipelineConfig)
+    assert not found["demo"].get("schedules")
+    assert [s["cron"] for s in found["lenta-nightly"]["schedules"]] == ["0 2 * * *"]
+    assert found["lenta-nightly"]["schedules"][0]["timezone"] == "Europe/Moscow"
+
+
+def api(url: str, path: str):
+    with urllib.request.urlopen(f"{url}{path}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_for_flow_run(url: str, flow_run_id: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = api(url, f"/flow_runs/{flow_run_id}")
+        if run["state_type"] in TERMINAL:
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} not finished after {timeout_s:.0f}s (state {run['state_name']})")
+
+
+@pytest.mark.slow
+def test_demo_deployment_runs_on_a_process_worker(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    model_name = f"deployed-{tmp_path.name}"
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
+        "registry.model_name": model_name, "tracking.uri": tracking_uri}))
+    # A run's `config` replaces the deployment's whole parameter, so the override is a full config.
+    params = json.dumps({"config": config.model_dump(mode="json")})
+    worker_dir = tmp_path / "elsewhere"  # the pull step, not the worker's folder, decides where code runs
+    worker_dir.mkdir()
+
+    with prefect_server(tmp_path / "prefect-home") as server:
+        server.cli("work-pool", "create", POOL, "--type", "process", cwd=ROOT)
+        server.cli("deploy", "--all", cwd=ROOT)
+        name = urllib.parse.quote("finetune")
+        nightly = api(server.url, f"/deployments/name/{name}/lenta-nightly")
+        assert [s["schedule"] for s in nightly["schedules"]] == [
+            {"cron": "0 2 * * *", "timezone": "Europe/Moscow", "day_or": True}]
+        assert nightly["work_queue_name"] == "nightly" and nightly["work_pool_name"] == POOL
+        demo = api(server.url, f"/deployments/name/{name}/demo")
+        assert demo["schedules"] == [] and demo["work_queue_name"] == "default"
+        assert demo["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        assert demo["parameter_openapi_schema"]["properties"]["config"]  # the typed form in the UI
+
+        # Only the default queue: should the test straddle 02:00 Moscow time, the nightly run waits.
+        with server.worker(POOL, cwd=worker_dir, queues=("default",)):
+            out = server.cli("deployment", "run", "finetune/demo", "--params", params, cwd=ROOT).stdout
+            flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+            flow_run = wait_for_flow_run(server.url, flow_run_id, RUN_TIMEOUT_S)
+        worker_log = server.home / f"worker-{POOL}.log"
+        assert flow_run["state_type"] == "COMPLETED", f"{flow_run['state_name']}:\n{log_tail(worker_log)}"
+        assert flow_run["parameters"]["config"]["train"]["max_steps"] == 4
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    versions = client.search_model_versions(f"name='{model_name}'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", runs[0].info.run_id)]
+    assert versions[0].tags["prefect.flow_run_id"] == flow_run_id

@@ -5,26 +5,118 @@ from this project: a version loads in any process with torch, transformers and p
 without the training code or its config. Artifacts:
   adapter      PEFT adapter folder (adapter_config.json, adapter_model.safetensors) + tokenizer
   base_model   JSON: where the base comes from (hub id + revision, local path, or tiny build),
-               the precision it was trained in, and default generation settings
+               the precision it was trained in, default generation settings, and `sha256`: the
+               checksum of every file of the `adapter` and `base_weights` folders at registration
   base_weights (tiny base only) the base model folder, since no hub holds it
+
+Loading refuses a folder whose files differ from those checksums (changed, missing or extra
+files): weights are only read from safetensors, never from pickles, and no remote code runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from pathlib import Path
 
 import mlflow.pyfunc
 from mlflow.models import set_model
 
+log = logging.getLogger("lenta_lora.adapter")
+
+CHECKED_ARTIFACTS = ("adapter", "base_weights")  # folders whose every file is checksummed
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # loading these can run code
+
+
+class ArtifactIntegrityError(ValueError):
+    """A registered model's files differ from the checksums recorded when it was registered."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by its POSIX path relative to it."""
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def checksum_manifest(artifacts: dict[str, str]) -> dict[str, dict[str, str]]:
+    """{artifact name: {relative file: sha256}} for the weight-carrying folders; refuses pickles.
+
+    Called at registration, so a model that could only load through pickle never gets a version.
+    """
+    manifest = {}
+    for name in CHECKED_ARTIFACTS:
+        if name not in artifacts:
+            continue
+        manifest[name] = folder_checksums(artifacts[name])
+        pickles = [f for f in manifest[name] if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise ArtifactIntegrityError(f"{artifacts[name]}: pickle weight files {pickles} would be registered; "
+                                         "save with safe_serialization=True (safetensors) and remove them")
+    if ADAPTER_WEIGHTS not in manifest.get("adapter", {}):
+        raise FileNotFoundError(f"{artifacts.get('adapter')}: no {ADAPTER_WEIGHTS}; save the adapter with "
+                                "PeftModel.save_pretrained(..., safe_serialization=True)")
+    return manifest
+
+
+def verify_artifacts(artifacts: dict, base: dict) -> None:
+    """Compare the downloaded folders with the checksums recorded at registration.
+
+    Every difference is an error, not a warning: a changed file could hold other weights, a
+    missing one would make transformers fall back to something else, and an extra one (say an
+    `adapter_model.bin` pickle) is a file nothing we registered asked to load.
+    """
+    recorded = base.get("sha256")
+    if recorded is None:
+        log.warning("%s has no recorded checksums (registered before checksums were kept); files not verified",
+                    artifacts.get("base_model"))
+        return
+    for name in CHECKED_ARTIFACTS:
+        if name in artifacts and name not in recorded:
+            raise ArtifactIntegrityError(f"artifact {name!r} at {artifacts[name]} has no recorded checksums; "
+                                         "the model was modified after registration: register it again")
+    for name, expected in recorded.items():
+        if name not in artifacts:
+            raise FileNotFoundError(f"artifact {name!r} recorded at registration is missing from the model; "
+                                    "its files were deleted from the artifact store: register the adapter again")
+        actual_files = {p.relative_to(artifacts[name]).as_posix()
+                        for p in Path(artifacts[name]).rglob("*") if p.is_file()}
+        missing = sorted(set(expected) - actual_files)
+        if missing:
+            raise FileNotFoundError(f"{artifacts[name]}: files {missing} recorded at registration are missing; "
+                                    "the artifact store lost them: register the adapter again")
+        extra = sorted(actual_files - set(expected))
+        if extra:
+            raise ArtifactIntegrityError(f"{artifacts[name]}: unexpected files {extra} that were not there at "
+                                         "registration; refusing to load (remove them or register again)")
+        for rel, digest in expected.items():
+            actual = sha256_file(Path(artifacts[name]) / rel)
+            if actual != digest:
+                raise ArtifactIntegrityError(f"{Path(artifacts[name]) / rel}: sha256 {actual[:16]}... differs from "
+                                             f"{digest[:16]}... recorded at registration; the file was modified or "
+                                             "corrupted: refusing to load (restore it or register again)")
+
 
 def load_adapter_from_artifacts(artifacts: dict):
-    """Return (model, tokenizer, base_info) from an MLflow model's artifact paths."""
+    """Return (model, tokenizer, base_info) from an MLflow model's artifact paths (verified first)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with open(artifacts["base_model"], encoding="utf-8") as handle:
         base = json.load(handle)
+    verify_artifacts(artifacts, base)
+    if not (Path(artifacts["adapter"]) / ADAPTER_WEIGHTS).is_file():  # PEFT would fall back to a pickle
+        raise FileNotFoundError(f"{artifacts['adapter']}: no {ADAPTER_WEIGHTS}; only safetensors adapters load")
     source = artifacts.get("base_weights") or base["name"]
     kwargs = {"trust_remote_code": False, "use_safetensors": True}
     if base.get("kind") == "hub":
@@ -44,7 +136,7 @@ def load_adapter_from_artifacts(artifacts: dict):
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model = PeftModel.from_pretrained(model, artifacts["adapter"], is_trainable=False)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(artifacts["adapter"])
+    tokenizer = AutoTokenizer.from_pretrained(artifacts["adapter"], trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, base

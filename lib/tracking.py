@@ -17,7 +17,6 @@ from typing import Any
 log = logging.getLogger("lenta_lora.tracking")
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
-PYFUNC_CODE = Path(__file__).with_name("adapter_pyfunc.py")
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -26,6 +25,31 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{(Path.cwd() / DEFAULT_DB).resolve()}"
+
+
+class TrackingServerUnavailable(ConnectionError):
+    """The MLflow tracking server at the configured URI does not answer."""
+
+
+def require_reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an http(s) store: fail within `timeout` seconds, naming the URI, if the server does not answer.
+
+    MLflow's client retries a refused connection with exponential backoff: 247 s at its defaults
+    (7 retries, factor 2; measured on a closed port), and those settings exist only as process-wide
+    MLFLOW_HTTP_REQUEST_* environment variables, not per client. One probe of the server's /health,
+    without retries, turns "server down" into a clear error at once and leaves the environment alone.
+    Any HTTP answer counts as up; only a connection that fails or times out does not.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.RequestException as error:
+        raise TrackingServerUnavailable(
+            f"MLflow tracking server {uri} is not reachable ({type(error).__name__}): start it "
+            "(`mlflow server ...`) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
 
 
 def _client(uri: str):
@@ -53,8 +77,9 @@ def _experiment_id(client, uri: str, name: str) -> str:
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], config_yaml: str) -> str:
     """Create the flow's one MLflow run, log the resolved config, and return its id."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
+    require_reachable(uri)  # the flow's first MLflow call: a dead server fails the run in seconds
     client = _client(uri)
     run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name,
                             tags={k: str(v) for k, v in tags.items()})
@@ -119,133 +144,135 @@ def get_run_summary(uri: str, run_id: str) -> dict:
             "tags": dict(run.data.tags), "artifact_uri": run.info.artifact_uri}
 
 
+# The model registry lives in lib/registry.py; these names stay importable from here for callers
+# written before the split (flows/cli.py, the re-evaluation helpers below).
+
+
 def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict, generation: dict,
-                     model_name: str, tags: dict[str, Any], metrics: dict[str, float],
-                     champion_metric: str) -> dict:
-    """Log the adapter as a pyfunc model in the run, register a new version, move the aliases.
+                     model_name: str, tags: dict[str, Any], metrics: dict[str, float], champion_metric: str) -> dict:
+    from lib import registry
 
-    Only the adapter is stored for hub bases (plus the hub id and revision); the offline tiny base
-    has no hub to come from, so its few-MB weights travel with it.
-    """
-    import mlflow.pyfunc
-
-    client = _client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = Path(tmp) / "base_model.json"
-        meta.write_text(json.dumps({**base, "generation": generation}, indent=2, ensure_ascii=False))
-        artifacts = {"adapter": str(adapter_dir), "base_model": str(meta)}
-        if base.get("kind") == "tiny":
-            artifacts["base_weights"] = base["path"]
-        local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            str(local), python_model=str(PYFUNC_CODE), artifacts=artifacts,
-            input_example=["Учёные обнаружили новый вид бабочек"],
-            pip_requirements=_requirements(),
-        )
-        client.log_artifacts(run_id, str(local), "adapter_model")
-    source = f"{client.get_run(run_id).info.artifact_uri}/adapter_model"
-    _ensure_registered_model(client, model_name)
-    version = client.create_model_version(model_name, source, run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()},
-                                          description=f"LoRA adapter on {base.get('name')} from run {run_id}")
-    # No `latest` alias: MLflow reserves that name; `models:/NAME/latest` already means the newest version.
-    champion = _update_champion(client, model_name, version.version, metrics, champion_metric, run_id)
-    return {"name": model_name, "version": int(version.version), "uri": f"models:/{model_name}/{version.version}",
-            "champion": champion}
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "peft", "safetensors")]
-
-
-def _ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="LoRA adapters from lenta-lora")
-    except MlflowException:
-        pass  # already exists (possibly created by a concurrent run)
-
-
-def _update_champion(client, name: str, version: str, metrics: dict, metric: str, run_id: str) -> bool:
-    """Move `champion` only when the new version's metric (lower is better) beats the holder's."""
-    from mlflow.exceptions import MlflowException
-
-    new_value = metrics.get(metric)
-    try:
-        holder = client.get_model_version_by_alias(name, "champion")
-        old_value = client.get_run(holder.run_id).data.metrics.get(metric)
-    except MlflowException:
-        holder, old_value = None, None
-    wins = new_value is not None and (old_value is None or new_value < old_value)
-    if wins:
-        client.set_registered_model_alias(name, "champion", version)
-    decision = {"champion_metric": metric, "new_value": new_value, "previous_value": old_value,
-                "previous_version": holder.version if holder else None, "promoted": wins}
-    client.set_model_version_tag(name, version, "champion_decision", json.dumps(decision))
-    client.log_dict(run_id, decision, "champion_decision.json")
-    log.info("champion decision: %s", decision)
-    return wins
+    return registry.register_adapter(uri, run_id, adapter_dir, base, generation, model_name, tags, metrics,
+                                     champion_metric)
 
 
 def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
-    if (version is None) == (alias is None):
-        raise ValueError("give exactly one of version or alias")
-    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
+    from lib import registry
+
+    return registry.model_uri(name, version, alias)
 
 
 def check_model_uri(uri: str, registered_uri: str) -> None:
-    """Fail with a clear message for an unknown model, version or alias (before any download)."""
-    from mlflow.exceptions import MlflowException
+    from lib import registry
 
-    client = _client(uri)
-    name, _, rest = registered_uri.removeprefix("models:/").partition("/")
-    name, _, alias = (name.partition("@") if "@" in name else (name, "", ""))
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise LookupError(f"no registered model {name!r} in {uri}; known: {', '.join(known) or 'none'}") from None
-    try:
-        client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, rest)
-    except MlflowException:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        what = f"alias {alias!r}" if alias else f"version {rest!r}"
-        raise LookupError(f"model {name!r} has no {what} in {uri}; versions: {versions}") from None
+    registry.check_model_uri(uri, registered_uri)
 
 
 def load_registered(uri: str, registered_uri: str):
-    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> (model, tokenizer, base_info), ready to generate."""
-    import mlflow.artifacts
-    import yaml
+    from lib import registry
 
-    from lib.adapter_pyfunc import load_adapter_from_artifacts
-
-    check_model_uri(uri, registered_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered_uri, tracking_uri=uri))
-    try:
-        spec = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
-        artifacts = {name: str(local / entry["path"]) for name, entry in spec.items()}
-    except (OSError, KeyError, TypeError) as error:
-        raise FileNotFoundError(f"{registered_uri}: not a lenta-lora adapter model ({error!r} in {local})") from None
-    missing = [name for name, path in artifacts.items() if not Path(path).exists()]
-    if missing or not {"adapter", "base_model"} <= set(artifacts):
-        raise FileNotFoundError(f"{registered_uri}: artifacts missing at {local}: {missing or ['adapter/base_model']}")
-    return load_adapter_from_artifacts(artifacts)
+    return registry.load_registered(uri, registered_uri)
 
 
 def list_versions(uri: str, name: str | None = None) -> list[dict]:
-    """Every registered version with its aliases and headline metrics, newest first."""
+    from lib import registry
+
+    return registry.list_versions(uri, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-evaluation of registered versions, and links to runs (used by `lenta-lora evaluate`)
+# --------------------------------------------------------------------------------------------
+
+
+def registered_version(uri: str, registered_uri: str) -> dict:
+    """`models:/NAME/VERSION|latest` or `models:/NAME@ALIAS` -> the version's facts, alias resolved.
+
+    Returns `name`, `version`, `uri` (pinned to the number, so an alias moving mid-evaluation
+    changes nothing), `run_id` (the run that trained it), `dataset_fingerprint` (that run's tag)
+    and `config_yaml` (that run's resolved config, or None if it logged none).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from lib import registry
+
+    require_reachable(uri)
     client = _client(uri)
-    names = [name] if name else [m.name for m in client.search_registered_models()]
-    rows = []
-    for model_name in names:
-        aliases: dict[str, list[str]] = {}
-        for alias, version in client.get_registered_model(model_name).aliases.items():
-            aliases.setdefault(str(version), []).append(alias)
-        for v in client.search_model_versions(f"name='{model_name}'"):
-            rows.append({"name": model_name, "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
-                         "run_id": v.run_id, "created": v.creation_timestamp, "tags": dict(v.tags)})
-    return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+    found = registry.resolve_version(client, uri, registered_uri)  # LookupError naming what exists
+    config_yaml = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_yaml = Path(client.download_artifacts(found.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
+        except (OSError, MlflowException) as error:  # a run from before config.yaml was logged
+            log.warning("run %s of %s has no readable config.yaml: %s", found.run_id, registered_uri, error)
+    tags = client.get_run(found.run_id).data.tags
+    return {"name": found.name, "version": int(found.version), "uri": f"models:/{found.name}/{found.version}",
+            "run_id": found.run_id, "dataset_fingerprint": tags.get("dataset_fingerprint"), "config_yaml": config_yaml}
+
+
+def set_model_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def run_link(uri: str, run_id: str) -> dict:
+    """Where a person finds a run: `url` for an MLflow server, else `command` to start the UI.
+
+    `url` is `<uri>/#/experiments/<exp>/runs/<run>` for http(s) stores; for a database or file
+    store, `command` is the `mlflow ui` line and `url` the page it will serve. A store that cannot
+    be reached still gets a usable link: the UI's `#/runs/<run>` route redirects to the run.
+    """
+    base = uri.rstrip("/")
+    served = base if base.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    try:
+        require_reachable(uri)  # a down server: one 5 s probe instead of MLflow's minutes of retries
+        experiment = _client(uri).get_run(run_id).info.experiment_id
+        url = f"{served}/#/experiments/{experiment}/runs/{run_id}"
+    except Exception as error:  # a dead server must not fail a flow whose work is already logged
+        log.warning("could not look up run %s in %s: %s", run_id, uri, error)
+        experiment, url = None, f"{served}/#/runs/{run_id}"
+    command = None if base.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    return {"url": url, "command": command, "experiment_id": experiment, "run_id": run_id}
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run: lets a later run tell a crashed run from a live one."""
+    import socket
+
+    return {"lenta_lora.host": socket.gethostname(), "lenta_lora.pid": str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def mark_stale_runs(uri: str, run_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this experiment whose owning process on this host is gone.
+
+    A SIGKILL or OOM kill leaves its MLflow run RUNNING forever; the next run sweeps them. Runs
+    from other hosts are left alone: from here we cannot tell whether their process still lives.
+    """
+    import socket
+
+    client = _client(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    host, swept = socket.gethostname(), []
+    for run in client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'", max_results=500):
+        tags = run.data.tags
+        pid = int(tags.get("lenta_lora.pid", "0") or 0)
+        if run.info.run_id == run_id or tags.get("lenta_lora.host") != host or not pid or _process_alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "stale_reason",
+                       f"process {pid} on {host} died without closing this run; marked FAILED by run {run_id}")
+        client.set_terminated(run.info.run_id, "FAILED")
+        swept.append(run.info.run_id)
+    if swept:
+        log.warning("marked %d stale run(s) FAILED: %s", len(swept), ", ".join(swept))
+    return swept

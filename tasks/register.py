@@ -1,10 +1,14 @@
-"""Stage 5: log the adapter as an MLflow model and register a new version (aliases moved)."""
+"""Stage 5: log the adapter as an MLflow model and register a new version (`champion` updated).
+
+Retried with backoff because it crosses a network; a retry is safe: lib.registry returns the
+version an earlier attempt already registered for this MLflow run instead of adding a twin.
+"""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from lib import tracking
+from lib import registry
 from lib.base_model import describe_base
 from lib.config import PipelineConfig
 
@@ -14,12 +18,19 @@ KEY_METRICS = ("test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte
 @task(retries=2, retry_delay_seconds=[5, 20])
 def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metrics: dict[str, float],
                      fingerprint: str, uri: str, run_id: str, extra_tags: dict[str, str]) -> dict:
-    """Returns `name`, `version`, `uri` (models:/NAME/VERSION) and whether it became champion."""
-    tags = {"base_model": config.model.name, "dataset_fingerprint": fingerprint,
+    """Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, its checksums.
+
+    `extra_tags` carries the provenance (Prefect flow-run id and name, git commit) onto the version.
+    """
+    described = describe_base(base, config.model)
+    lora = config.lora
+    tags = {"base_model": config.model.name, "precision": config.model.precision, "dataset_fingerprint": fingerprint,
+            **({"base_revision": described["revision"]} if described.get("revision") else {}),
+            "lora": f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={','.join(lora.target_modules)}",
             **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics}, **extra_tags}
     generation = {"max_new_tokens": config.eval.max_new_tokens, "do_sample": config.eval.do_sample,
                   "temperature": config.eval.temperature, "top_p": config.eval.top_p, "seed": config.eval.seed}
-    registered = tracking.register_adapter(uri, run_id, adapter_dir, describe_base(base, config.model), generation,
-                                           config.registry.model_name, tags, metrics, config.registry.champion_metric)
+    registered = registry.register_adapter(uri, run_id, adapter_dir, described, generation, config.registry.model_name,
+                                           tags, metrics, config.registry.champion_metric)
     get_run_logger().info("registered %s (champion: %s)", registered["uri"], registered["champion"])
     return registered

@@ -1,0 +1,98 @@
+"""A real `mlflow server` on 127.0.0.1 for tests: sqlite backend store, artifacts served (proxied)
+by the server itself, so clients talk only HTTP, as they would to a team's tracking server.
+
+    from tests.mlflow_server import mlflow_server  # noqa: F401  (registers the fixture)
+
+    def test_x(mlflow_server):
+        uri = mlflow_server.uri   # http://127.0.0.1:<free port>
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    root: Path  # holds mlflow.db, art/ (artifacts) and server.log
+    process: subprocess.Popen
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = (self.root / "server.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, startup_timeout: float = 180):
+    """Start the server, wait until /health answers, yield it; stop it (and its workers) on exit."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "art"), "--serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = open(root / "server.log", "wb")
+    # Own process group: teardown stops the server and the uvicorn worker it forks, nothing else.
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    server = MlflowServer(uri, root, process)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(uri):
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not healthy at {uri} after {startup_timeout}s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server per test module."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server

@@ -1,0 +1,361 @@
+"""The model registry (lib/registry.py) against real MLflow sqlite stores: a registered adapter
+reproduces the trained model's logits in a fresh process, every failure is a clear one-line error,
+tampered files are refused, re-registration is idempotent, and `champion` survives a stale write.
+
+Tests marked slow share one adapter trained here with lib (a minute on 2 busy cores); the others
+build what they need with MlflowClient and take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+from uuid import uuid4
+
+import pytest
+from mlflow import MlflowClient
+
+from lib import registry, tracking
+from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
+from tests.conftest import tiny_overrides
+from tests.mlflow_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "registry-test"
+PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
+
+# Runs in a fresh interpreter: nothing of the training process (modules, tensors, caches) is shared.
+RELOAD = r"""
+import json, sys, tempfile
+from pathlib import Path
+import mlflow, torch
+from mlflow import MlflowClient
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from lib.registry import load_registered
+
+args = json.loads(sys.argv[1])
+uri, name, ref = args["uri"], args["name"], load_file(args["reference"])
+ids, expected = ref["input_ids"], ref["logits"]
+
+def compare(model):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return {"dtype": str(logits.dtype), "max_abs_diff": float((logits - expected).abs().max())}
+
+report = {}
+for label, target in (("version", f"models:/{name}/1"), ("champion", f"models:/{name}@champion"),
+                      ("latest", f"models:/{name}/latest")):
+    model, tokenizer, base = load_registered(uri, target)
+    report[label] = compare(model)
+# The stored adapter is a plain PEFT folder: it loads onto the original base without our code.
+source = MlflowClient(uri, uri).get_model_version_download_uri(name, "1")
+local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(), tracking_uri=uri))
+base = AutoModelForCausalLM.from_pretrained(args["base"], dtype=torch.float32, use_safetensors=True)
+report["plain_peft"] = compare(PeftModel.from_pretrained(base, local / "artifacts" / "adapter").eval())
+mlflow.set_tracking_uri(uri)
+report["predict"] = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(["Заголовок"])
+print("RESULT " + json.dumps(report, ensure_ascii=False))
+"""
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def trained(shared_cache, tmp_path_factory):
+    """A tiny adapter trained with lib directly, its reference logits, and the inputs it was made from."""
+    import torch
+    from safetensors.torch import save_file
+
+    from flows.cli import DEFAULT_PROFILE
+    from lib import dataset, training
+    from lib.config import load_config
+
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))
+    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
+                                   config.train.max_length, f"{config.data.cache_dir}/datasets")
+    model, tokenizer, _ = training.train_model(info["path"], config)
+    assert not model.training  # eval mode: LoRA dropout off, so logits are deterministic
+    out = tmp_path_factory.mktemp("trained")
+    ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(out / "reference.safetensors"))
+    adapter = training.save_adapter(model, tokenizer, out)
+    return {"config": config, "info": info, "adapter": adapter, "reference": out / "reference.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def registered(trained, tmp_path_factory):
+    """The trained adapter registered as version 1 of NAME in a module-wide sqlite store."""
+    from lib.base_model import describe_base
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    config, info = trained["config"], trained["info"]
+    tags = {"base_model": config.model.name, "dataset_fingerprint": info["fingerprint"], "git_commit": git_commit(),
+            "prefect.flow_run_id": str(uuid4())}
+    run_id = tracking.start_run(uri, "registry-test", "registry", {"lora.r": config.lora.r}, tags, "{}\n")
+    metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5}
+    base = describe_base(info["base"], config.model)
+    result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags,
+                                       metrics, "test_bits_per_byte")
+    tracking.finish_run(uri, run_id)
+    client = MlflowClient(uri, uri)
+    model_dir = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path)
+    return {**result, "tracking_uri": uri, "run_id": run_id, "tags": tags, "base": base, "model_dir": model_dir,
+            "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics,
+                              "test_bits_per_byte")}
+
+
+def flip_last_byte(path: Path) -> bytes:
+    """Change one weight byte (the header stays valid, so only a checksum can tell); return the original."""
+    original = path.read_bytes()
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    return original
+
+
+@pytest.mark.slow
+def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained, registered, tmp_path):
+    assert registered["version"] == 1 and registered["champion"] is True
+    args = {"uri": registered["tracking_uri"], "name": NAME, "reference": str(trained["reference"]),
+            "base": trained["info"]["base"]}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("RESULT ", 1)[1])
+    print("\nmax |logits difference| vs the in-memory model:",
+          {k: v["max_abs_diff"] for k, v in report.items() if k != "predict"}, "predict:", report["predict"])
+    for label in ("version", "champion", "latest", "plain_peft"):
+        assert report[label]["dtype"] == "torch.float32", report[label]
+        assert report[label]["max_abs_diff"] < 1e-4, (label, report[label])
+    predictions = report["predict"]
+    assert isinstance(predictions, list) and len(predictions) == 1
+    assert all(isinstance(p, str) and p.strip() for p in predictions), predictions
+    # The loader used only the URI it was given: no default ./mlflow.db appeared in the cwd.
+    assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_version_records_provenance_metrics_and_checksums(trained, registered):
+    client = MlflowClient(registered["tracking_uri"], registered["tracking_uri"])
+    version = client.get_model_version(NAME, "1")
+    tags, fingerprint = version.tags, trained["info"]["fingerprint"]
+    assert version.run_id == registered["run_id"]
+    assert tags["base_model"] == "tiny" and tags["dataset_fingerprint"] == fingerprint
+    assert tags["git_commit"] == git_commit() and tags["prefect.flow_run_id"] == registered["tags"]["prefect.flow_run_id"]
+    assert tags["champion_metric"] == "test_bits_per_byte" and float(tags["champion_metric_value"]) == 3.25
+    for fact in (fingerprint, git_commit(), registered["tags"]["prefect.flow_run_id"], "test_bits_per_byte 3.25",
+                 registered["run_id"], "tiny"):
+        assert fact in version.description, (fact, version.description)
+    # Checksums: the tags equal the files that were trained and the files now in the store.
+    adapter = registered["model_dir"] / "artifacts" / "adapter" / "adapter_model.safetensors"
+    assert tags["adapter_sha256"] == sha256_file(trained["adapter"] / "adapter_model.safetensors") == sha256_file(adapter)
+    assert tags["base_weights_sha256"] == sha256_file(Path(trained["info"]["base"]) / "model.safetensors")
+    meta = json.loads((registered["model_dir"] / "artifacts" / "base_model.json").read_text())
+    assert meta["sha256"]["adapter"]["adapter_model.safetensors"] == tags["adapter_sha256"]
+    assert tags["base_model_json_sha256"] == sha256_file(registered["model_dir"] / "artifacts" / "base_model.json")
+    assert registered["sha256"]["adapter_sha256"] == tags["adapter_sha256"]
+
+
+@pytest.mark.slow
+def test_registering_the_same_run_again_returns_its_version(registered):
+    """What a Prefect retry of the register task does after a partial success."""
+    again = registry.register_adapter(*registered["register_args"])
+    client = MlflowClient(registered["tracking_uri"], registered["tracking_uri"])
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    assert again["version"] == 1 and [str(v.version) for v in versions] == ["1"]
+    assert again["champion"] is True
+
+
+@pytest.mark.slow
+def test_tampered_adapter_weights_are_refused_by_both_loaders(registered):
+    import mlflow.pyfunc
+
+    uri = registered["tracking_uri"]
+    weights = registered["model_dir"] / "artifacts" / "adapter" / "adapter_model.safetensors"
+    original = flip_last_byte(weights)
+    try:
+        with pytest.raises(ArtifactIntegrityError, match=rf"models:/{NAME}/1 .*adapter_model\.safetensors: sha256"):
+            registry.load_registered(uri, f"models:/{NAME}/1")
+        mlflow.set_tracking_uri(uri)
+        with pytest.raises(Exception, match=r"adapter_model\.safetensors: sha256 .* differs"):
+            mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    finally:
+        weights.write_bytes(original)
+    registry.load_registered(uri, f"models:/{NAME}/1")  # restored: loads again
+
+
+@pytest.mark.slow
+def test_tampered_base_weights_and_extra_pickles_are_refused(registered):
+    uri, model_dir = registered["tracking_uri"], registered["model_dir"]
+    base_weights = next((model_dir / "artifacts").glob("tiny-gpt-neo-*/model.safetensors"))
+    original = flip_last_byte(base_weights)
+    try:
+        with pytest.raises(ArtifactIntegrityError, match=r"model\.safetensors: sha256 .* differs"):
+            registry.load_registered(uri, f"models:/{NAME}@champion")
+    finally:
+        base_weights.write_bytes(original)
+    # A pickle dropped next to the adapter is never loaded (PEFT would fall back to it).
+    pickle = model_dir / "artifacts" / "adapter" / "adapter_model.bin"
+    pickle.write_bytes(b"not a checkpoint")
+    try:
+        with pytest.raises(ArtifactIntegrityError, match=r"unexpected files \['adapter_model\.bin'\]"):
+            registry.load_registered(uri, f"models:/{NAME}/1")
+    finally:
+        pickle.unlink()
+
+
+@pytest.mark.slow
+def test_rewritten_checksum_list_is_caught_by_the_registry_tag(registered):
+    """Whoever can change the weights can change base_model.json too; the registry tag still differs."""
+    meta = registered["model_dir"] / "artifacts" / "base_model.json"
+    original = meta.read_text()
+    meta.write_text(original.replace('"max_new_tokens": 8', '"max_new_tokens": 9'))
+    try:
+        with pytest.raises(ArtifactIntegrityError, match=rf"models:/{NAME}/1 .*base_model\.json .*differs"):
+            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
+    finally:
+        meta.write_text(original)
+
+
+@pytest.mark.slow
+def test_deleted_artifacts_are_a_clear_file_not_found(registered):
+    model_dir = registered["model_dir"]
+    moved = model_dir.with_name("moved-away")
+    model_dir.rename(moved)
+    try:
+        with pytest.raises(FileNotFoundError, match=rf"models:/{NAME}/1 \(version 1 .*not in the artifact store"):
+            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
+    finally:
+        moved.rename(model_dir)
+    adapter = model_dir / "artifacts" / "adapter" / "adapter_config.json"
+    saved = adapter.read_bytes()
+    adapter.unlink()  # one file lost
+    try:
+        with pytest.raises(FileNotFoundError, match=r"\['adapter_config\.json'\] recorded at registration are missing"):
+            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
+    finally:
+        adapter.write_bytes(saved)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the quick tests (creating one costs seconds); each test uses its own model name."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('quick') / 'mlflow.db'}"
+    return uri, MlflowClient(uri, uri)
+
+
+def model_with_versions(client: MlflowClient, values: dict[str, float | None]) -> str:
+    """A new registered model whose versions are tagged as register_adapter tags them; returns its name."""
+    name = f"m-{uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    for key, value in values.items():
+        tags = {registry.METRIC_TAG: "test_bits_per_byte", registry.VALUE_TAG: repr(value)} if value is not None else {}
+        client.create_model_version(name, f"file:///nonexistent/{key}", tags={"key": key, **tags})
+    return name
+
+
+def test_unknown_model_version_and_alias_are_one_line_lookup_errors(store):
+    uri, client = store
+    name = model_with_versions(client, {"a": 2.0, "b": 1.0})
+    cases = {"models:/nope/1": rf"no registered model 'nope' in sqlite:.*known: .*{name}",
+             f"models:/{name}/7": rf"model '{name}' has no version '7' in sqlite:.*versions: \[1, 2\]",
+             f"models:/{name}/abc": rf"model '{name}' has no version 'abc'",
+             f"models:/{name}@gold": rf"model '{name}' has no alias 'gold' in sqlite:"}
+    for target, message in cases.items():
+        with pytest.raises(LookupError, match=message) as caught:
+            registry.load_registered(uri, target)
+        assert "\n" not in str(caught.value)
+    for bad in (f"models:/{name}", "runs:/abc/model", f"{name}/1"):
+        with pytest.raises(ValueError, match="models:/NAME/VERSION"):
+            registry.load_registered(uri, bad)
+    # `latest` is the newest version (MLflow reserves the alias name, the URI form works).
+    assert str(registry.resolve_version(client, uri, f"models:/{name}/latest").version) == "2"
+
+
+def test_version_whose_files_are_gone_is_a_file_not_found(store):
+    uri, client = store
+    name = model_with_versions(client, {"a": 1.0})
+    with pytest.raises(FileNotFoundError, match=rf"models:/{name}/1 \(version 1 of '{name}', run None\): its files "
+                                                r"are not in the artifact store at file:///nonexistent/a"):
+        registry.load_registered(uri, f"models:/{name}/1")
+
+
+def test_dead_tracking_server_fails_fast_naming_the_uri():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for call in (lambda: registry.load_registered(uri, "models:/m/1"), lambda: registry.list_versions(uri),
+                 lambda: tracking.start_run(uri, "e", "r", {}, {}, "")):
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match=rf"MLflow tracking server {uri} is not reachable"):
+            call()
+        elapsed = time.monotonic() - started
+        print(f"\ndead server error after {elapsed:.2f}s")
+        assert elapsed < 6  # the probe's 5 s timeout bounds it; MLflow's own retries would take minutes
+
+
+def test_hung_tracking_server_fails_after_the_probe_timeout():
+    """A server that accepts connections but never answers (overloaded, stopped in a debugger)."""
+    import socket
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes the handshake; nobody ever reads the request
+        uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match=rf"{uri} is not reachable \(ReadTimeout\)"):
+            tracking.require_reachable(uri, timeout=1)
+        assert time.monotonic() - started < 3
+
+
+def test_champion_converges_after_a_stale_write(store):
+    """Two registrations race: the worse one's alias write lands last. Re-checking undoes it."""
+    _, client = store
+    name = model_with_versions(client, {"a": 2.0, "b": 1.5, "c": None, "d": 1.5})
+
+    def holder() -> str:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+
+    client.set_registered_model_alias(name, "champion", "1")  # the slower racer's stale write
+    assert registry.update_champion(client, name, "1", "test_bits_per_byte") is False
+    assert holder() == "2"  # the lowest value; of the tied 2 and 4 the older
+    decision = json.loads(client.get_model_version(name, "1").tags["champion_decision"])
+    assert decision["previous_version"] == "1" and decision["champion_version"] == "2" and decision["alias_writes"] == 1
+    assert registry.update_champion(client, name, "2", "test_bits_per_byte") is True
+    # A person can keep a version out; one without the metric (3) never wins.
+    client.set_model_version_tag(name, "2", registry.ELIGIBLE_TAG, "false")
+    assert registry.update_champion(client, name, "4", "test_bits_per_byte") is True and holder() == "4"
+
+
+def test_champion_falls_back_to_run_metrics_for_older_versions(store):
+    """Versions registered before the exact-value tag existed are ranked by their run's metric."""
+    uri, client = store
+    experiment = client.create_experiment(f"old-{uuid4().hex[:8]}", artifact_location=Path(uri[10:]).parent.as_uri())
+    name = model_with_versions(client, {})
+    for value in (2.0, 1.0):
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "test_bits_per_byte", value)
+        client.create_model_version(name, f"file:///nonexistent/{value}", run_id=run.info.run_id)
+    assert registry.update_champion(client, name, "2", "test_bits_per_byte") is True
+
+
+def test_pickle_weights_are_never_registered(store, tmp_path):
+    uri, client = store
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"{}")
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    run_id = tracking.start_run(uri, "pickles", "r", {}, {}, "")
+    with pytest.raises(ArtifactIntegrityError, match=r"pickle weight files \['adapter_model\.bin'\]"):
+        registry.register_adapter(uri, run_id, adapter, {"kind": "hub", "name": "x"}, {}, "pickled", {},
+                                  {"test_bits_per_byte": 1.0}, "test_bits_per_byte")
+    assert client.search_model_versions("name = 'pickled'") == []

@@ -1,0 +1,145 @@
+"""The pipeline against a real `mlflow server` over HTTP (artifacts proxied by the server): the
+flow under the real Prefect engine registers a version that another process loads by HTTP URI,
+concurrent flow runs each get their own version, and `champion` ends on the best of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from mlflow import MlflowClient
+
+from lib import registry
+from tests.conftest import tiny_overrides
+from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A fresh interpreter loads the version through the server and checks it against the adapter
+# folder the flow trained (the local files, loaded with plain PEFT: no registry involved).
+LOAD_OVER_HTTP = r"""
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from lib.registry import load_registered
+
+uri, target, adapter_dir = sys.argv[1:4]
+model, tokenizer, base = load_registered(uri, target)
+ids = tokenizer("Учёные нашли новый вид бабочек", return_tensors="pt", add_special_tokens=False)["input_ids"]
+local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base["path"], dtype=torch.float32),
+                                  adapter_dir).eval()
+with torch.no_grad():
+    diff = float((model(input_ids=ids).logits - local(input_ids=ids).logits).abs().max())
+print("RESULT " + json.dumps({"max_abs_diff": diff, "kind": base["kind"]}))
+"""
+
+
+def child_env(uri: str) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    # The children report to the session's Prefect test server instead of each starting its own.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def test_flow_over_http_registers_a_version_another_process_loads(prefect_server, mlflow_server, shared_cache, tmp_path):
+    from flows.cli import DEFAULT_PROFILE
+    from flows.finetune import finetune
+    from lib.config import load_config
+
+    uri = mlflow_server.uri
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"tracking.uri": uri,
+                                                                          "registry.model_name": "remote-adapter"}))
+    summary = finetune(config=config)
+    assert summary["tracking_uri"] == uri and summary["model"]["version"] == 1 and summary["model"]["champion"]
+
+    client = MlflowClient(uri, uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    version = client.get_model_version("remote-adapter", "1")
+    tags = version.tags
+    assert tags["prefect.flow_run_id"] == run.data.tags["prefect.flow_run_id"] and tags["git_commit"]
+    assert tags["dataset_fingerprint"] == summary["dataset_fingerprint"] and tags["base_model"] == "tiny"
+    assert float(tags["test_bits_per_byte"]) == pytest.approx(summary["metrics"]["test_bits_per_byte"], rel=1e-5)
+    assert tags["adapter_sha256"] == summary["model"]["sha256"]["adapter_sha256"]
+    for fact in (summary["dataset_fingerprint"], tags["git_commit"], tags["prefect.flow_run_id"], summary["run_id"]):
+        assert fact in version.description
+    # The files went through the server into its artifact folder, not into a client-side path.
+    stored = list((mlflow_server.root / "art").rglob("adapter_model.safetensors"))
+    assert len(stored) == 1, stored
+
+    done = subprocess.run([sys.executable, "-c", LOAD_OVER_HTTP, uri, "models:/remote-adapter@champion",
+                           summary["train"]["adapter_dir"]], cwd=tmp_path, env=child_env(uri),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    print(f"\nHTTP-loaded vs local adapter, max |logits difference|: {result['max_abs_diff']}")
+    assert result["max_abs_diff"] < 1e-4 and result["kind"] == "tiny"
+
+
+def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(prefect_server, mlflow_server, shared_cache,
+                                                                         tmp_path):
+    uri, name = mlflow_server.uri, "race-adapter"
+    children = []
+    for seed in (1, 2):
+        overrides = tiny_overrides(shared_cache, **{"tracking.uri": uri, "registry.model_name": name,
+                                                    "train.seed": seed})
+        command = [sys.executable, "-m", "flows.finetune", "run"] + [a for o in overrides for a in ("--set", o)]
+        log = open(tmp_path / f"flow-{seed}.log", "w")
+        children.append((subprocess.Popen(command, cwd=tmp_path, env=child_env(uri), stdout=log,
+                                          stderr=subprocess.STDOUT), log))
+    for child, log in children:
+        child.wait(timeout=900)
+        log.close()
+        assert child.returncode == 0, Path(log.name).read_text()[-3000:]
+
+    client = MlflowClient(uri, uri)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert len({v.run_id for v in versions}) == 2  # one version per flow run, none duplicated
+    value = {str(v.version): client.get_run(v.run_id).data.metrics["test_bits_per_byte"] for v in versions}
+    best = min(value, key=lambda v: (value[v], int(v)))
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
+    print(f"\ntest_bits_per_byte by version: {value}; champion: {champion}")
+    assert value["1"] != value["2"]  # different seeds, different adapters
+    assert champion == best
+
+
+def test_racing_champion_updates_over_http_end_on_the_best(mlflow_server):
+    """Registrations in threads, released together: create a version, then update `champion`."""
+    uri, name = mlflow_server.uri, f"threads-{uuid4().hex[:6]}"
+    client = MlflowClient(uri, uri)
+    client.create_registered_model(name)
+    values = [3.0, 1.0, 2.0, 0.5, 4.0, 1.5]
+    experiment = client.create_experiment(name)
+    runs = [client.create_run(experiment) for _ in values]  # the server only accepts a source inside a run
+    start, errors = threading.Barrier(len(values)), []
+
+    def register(value: float, run) -> None:
+        try:
+            start.wait()
+            tags = {registry.METRIC_TAG: "test_bits_per_byte", registry.VALUE_TAG: repr(value)}
+            created = client.create_model_version(name, f"{run.info.artifact_uri}/adapter_model", run_id=run.info.run_id,
+                                                  tags=tags)
+            registry.update_champion(client, name, created.version, "test_bits_per_byte")
+        except Exception as error:  # reported below with the thread's value
+            errors.append((value, error))
+
+    threads = [threading.Thread(target=register, args=(v, r)) for v, r in zip(values, runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert float(champion.tags[registry.VALUE_TAG]) == min(values)
+    writes = [json.loads(v.tags["champion_decision"])["alias_writes"] for v in client.search_model_versions(f"name = '{name}'")]
+    print(f"\nalias writes per registration: {writes}")

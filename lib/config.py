@@ -53,6 +53,7 @@ class DataConfig(_Strict):
     splits: SplitRatios = Field(default_factory=SplitRatios)
     packing: bool = True  # concatenate articles and cut blocks; False = seed recipe (pad/truncate)
     cache_dir: str = ".cache/lenta-lora"
+    num_proc: int = Field(2, ge=1)  # tokenization processes (used for corpora of 1,000+ articles each)
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> DataConfig:

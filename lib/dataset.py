@@ -12,6 +12,7 @@ and right-padded, padding masked out of the loss by the attention mask.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ import tempfile
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
+
+import numpy as np
 
 from lib.config import SAMPLE_CSV, DataConfig, ModelConfig
 from lib.base_model import load_tokenizer, resolve_base
@@ -31,26 +34,51 @@ log = logging.getLogger("lenta_lora.dataset")
 SPLITS = ("train", "validation", "test")
 
 
-def pack_documents(token_lists: list[list[int]], eos_id: int, block: int) -> tuple[list[list[int]], int]:
-    """Concatenate documents (each + EOS) and cut `block`-token pieces; return blocks, dropped tokens."""
-    stream: list[int] = []
-    for ids in token_lists:
-        stream.extend(ids)
-        stream.append(eos_id)
+def pack_documents(token_lists: list[list[int]], eos_id: int, block: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents (each + EOS) and cut `block`-token rows; return rows and dropped tokens.
+
+    Only the final partial block is dropped (fewer than `block` tokens in all), and counted.
+    """
+    lengths = [len(ids) + 1 for ids in token_lists]
+    stream = np.empty(sum(lengths), dtype=np.int64)
+    position = 0
+    for ids, length in zip(token_lists, lengths):
+        stream[position : position + length - 1] = ids
+        stream[position + length - 1] = eos_id
+        position += length
     usable = len(stream) - len(stream) % block
-    return [stream[i : i + block] for i in range(0, usable, block)], len(stream) - usable
+    return stream[:usable].reshape(-1, block), len(stream) - usable
 
 
-def pad_documents(token_lists: list[list[int]], eos_id: int, pad_id: int, block: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """Seed recipe: each document + EOS truncated to `block` and right-padded; returns ids, masks, dropped."""
-    ids_out, masks, dropped = [], [], 0
-    for ids in token_lists:
-        ids = ids + [eos_id]
-        dropped += max(0, len(ids) - block)
-        ids = ids[:block]
-        ids_out.append(ids + [pad_id] * (block - len(ids)))
-        masks.append([1] * len(ids) + [0] * (block - len(ids)))
+def pad_documents(token_lists: list[list[int]], pad_id: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The seed recipe exactly: `tokenizer(text, truncation=True, max_length=block, padding="max_length")`.
+
+    No EOS is appended (the seed did not), tokens past `block` are dropped and counted; padding is
+    masked by the attention mask. Returns ids, masks, dropped tokens.
+    """
+    ids_out = np.full((len(token_lists), block), pad_id, dtype=np.int64)
+    masks = np.zeros((len(token_lists), block), dtype=np.int64)
+    dropped = 0
+    for row, ids in enumerate(token_lists):
+        kept = ids[:block]
+        dropped += len(ids) - len(kept)
+        ids_out[row, : len(kept)] = kept
+        masks[row, : len(kept)] = 1
     return ids_out, masks, dropped
+
+
+def tokenize_documents(tokenizer, documents: list[str], num_proc: int) -> list[list[int]]:
+    """Batched (and, for big corpora, multi-process) tokenization through `datasets.map`."""
+    from datasets import Dataset
+
+    if not documents:
+        return []
+    table = Dataset.from_dict({"document": documents})
+    procs = num_proc if len(documents) >= 1000 * num_proc else 1  # process start-up costs ~seconds
+    tokenized = table.map(lambda batch: {"ids": tokenizer(batch["document"], add_special_tokens=False)["input_ids"]},
+                          batched=True, batch_size=500, num_proc=procs if procs > 1 else None,
+                          remove_columns=["document"], desc="tokenize", keep_in_memory=True)
+    return tokenized["ids"]
 
 
 def corpus_path(data: DataConfig, downloaded: str | None = None) -> Path:
@@ -65,19 +93,17 @@ def _to_date(text: str | None) -> date | None:
     return date.fromisoformat(text) if text else None
 
 
-def _block_dataset(tokenizer, documents: list[str], block: int, packing: bool):
+def _block_dataset(tokenizer, documents: list[str], block: int, packing: bool, num_proc: int):
     from datasets import Dataset
 
-    token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    token_lists = tokenize_documents(tokenizer, documents, num_proc)
     if packing:
-        blocks, dropped = pack_documents(token_lists, eos, block)
-        masks = [[1] * block for _ in blocks]
+        blocks, dropped = pack_documents(token_lists, tokenizer.eos_token_id, block)
+        masks = np.ones_like(blocks)
     else:
-        blocks, masks, dropped = pad_documents(token_lists, eos, pad, block)
-    real = sum(sum(m) for m in masks)
-    stats = {"documents": len(documents), "tokens": sum(len(t) + 1 for t in token_lists), "blocks": len(blocks),
-             "real_tokens": real, "dropped_tokens": dropped}
+        blocks, masks, dropped = pad_documents(token_lists, tokenizer.pad_token_id, block)
+    stats = {"documents": len(documents), "tokens": sum(map(len, token_lists)), "blocks": len(blocks),
+             "real_tokens": int(masks.sum()), "padding_tokens": int(masks.size - masks.sum()), "dropped_tokens": dropped}
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": masks}), stats
 
 
@@ -98,7 +124,7 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
         max_articles=data.max_articles, seed=data.seed,
     )
     splits = split_articles(selected, data.splits.model_dump())
-    settings = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("cache_dir", "kaggle_secret_block", "path")}
+    settings = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")}
     fingerprint = fingerprint_articles(splits, settings)
     documents = {name: [join_title_and_text(a) for a in splits[name]] for name in SPLITS}
     if not documents["train"]:
@@ -106,7 +132,9 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
 
     base = resolve_base(model_cfg, documents["train"], data.cache_dir)
     tokenizer = load_tokenizer(base, model_cfg)
-    key = f"{fingerprint[:16]}-{Path(base).name}-L{max_length}-{'packed' if data.packing else 'padded'}"
+    # Keyed by the rows (fingerprint) and the tokenizer's identity (base + revision) and block settings.
+    tokenizer_id = hashlib.sha256(f"{base}@{model_cfg.revision}".encode()).hexdigest()[:8]
+    key = f"{fingerprint[:16]}-{Path(base).name}-{tokenizer_id}-L{max_length}-{'packed' if data.packing else 'padded'}"
     final = Path(output_root) / key
     info_path = final / "lenta_lora_dataset.json"
     if info_path.is_file():
@@ -117,7 +145,8 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
              for name in SPLITS}
     block_stats = {}
     for name in ("train", "validation"):
-        parts[f"{name}_blocks"], block_stats[name] = _block_dataset(tokenizer, documents[name], max_length, data.packing)
+        parts[f"{name}_blocks"], block_stats[name] = _block_dataset(tokenizer, documents[name], max_length,
+                                                                    data.packing, data.num_proc)
     if not len(parts["train_blocks"]):
         raise ValueError(f"{csv_path}: the train split has fewer than {max_length} tokens; lower train.max_length")
 

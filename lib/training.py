@@ -4,10 +4,21 @@ Loss convention: every optimizer step minimises the mean NLL over all *real* tok
 `grad_accum` micro-batches (each micro-batch's summed loss is divided by the step's total token
 count), so the step's gradient does not depend on how the tokens were split into micro-batches.
 Padding (attention_mask == 0) is never scored.
+
+Resume: the micro-batch order of the whole run is a function of `train.seed`, and a checkpoint
+(lib/checkpoint.py) holds the adapter, optimizer, LR schedule and RNG states after step k, so a run
+resumed from it does steps k+1.. exactly as an uninterrupted run would have.
+
+Data parallel (`train.num_processes` = N > 1, lib/distributed.py): each optimizer step's global
+micro-batch of N x `batch_size` blocks is cut into N disjoint shards, one per process; every rank's
+loss is divided by the whole step's token count and the gradients are summed across ranks, so N
+processes x batch b make exactly the update of 1 process x batch N*b. Only rank 0 calls `on_log`,
+writes checkpoints and returns a model worth saving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,17 +31,27 @@ from pathlib import Path
 
 import torch
 
+from lib import checkpoint, distributed
 from lib.base_model import load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
 
 log = logging.getLogger("lenta_lora.train")
 
-LogFn = Callable[[int, dict[str, float]], None]
+
+@dataclass
+class Progress:
+    step: int  # optimizer steps done, counting those of a run this one resumed
+    total: int
+    eta_seconds: float  # at this process's rate so far
+
+
+# on_log(step, metrics, progress): metrics go to MLflow as they are; progress is None for the final validation.
+LogFn = Callable[[int, dict[str, float], Progress | None], None]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the adapter is not saved."""
+    """The loss became NaN or infinite; training stopped and no adapter was saved."""
 
 
 @dataclass
@@ -41,7 +62,8 @@ class TrainResult:
     seconds: float
     final_loss: float
     validation_loss: float | None
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # every step, including those before a resume
+    resumed_from_step: int | None = None
 
 
 def wrap_with_lora(model, config: PipelineConfig):
@@ -59,13 +81,20 @@ def wrap_with_lora(model, config: PipelineConfig):
     return get_peft_model(model, lora)
 
 
-def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL (nats) over real tokens, and how many tokens were scored."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    scored = attention_mask[:, 1:].bool()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return (nll * scored.reshape(-1)).sum(), int(scored.sum())
+def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (nats) over real tokens, and how many tokens were scored (a tensor:
+    reading it is a GPU sync, which the training loop avoids).
+
+    The targets are shifted, not the logits: slicing `logits[:, :-1]` copies the largest tensor of
+    the step (batch x length x vocab) for nothing.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # no-op in fp32
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # last position: nothing to predict
+    scored = torch.nn.functional.pad(attention_mask[:, 1:], (0, 1)).bool()
+    targets = targets.masked_fill(~scored, -100)
+    nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
+                                            reduction="sum")
+    return nll, scored.sum()
 
 
 @torch.no_grad()
@@ -78,16 +107,16 @@ def validation_loss(model, blocks, batch_size: int) -> float | None:
         rows = blocks[start : start + batch_size]
         device = model.device
         nll, n = batch_nll(model, torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["attention_mask"], device=device))
-        total, count = total + float(nll), count + n
+        total, count = total + float(nll), count + int(n)
     model.train()
     return total / max(count, 1)
 
 
-def count_steps(num_blocks: int, config: PipelineConfig) -> int:
-    """Optimizer steps: `train.max_steps` if set, else epochs over the micro-batches."""
+def count_steps(num_blocks: int, config: PipelineConfig, world: int = 1) -> int:
+    """Optimizer steps: `train.max_steps` if set, else epochs over the (all-rank) micro-batches."""
     if config.train.max_steps:
         return config.train.max_steps
-    micro_batches = math.ceil(num_blocks / config.train.batch_size)
+    micro_batches = math.ceil(num_blocks / (config.train.batch_size * world))
     return max(1, math.ceil(config.train.epochs * micro_batches / config.train.grad_accum))
 
 
@@ -113,74 +142,150 @@ def save_adapter(model, tokenizer, output_dir: Path) -> Path:
     return final
 
 
-def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str | Path, on_log: LogFn | None = None) -> TrainResult:
-    """Fine-tune a LoRA adapter on the prepared dataset; save it under `output_dir/adapter`."""
+def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str | Path, on_log: LogFn | None = None,
+                  checkpoint_dir: str | Path | None = None, run_id: str | None = None,
+                  on_resume: Callable[[checkpoint.Checkpoint], None] | None = None) -> TrainResult:
+    """Fine-tune a LoRA adapter on the prepared dataset; save it under `output_dir/adapter`.
+
+    Nothing is written to `output_dir` unless training finishes with a finite loss.
+    """
     output_dir = Path(output_dir)
+    model, tokenizer, result = train_model(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume)
+    if distributed.rank_and_world()[0] != 0:  # under an external launcher: rank 0 saves
+        return result
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, result = train_model(dataset_path, config, on_log)
     result.adapter_dir = str(save_adapter(model, tokenizer, output_dir))
     return result
 
 
-def train_model(dataset_path: str, config: PipelineConfig, on_log: LogFn | None = None):
-    """The training loop; returns (peft model, tokenizer, TrainResult without adapter_dir)."""
+def train_model(dataset_path: str, config: PipelineConfig, on_log: LogFn | None = None,
+                checkpoint_dir: str | Path | None = None, run_id: str | None = None,
+                on_resume: Callable[[checkpoint.Checkpoint], None] | None = None):
+    """The training loop; returns (peft model, tokenizer, TrainResult without adapter_dir).
+
+    With `checkpoint_dir`: holds its lock, resumes from its newest checkpoint (calling `on_resume`
+    first), and writes one every `train.checkpoint_every` steps and after the last step, recording
+    `run_id` (the MLflow run) in each. Without it, nothing but the returned model is produced.
+
+    `train.num_processes` > 1 starts the other ranks here (this process is rank 0); a process
+    group set up by `accelerate launch` / torchrun is used as it is.
+    """
+    rank, world = distributed.rank_and_world()
+    if world > 1:
+        return _train_loop(dataset_path, config, on_log if rank == 0 else None, checkpoint_dir, run_id, on_resume, rank, world)
+    world = config.train.num_processes
+    if world == 1:
+        return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume)
+    with distributed.process_group(world, _worker, (dataset_path, config, checkpoint_dir)):
+        return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume, 0, world)
+
+
+def _worker(dataset_path: str, config: PipelineConfig, checkpoint_dir: str | Path | None, *, rank: int, world: int) -> None:
+    """Ranks 1..N-1: train their shards; they resume from rank 0's checkpoints but never write any."""
+    _train_loop(dataset_path, config, None, checkpoint_dir, None, None, rank, world)
+
+
+def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None, checkpoint_dir: str | Path | None,
+                run_id: str | None, on_resume: Callable[[checkpoint.Checkpoint], None] | None,
+                rank: int = 0, world: int = 1):
     from tqdm.auto import tqdm
 
     info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
     data = load_prepared(dataset_path)
     blocks, val_blocks = data["train_blocks"], data["validation_blocks"]
     tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
+    train = config.train
 
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(train.seed)
     model = wrap_with_lora(load_base_model(info["base"], config.model), config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if world > 1:  # as DDP does at wrap time: every rank starts from rank 0's LoRA weights
+        for p in trainable:
+            torch.distributed.broadcast(p.data, src=0)
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
-    steps = count_steps(len(blocks), config)
+    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
+    steps = count_steps(len(blocks), config, world)
     # Linear warmup then linear decay to zero: the usual schedule for short LoRA runs.
-    warmup = config.train.warmup_steps
+    warmup = train.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
     )
-    order = micro_batch_order(len(blocks), config.train.batch_size, config.train.seed, steps * config.train.grad_accum)
-
+    # The whole run's micro-batch order, fixed by the seed: a resumed run skips the consumed part.
+    # With N ranks a micro-batch is N x batch_size blocks; rank r trains on its r-th slice.
+    order = micro_batch_order(len(blocks), train.batch_size * world, train.seed, steps * train.grad_accum)
+    shard = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
     # Whole training set as two tensors: indexing a `datasets` table per step costs more than a tiny model's step.
     all_ids, all_masks = torch.tensor(blocks["input_ids"]), torch.tensor(blocks["attention_mask"])
-    history: list[dict] = []
-    tokens_seen, started, loss_value = 0, time.perf_counter(), float("nan")
-    bar = tqdm(range(steps), desc="train", unit="step", disable=None)
-    for step in bar:
-        chunk = order[step * config.train.grad_accum : (step + 1) * config.train.grad_accum]
-        step_tokens = sum(int(all_masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step
-        step_nll = 0.0
-        for idx in chunk:
-            nll, _ = batch_nll(model, all_ids[idx].to(model.device), all_masks[idx].to(model.device))
-            (nll / step_tokens).backward()
-            step_nll += float(nll.detach())
-        loss_value = step_nll / step_tokens
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"training loss is {loss_value} at step {step + 1}: lower train.learning_rate "
-                f"(now {config.train.learning_rate}) or check the data; nothing was saved"
-            )
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += sum(int(all_masks[idx].sum()) for idx in chunk)
-        elapsed = time.perf_counter() - started
-        record = {"train_loss": loss_value, "learning_rate": schedule.get_last_lr()[0],
-                  "tokens_per_second": tokens_seen / elapsed, "epoch": (step + 1) * config.train.grad_accum * config.train.batch_size / len(blocks)}
-        if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < steps:
-            record["validation_loss"] = validation_loss(model, val_blocks, config.eval.batch_size)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-        history.append({"step": step + 1, **record})
-        if on_log and ((step + 1) % config.train.log_every == 0 or step + 1 == steps):
-            on_log(step + 1, record)
-    bar.close()
 
-    val = validation_loss(model, val_blocks, config.eval.batch_size)
+    writer = checkpoint_dir if rank == 0 else None  # rank 0 alone holds the lock and writes
+    with checkpoint.exclusive(checkpoint_dir) if writer else contextlib.nullcontext():
+        done = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}  # what earlier processes trained
+        resume = checkpoint.latest(checkpoint_dir)
+        if resume:
+            done = checkpoint.load(resume, model, optimizer, schedule, steps)
+            log.info("resuming at step %d of %d from %s (written by MLflow run %s)", resume.step, steps, resume.path, resume.run_id)
+            if on_resume:
+                on_resume(resume)
+        elif writer:
+            checkpoint.describe(checkpoint_dir, checkpoint.checkpoint_key(config, info["fingerprint"], dataset_path)[1])
+
+        history: list[dict] = list(done["history"])
+        tokens_seen, new_tokens, started = done["tokens"], 0, time.perf_counter()
+        bar = tqdm(range(done["step"] + 1, steps + 1), initial=done["step"], total=steps, desc="train", unit="step",
+                   disable=None if rank == 0 else True)
+        for step in bar:  # 1-based optimizer step
+            chunk = order[(step - 1) * train.grad_accum : step * train.grad_accum]
+            step_tokens = sum(int(all_masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step
+            # Summed on the device and read once per step: a float() per micro-batch is a GPU sync each.
+            step_nll = torch.zeros((), device=model.device)
+            for idx in chunk:
+                if not idx[shard]:  # this rank's share of an epoch's short last micro-batch
+                    continue
+                nll, _ = batch_nll(model, all_ids[idx[shard]].to(model.device), all_masks[idx[shard]].to(model.device))
+                (nll / step_tokens).backward()
+                step_nll += nll.detach()
+            if world > 1:
+                step_nll = distributed.all_reduce_gradients(trainable, step_nll)
+            loss_value = float(step_nll) / step_tokens
+            lr = schedule.get_last_lr()[0]  # the rate this step's update uses
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(_diverged_message(loss_value, step, steps, lr, config, history))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            batch_tokens = sum(int(all_masks[idx].sum()) for idx in chunk)
+            tokens_seen, new_tokens = tokens_seen + batch_tokens, new_tokens + batch_tokens
+            elapsed = time.perf_counter() - started  # this process only: rates and ETA exclude earlier ones
+            record = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": new_tokens / elapsed,
+                      "epoch": step * train.grad_accum * train.batch_size * world / len(blocks)}
+            if rank == 0 and train.eval_every and step % train.eval_every == 0 and step < steps:
+                record["validation_loss"] = validation_loss(model, val_blocks, config.eval.batch_size)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
+            history.append({"step": step, **record})
+            if on_log and (step % train.log_every == 0 or step == steps):
+                eta = (steps - step) * elapsed / (step - done["step"])
+                on_log(step, record, Progress(step, steps, eta))
+            # After on_log: a kill between the two re-trains (and re-logs) a few steps rather than losing a point.
+            if writer and train.checkpoint_every and (step % train.checkpoint_every == 0 or step == steps):
+                checkpoint.save(checkpoint_dir, step, model, optimizer, schedule, {
+                    "total_steps": steps, "run_id": run_id, "tokens": tokens_seen,
+                    "seconds": done["seconds"] + elapsed, "history": history})
+        bar.close()
+    seconds = done["seconds"] + time.perf_counter() - started
+
+    val = validation_loss(model, val_blocks, config.eval.batch_size) if rank == 0 else None
     if on_log and val is not None:
-        on_log(steps, {"validation_loss": val})
+        on_log(steps, {"validation_loss": val}, None)
     model.eval()
-    return model, tokenizer, TrainResult("", steps, tokens_seen, time.perf_counter() - started, loss_value, val, history)
+    final_loss = history[-1]["train_loss"] if history else float("nan")
+    return model, tokenizer, TrainResult("", steps, tokens_seen, seconds, final_loss, val, history,
+                                         resumed_from_step=resume.step if resume else None)
+
+
+def _diverged_message(loss: float, step: int, steps: int, lr: float, config: PipelineConfig, history: list[dict]) -> str:
+    last = f"; last finite loss {history[-1]['train_loss']:.4g} at step {history[-1]['step']}" if history else ""
+    return (f"training loss is {loss} at optimizer step {step} of {steps} (learning rate {lr:.3g}, "
+            f"train.learning_rate={config.train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
+            f"or raise train.warmup_steps, and check the data; no adapter was saved")

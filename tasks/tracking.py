@@ -26,7 +26,7 @@ def provenance_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
-            "git_commit": _git_commit()}
+            "git_commit": _git_commit(), **tracking.owner_tags()}
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -39,4 +39,6 @@ def start_run(config: PipelineConfig, uri: str, tags: dict[str, str]) -> str:
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def finish_run(uri: str, run_id: str, status: str) -> None:
+    """Close this run, then sweep runs that crashed processes left RUNNING (see mark_stale_runs)."""
     tracking.finish_run(uri, run_id, status)
+    tracking.mark_stale_runs(uri, run_id)

@@ -1,0 +1,62 @@
+"""Bad corpus input through the real CLI and flow: a one-line error naming the file, exit code 2,
+the MLflow run marked FAILED, nothing registered, and no dataset cache left behind."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import DEFAULT_PROFILE, main
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+HEADER = "url,title,text,topic,tags,date\n"
+
+
+def write(path, content: bytes | str):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+CASES = {
+    "missing-columns": (lambda d: write(d / "bad.csv", "url,title\nhttps://x/1,Заголовок\n"), "missing"),
+    "empty-file": (lambda d: write(d / "bad.csv", ""), "empty"),
+    "header-only": (lambda d: write(d / "bad.csv", HEADER), "bad.csv"),
+    "no-usable-text": (lambda d: write(d / "bad.csv", HEADER + "https://x/1,Заголовок,   ,Мир,Все,2019/01/01\n"), "text"),
+    "not-utf8": (lambda d: write(d / "bad.csv", HEADER.encode() + "https://x/1,Т,Текст,Мир,Все,2019/01/01\n".encode("cp1251")), "UTF-8"),
+    "does-not-exist": (lambda d: d / "bad.csv", "does not exist"),
+    "directory": (lambda d: (d / "bad.csv").mkdir() or d / "bad.csv", "directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_csv_fails_cleanly(case, prefect_server, tracking_uri, tmp_path, capsys):
+    make, expected = CASES[case]
+    source = tmp_path / "input"
+    source.mkdir()
+    path = make(source)
+    cache = tmp_path / "cache"
+    code = main(["run", "--config", str(DEFAULT_PROFILE), *sum((["--set", o] for o in tiny_overrides(
+        str(cache), **{"data.source": "csv", "data.path": str(path), "registry.model_name": "never"})), [])])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lenta-lora: error:") and "bad.csv" in err and expected.lower() in err.lower(), err
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert client.search_model_versions("name='never'") == []
+    leftovers = list((cache / "datasets").glob("*")) if (cache / "datasets").exists() else []
+    assert leftovers == [], leftovers
+
+
+def test_bad_config_fails_before_any_work(tracking_uri, tmp_path, capsys):
+    code = main(["run", "--config", str(DEFAULT_PROFILE), "--set", "data.splits.train=0.5", "--set", "lora.r=0",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.splits" in err and "sum to 1" in err and "lora.r" in err
+    assert not (tmp_path / "cache").exists()
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []

@@ -1,0 +1,79 @@
+"""The `kaggle` data source through the whole flow: the official client against a loopback fake
+Kaggle, a cached second run, and the key never stored anywhere a user (or attacker) can read."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import DEFAULT_PROFILE
+from lib.config import SAMPLE_CSV, load_config
+from tests.conftest import tiny_overrides
+from tests.kaggle_server import FakeKaggle
+
+pytestmark = pytest.mark.slow
+
+SECRET = "kGl-SeCrEt-4e1f9a77c0d2"
+
+
+@pytest.fixture
+def fake_kaggle(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeKaggle(csv_bytes=SAMPLE_CSV.read_bytes(), username="alice", key=SECRET) as fake:
+        for name, value in fake.env().items():
+            monkeypatch.setenv(name, value)
+        # The client's `localhost:7777` goes through the fake (a proxy); Prefect's own API on
+        # 127.0.0.1 must not.
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+        monkeypatch.setenv("KAGGLE_KEY", SECRET)
+        yield fake
+
+
+def flow_logs(flow_run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            return [log.message for log in logs]
+
+    return asyncio.run(read())
+
+
+def test_kaggle_source_downloads_once_and_never_stores_the_key(prefect_server, fake_kaggle, tracking_uri, tmp_path, capfd):
+    from flows.finetune import finetune
+
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{"data.source": "kaggle"}))
+    first = finetune(config=config)
+    second = finetune(config=config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": 0.001})}))
+    assert fake_kaggle.file_requests == 1  # the second run used the verified cache
+    assert first["dataset_fingerprint"] == second["dataset_fingerprint"]
+
+    client = MlflowClient(tracking_uri)
+    haystack: list[str] = []
+    for summary in (first, second):
+        run = client.get_run(summary["run_id"])
+        haystack += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+        local = Path(mlflow.artifacts.download_artifacts(run_id=summary["run_id"], dst_path=str(tmp_path / summary["run_id"]),
+                                                         tracking_uri=tracking_uri))
+        haystack += [p.read_bytes().decode("utf-8", "replace") for p in local.rglob("*") if p.is_file()]
+        haystack += flow_logs(run.data.tags["prefect.flow_run_id"])
+        version = client.get_model_version(summary["model"]["name"], str(summary["model"]["version"]))
+        haystack += [f"{k}={v}" for k, v in version.tags.items()] + [version.description or ""]
+    captured = capfd.readouterr()
+    haystack += [captured.out, captured.err]
+    assert len(haystack) > 50  # params, tags, artifacts and log lines were really searched
+    leaks = [text[:200] for text in haystack if SECRET in text]
+    assert leaks == []

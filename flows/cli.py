@@ -3,6 +3,7 @@
     lenta-lora run [--config PATH] [--set key=value ...]
     lenta-lora models [--model NAME]
     lenta-lora generate --model NAME (--version N | --alias champion) "Заголовок новости"
+    lenta-lora evaluate --model NAME (--version N | --alias A) [--csv PATH] [--config PATH] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -90,6 +91,33 @@ def command_generate(args) -> int:
     return 0
 
 
+def command_evaluate(args) -> int:
+    from lib.evaluation import evaluation_config
+    from lib.tracking import model_uri, registered_version, resolve_tracking_uri, run_link
+
+    if args.csv and not Path(args.csv).expanduser().is_file():
+        raise FileNotFoundError(f"--csv {args.csv}: no such file; pass a Kaggle-format CSV (url,title,text,topic,tags,date)")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    # Unknown model/version/alias and every config problem are reported here, before any work.
+    target = registered_version(uri, model_uri(args.model, args.version, args.alias))
+    config = evaluation_config(target["config_yaml"], args.config, args.set or [], args.csv, uri)
+    from flows.evaluate import evaluate_registered
+
+    summary = evaluate_registered(target["name"], version=target["version"], config=config)
+    m, link = summary["metrics"], run_link(uri, summary["run_id"])
+    print("\n=== lenta-lora: evaluation complete ===")
+    print(f"evaluated:         {target['uri']} (trained in run {target['run_id']})")
+    print(f"data:              test split of {summary['csv']} "
+          f"(same data as training: {'yes' if summary['same_data_as_training'] else 'NO'})")
+    print(f"MLflow run:        {summary['run_id']} (tag last_evaluation_run_id set on {target['uri']})")
+    print(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
+    print(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
+    if "chrf" in m:
+        print(f"chrF++:            base {m['base_chrf']:.2f} -> tuned {m['chrf']:.2f}")
+    print(f"browse it:         {link['command'] + ', then open ' if link['command'] else ''}{link['url']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,7 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=command_generate)
-    for p in (models, gen):
+    ev = sub.add_parser("evaluate", help="re-evaluate a registered adapter (base vs tuned) in a new MLflow run")
+    ev.add_argument("--model", required=True)
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int)
+    which.add_argument("--alias")
+    ev.add_argument("--csv", help="Kaggle-format CSV whose test split to use (default: the bundled sample)")
+    ev.add_argument("--config", help="YAML profile (default: the config the version was trained with)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. eval.num_samples=20")
+    ev.set_defaults(func=command_evaluate)
+    for p in (models, gen, ev):
         p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     return parser
 
@@ -122,11 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from lib.adapter_pyfunc import ArtifactIntegrityError
+    from lib.checkpoint import CheckpointError
     from lib.config import ConfigError
+    from lib.corpus import CorpusError
+    from lib.kaggle_source import KaggleError
+    from lib.training import TrainingDiverged
 
+    expected = (ConfigError, CorpusError, KaggleError, TrainingDiverged, CheckpointError, ArtifactIntegrityError,
+                LookupError, FileNotFoundError, ConnectionError)
     try:
         return args.func(args)
-    except (ConfigError, LookupError, FileNotFoundError) as error:
+    except expected as error:
+        # Input the user can fix: one clear message, no traceback (Prefect already logged one).
         print(f"lenta-lora: error: {error}", file=sys.stderr)
         return 2
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from lib.checkpoint import checkpoint_dir
 from lib.config import PipelineConfig
 from lib.tracking import resolve_tracking_uri
-from tasks.acquire import acquire_corpus
+from tasks.acquire import acquire_corpus, result_storage_for
 from tasks.evaluate import evaluate_adapter
-from tasks.prepare import prepare_dataset
+from tasks.prepare import prepare_dataset, record_dataset
 from tasks.register import register_adapter
 from tasks.tracking import finish_run, provenance_tags, start_run
-from tasks.train import train_adapter
+from tasks.train import discard_checkpoints, train_adapter
 
 
 @flow(name="finetune")
@@ -22,10 +23,15 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:
     tags = provenance_tags()
     run_id = start_run(config, uri, tags)
     try:
-        csv_path = acquire_corpus(config.data)
-        prepared = prepare_dataset(csv_path, config.data, config.model, config.train.max_length, uri, run_id)
+        results = result_storage_for(config.data)  # acquire/prepare cache records live in data.cache_dir
+        csv_path = acquire_corpus.with_options(result_storage=results)(config.data)
+        prepared = prepare_dataset.with_options(result_storage=results)(csv_path, config.data, config.model,
+                                                                        config.train.max_length)
+        record_dataset(prepared, uri, run_id)
         output_dir = f"{config.data.cache_dir}/runs/{run_id}"
-        trained = train_adapter(prepared["path"], config, output_dir, uri, run_id)
+        # Keyed by dataset + config, not run id, so that a re-run after a crash resumes (None: no checkpoints).
+        checkpoints = checkpoint_dir(config, prepared["fingerprint"], prepared["path"])
+        trained = train_adapter(prepared["path"], config, output_dir, uri, run_id, checkpoints)
         evaluated = evaluate_adapter(prepared["path"], trained["adapter_dir"], config, output_dir, uri, run_id)
         registered = register_adapter(trained["adapter_dir"], prepared["base"], config, evaluated["metrics"],
                                       prepared["fingerprint"], uri, run_id, tags)
@@ -33,19 +39,35 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:
         finish_run(uri, run_id, "FAILED")
         raise
     finish_run(uri, run_id, "FINISHED")
+    discard_checkpoints(checkpoints)  # the adapter is registered; a failed run keeps them to resume from
     summary = {"run_id": run_id, "tracking_uri": uri, "model": registered, "metrics": evaluated["metrics"],
-               "train": trained, "dataset_fingerprint": prepared["fingerprint"]}
+               "train": trained, "dataset_fingerprint": prepared["fingerprint"],
+               "samples": evaluated["samples"], "bleu_signature": evaluated["bleu_signature"]}
     create_markdown_artifact(key="finetune-summary", markdown=render_summary(summary), description="lenta-lora run")
     return summary
 
 
 def render_summary(summary: dict) -> str:
-    m = summary["metrics"]
-    rows = "\n".join(f"| {k} | {m[f'base_{k}']:.4g} | {m[k]:.4g} |" for k in sorted(m)
-                     if f"base_{k}" in m and not k.startswith(("base_", "delta_")))
-    return (f"## lenta-lora: {summary['model']['uri']}\n\nMLflow run `{summary['run_id']}` "
-            f"in `{summary['tracking_uri']}`; champion: {summary['model']['champion']}\n\n"
-            f"| metric | base | tuned |\n|---|---|---|\n{rows}\n")
+    """The run's Markdown artifact: where the run is, base vs tuned metrics, a few samples.
+
+    Also renders re-evaluations (flows/evaluate.py), which pass a `title` and `champion: None`.
+    """
+    from lib.evaluation import metrics_markdown, samples_markdown
+    from lib.tracking import run_link
+
+    model, link = summary["model"], run_link(summary["tracking_uri"], summary["run_id"])
+    where = (f"[{link['url']}]({link['url']})" if not link["command"] else
+             f"`{link['command']}`, then open {link['url']}")
+    champion = "" if model.get("champion") is None else f" (champion: {'yes' if model['champion'] else 'no'})"
+    parts = [f"## lenta-lora: {summary.get('title') or model['uri']}",
+             f"**MLflow run** `{summary['run_id']}`: {where}\n\n**Model** `{model['uri']}`{champion}",
+             "### Test metrics: base vs tuned, same test articles", metrics_markdown(summary["metrics"])]
+    if summary.get("bleu_signature"):
+        parts.append(f"BLEU: sacreBLEU `{summary['bleu_signature']}`; chrF++ and BLEU on 0-100, the others 0-1.")
+    samples = summary.get("samples")
+    if samples:
+        parts += [f"### Samples (first {len(samples)}; all in the run's `samples/samples.md`)", samples_markdown(samples)]
+    return "\n\n".join(part.strip() for part in parts) + "\n"
 
 
 if __name__ == "__main__":

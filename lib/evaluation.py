@@ -2,30 +2,51 @@
 
 Base scores come from the very same PeftModel with its adapter disabled, so both numbers are
 computed on identical weights, tokens and windows; the only difference is the adapter.
+
+Two entry points share one core (`evaluate_model`):
+* `evaluate_adapter`: inside the fine-tuning flow, on the prepared dataset's test split;
+* `evaluate_registered`: a registered version, re-read from the MLflow registry, on the test
+  split of any Kaggle-format CSV (selected and split exactly as `prepare_dataset` does).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
-from lib.base_model import load_base_model, load_tokenizer
-from lib.config import PipelineConfig
-from lib.dataset import load_prepared
-from lib.generation import generate_continuations
+import yaml
+
+from lib.config import ConfigError, PipelineConfig, build_config, load_config
+from lib.corpus import CorpusError, iter_articles, join_title_and_text
+from lib.generation import generate_continuations, model_context_length
 from lib.metrics import chrf_per_sample, score_corpus, score_generations
+from lib.splits import fingerprint_articles, select_articles, split_articles
 
 log = logging.getLogger("lenta_lora.evaluate")
 
 CORPUS_METRICS = ("perplexity", "bits_per_byte", "bits_per_char", "word_perplexity")
 TEXT_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "repeated_4gram_share")
+# Direction of "better", for readers of the summary table (the registry only uses the champion metric).
+LOWER_IS_BETTER = frozenset({"test_perplexity", "test_bits_per_byte", "test_bits_per_char", "test_word_perplexity",
+                             "repeated_4gram_share"})
+SAMPLE_COLUMNS = ("prompt", "reference", "base_output", "tuned_output")
 
 
 def reference_continuation(tokenizer, text: str, max_new_tokens: int) -> str:
-    """What a perfect model would write: the article's first `max_new_tokens` tokens."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    """What a perfect model would write: the article's first `max_new_tokens` tokens.
+
+    A byte-level BPE can split one Cyrillic letter into two byte tokens; cutting between them
+    would decode to U+FFFD and cost chrF a character no model could match. The decoded cut is
+    therefore trimmed to its longest common prefix with the decoded whole text.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    cut = tokenizer.decode(ids[:max_new_tokens], skip_special_tokens=True)
+    if len(ids) > max_new_tokens:
+        cut = os.path.commonprefix([cut, tokenizer.decode(ids, skip_special_tokens=True)])
+    return cut.strip()
 
 
 def score_both(model, tokenizer, texts: list[str], config: PipelineConfig) -> tuple[dict, dict]:
@@ -54,37 +75,61 @@ def name_metrics(base: dict, tuned: dict, keys: tuple[str, ...], prefix: str = "
     return out
 
 
+def markdown_cell(text) -> str:
+    """One GitHub-table cell: any line break (\\n, \\r, U+2028...) becomes a space, pipes are escaped."""
+    return re.sub(r"\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+\s*", " ", str(text)).replace("|", "\\|").strip()
+
+
+def samples_markdown(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
+    """A Markdown table of samples: prompt, reference, base and tuned output (+ `extra` columns)."""
+    columns = [*SAMPLE_COLUMNS, *extra]
+    cells = [[markdown_cell(f"{r[c]:.1f}" if isinstance(r[c], float) else r[c]) or " " for c in columns] for r in rows]
+    headers = {"base_output": "base", "tuned_output": "tuned", "base_chrf": "chrF++ base", "tuned_chrf": "chrF++ tuned"}
+    lines = ["| " + " | ".join(headers.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
+def metrics_markdown(metrics: dict[str, float]) -> str:
+    """Table of every metric with a base value: base, tuned, delta, which direction is better.
+
+    Corpus scores first (bits per byte is the tokenizer-independent one), then generation scores.
+    """
+    known = [f"test_{k}" for k in CORPUS_METRICS] + list(TEXT_METRICS)
+    names = [k for k in known if k in metrics and f"base_{k}" in metrics]
+    names += sorted(k for k in metrics if f"base_{k}" in metrics and k not in names and not k.startswith(("base_", "delta_")))
+    lines = ["| metric | base | tuned | delta | better |", "|---|---:|---:|---:|---|"]
+    for name in names:
+        base, tuned = metrics[f"base_{name}"], metrics[name]
+        lower = name in LOWER_IS_BETTER
+        improved = tuned < base if lower else tuned > base
+        verdict = ("lower" if lower else "higher") + (" (tuned better)" if improved else "")
+        lines.append(f"| {name} | {base:.4g} | {tuned:.4g} | {tuned - base:+.3g} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_samples(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / "samples.json", output_dir / "samples.md"
     json_path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
-    cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731 - table-safe
-    lines = ["| prompt | reference | base | tuned | chrF base | chrF tuned |", "|---|---|---|---|---|---|"]
-    lines += [f"| {cell(r['prompt'])} | {cell(r['reference'])} | {cell(r['base_output'])} | {cell(r['tuned_output'])} "
-              f"| {r['base_chrf']:.1f} | {r['tuned_chrf']:.1f} |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md_path.write_text(samples_markdown(rows, ("base_chrf", "tuned_chrf")), encoding="utf-8")
     return json_path, md_path
 
 
-def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str | Path) -> dict:
-    """Score base vs tuned on the test split; write samples; return metrics and file paths."""
-    from peft import PeftModel
+def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: PipelineConfig, output_dir: str | Path) -> dict:
+    """Score base vs tuned on `test` (lists `document`, `title`, `text`); write samples.
 
-    info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
-    test = load_prepared(dataset_path)["test"]
-    if not len(test):
-        raise ValueError(f"{info['csv']}: the test split is empty; raise data.splits.test or add articles")
-    tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
-    model = PeftModel.from_pretrained(load_base_model(info["base"], config.model), adapter_dir)
-    model.eval()
-
+    Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`, `test_tokens`), `samples_json`,
+    `samples_md` and `bleu_signature`. `model` is a PeftModel (its adapter is switched off for base).
+    """
     base_scores, tuned_scores = score_both(model, tokenizer, list(test["document"]), config)
     metrics = name_metrics(base_scores, tuned_scores, CORPUS_METRICS, prefix="test_")
     metrics["test_tokens"] = float(tuned_scores["tokens"])
 
-    picked = test.select(range(min(config.eval.num_samples, len(test))))
-    prompts = list(picked["title"])
-    references = [reference_continuation(tokenizer, text, config.eval.max_new_tokens) for text in picked["text"]]
+    count = min(config.eval.num_samples, len(test["document"]))
+    # Training documents are "title\n\ntext": end the prompt with the same separator, so the first
+    # generated token starts the text (which is what the reference holds), not the separator.
+    prompts = [f"{title}\n\n" for title in test["title"][:count]]
+    references = [reference_continuation(tokenizer, text, config.eval.max_new_tokens) for text in test["text"][:count]]
     rows: list[dict] = []
     signature = ""
     if prompts:
@@ -99,3 +144,87 @@ def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig
     log.info("test perplexity base %.2f -> tuned %.2f; bits/byte %.3f -> %.3f", metrics["base_test_perplexity"],
              metrics["test_perplexity"], metrics["base_test_bits_per_byte"], metrics["test_bits_per_byte"])
     return {"metrics": metrics, "samples_json": str(json_path), "samples_md": str(md_path), "bleu_signature": signature}
+
+
+def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str | Path) -> dict:
+    """The fine-tuning flow's evaluation: the prepared dataset's test split, the adapter just trained."""
+    from peft import PeftModel
+
+    from lib.base_model import load_base_model, load_tokenizer
+    from lib.dataset import load_prepared
+
+    info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
+    test = load_prepared(dataset_path)["test"]
+    if not len(test):
+        raise ValueError(f"{info['csv']}: the test split is empty; raise data.splits.test or add articles")
+    tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
+    model = PeftModel.from_pretrained(load_base_model(info["base"], config.model), adapter_dir)
+    model.eval()
+    columns = {"document": list(test["document"]), "title": list(test["title"]), "text": list(test["text"])}
+    return evaluate_model(model, tokenizer, columns, config, output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-evaluating a registered version
+# --------------------------------------------------------------------------------------------
+
+
+def evaluation_config(source_config_yaml: str | None, config_path: str | None = None, overrides: list[str] = (),
+                      csv: str | None = None, tracking_uri: str | None = None) -> PipelineConfig:
+    """Config of a re-evaluation: `config_path` if given, else the config the version was trained with.
+
+    The training config is the default because it fixes what makes numbers comparable with the
+    ones the version was registered with: the scoring window (`train.max_length`), the split
+    ratios and seed, and the generation settings. The data is the bundled sample unless `csv` is
+    given; `overrides` (`key=value`) come last.
+    """
+    if config_path:
+        raw = load_config(config_path).model_dump(mode="json")
+    elif source_config_yaml:
+        raw = yaml.safe_load(source_config_yaml) or {}
+    else:
+        raise FileNotFoundError("the registered version's run has no config.yaml; pass --config PATH")
+    raw.setdefault("data", {}).update({"source": "csv", "path": str(Path(csv).expanduser().resolve())} if csv
+                                      else {"source": "sample", "path": None})
+    if tracking_uri:
+        raw.setdefault("tracking", {})["uri"] = tracking_uri
+    return build_config(raw, list(overrides), source=config_path or "the registered version's config.yaml")
+
+
+def test_split(csv_path: str | Path, config: PipelineConfig) -> dict:
+    """The test articles of a CSV, chosen exactly as `lib.dataset.prepare_dataset` chooses them.
+
+    Also returns the dataset fingerprint (same settings, same digest as prepare_dataset), so an
+    evaluation can say whether it saw the very data the version was trained and tested on.
+    """
+    data = config.data
+    selected = select_articles(iter_articles(csv_path), topics=data.topics, date_from=data.date_from,
+                               date_to=data.date_to, min_text_chars=data.min_text_chars,
+                               max_articles=data.max_articles, seed=data.seed, source=csv_path)
+    splits = split_articles(selected, data.splits.model_dump())
+    # Must match prepare_dataset's settings filter, or the fingerprints of equal data differ
+    # (tests/test_evaluate_cli.py checks that they agree).
+    settings = {k: v for k, v in data.model_dump(mode="json").items()
+                if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")}
+    test = splits["test"]
+    if not test:
+        raise CorpusError(f"{csv_path}: the test split is empty ({len(selected)} articles selected); "
+                          "raise data.splits.test or pass a larger --csv")
+    return {"document": [join_title_and_text(a) for a in test], "title": [a.title for a in test],
+            "text": [a.text for a in test], "fingerprint": fingerprint_articles(splits, settings)}
+
+
+def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | Path, config: PipelineConfig,
+                        output_dir: str | Path) -> dict:
+    """Re-evaluate `models:/NAME/VERSION` on the test split of `csv_path`; same result keys as
+    `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
+    from lib.tracking import load_registered
+
+    model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
+    context = model_context_length(model, tokenizer)
+    if context is not None and config.train.max_length > context:
+        raise ConfigError(f"{registered_uri}: train.max_length={config.train.max_length} (the scoring window) exceeds "
+                          f"the model's context of {context} tokens; pass --set train.max_length={context}")
+    test = test_split(csv_path, config)
+    result = evaluate_model(model, tokenizer, test, config, output_dir)
+    return {**result, "dataset_fingerprint": test["fingerprint"], "test_articles": len(test["document"])}

@@ -276,6 +276,8 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     seconds = done["seconds"] + time.perf_counter() - started
 
     val = validation_loss(model, val_blocks, config.eval.batch_size) if rank == 0 else None
+    if history and val is not None:
+        history[-1]["validation_loss"] = val  # the loss plot's validation line reaches the last step
     if on_log and val is not None:
         on_log(steps, {"validation_loss": val}, None)
     model.eval()

@@ -15,6 +15,10 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lenta_lora")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# One intra-op thread per process (inherited by the CLI, worker and distributed subprocesses):
+# on 2 cores shared with a Prefect server and other test processes, torch's 2 OpenMP threads were
+# measured 60x slower per forward pass than 1 thread once the other core was busy.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -80,6 +80,9 @@ def command_generate(args) -> int:
     from lib.generation import generate_continuations
     from lib.tracking import load_registered, model_uri, resolve_tracking_uri
 
+    # A prompt that is not valid UTF-8 reaches Python as lone surrogates (PEP 383), which the
+    # tokenizer cannot encode: replace the bad bytes instead of crashing.
+    args.prompt = [p.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for p in args.prompt]
     uri = resolve_tracking_uri(args.tracking_uri)
     model, tokenizer, _ = load_registered(uri, model_uri(args.model, args.version, args.alias))
     torch.manual_seed(args.seed)

@@ -77,3 +77,23 @@ def test_kaggle_source_downloads_once_and_never_stores_the_key(prefect_server, f
     assert len(haystack) > 50  # params, tags, artifacts and log lines were really searched
     leaks = [text[:200] for text in haystack if SECRET in text]
     assert leaks == []
+
+
+def test_credentials_from_a_prefect_secret_block(prefect_server, fake_kaggle, tracking_uri, tmp_path, monkeypatch):
+    """No credentials in the environment or on disk: the profile names a Secret block instead."""
+    import json
+
+    from prefect.blocks.system import Secret
+
+    from flows.finetune import finetune
+
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    monkeypatch.delenv("KAGGLE_KEY")
+    Secret(value=json.dumps({"username": "alice", "key": SECRET})).save("kaggle-test-creds", overwrite=True)
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
+        "data.source": "kaggle", "data.kaggle_secret_block": "kaggle-test-creds", "train.max_steps": 1}))
+    summary = finetune(config=config)
+    assert fake_kaggle.file_requests == 1
+    run = MlflowClient(tracking_uri).get_run(summary["run_id"])
+    assert run.data.params["data.kaggle_secret_block"] == "kaggle-test-creds"  # the name, never the value
+    assert not any(SECRET in str(v) for v in {**run.data.params, **run.data.tags}.values())

@@ -81,6 +81,12 @@ def tokenize_documents(tokenizer, documents: list[str], num_proc: int) -> list[l
     return tokenized["ids"]
 
 
+def fingerprint_settings(data: DataConfig) -> dict:
+    """The data settings that decide which rows are selected (not where files live or how fast)."""
+    return {k: v for k, v in data.model_dump(mode="json").items()
+            if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")}
+
+
 def corpus_path(data: DataConfig, downloaded: str | None = None) -> Path:
     if data.source == "sample":
         return SAMPLE_CSV
@@ -124,8 +130,7 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
         max_articles=data.max_articles, seed=data.seed,
     )
     splits = split_articles(selected, data.splits.model_dump())
-    settings = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")}
-    fingerprint = fingerprint_articles(splits, settings)
+    fingerprint = fingerprint_articles(splits, fingerprint_settings(data))
     documents = {name: [join_title_and_text(a) for a in splits[name]] for name in SPLITS}
     if not documents["train"]:
         raise ValueError(f"{csv_path}: no article fell into the train split; add articles or change data.splits")

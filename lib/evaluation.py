@@ -21,6 +21,7 @@ import yaml
 
 from lib.config import ConfigError, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
+from lib.dataset import fingerprint_settings
 from lib.generation import generate_continuations, model_context_length
 from lib.metrics import chrf_per_sample, score_corpus, score_generations
 from lib.splits import fingerprint_articles, select_articles, split_articles
@@ -202,10 +203,8 @@ def test_split(csv_path: str | Path, config: PipelineConfig) -> dict:
                                date_to=data.date_to, min_text_chars=data.min_text_chars,
                                max_articles=data.max_articles, seed=data.seed, source=csv_path)
     splits = split_articles(selected, data.splits.model_dump())
-    # Must match prepare_dataset's settings filter, or the fingerprints of equal data differ
-    # (tests/test_evaluate_cli.py checks that they agree).
-    settings = {k: v for k, v in data.model_dump(mode="json").items()
-                if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")}
+    # The same settings as prepare_dataset, so equal data gives an equal fingerprint.
+    settings = fingerprint_settings(data)
     test = splits["test"]
     if not test:
         raise CorpusError(f"{csv_path}: the test split is empty ({len(selected)} articles selected); "

@@ -121,6 +121,14 @@ def command_evaluate(args) -> int:
     return 0
 
 
+def add_version_choice(parser: argparse.ArgumentParser) -> None:
+    """`--model NAME` plus exactly one of `--version N` / `--alias A`."""
+    parser.add_argument("--model", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int)
+    which.add_argument("--alias")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,20 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--model", help="registered model name (default: all)")
     models.set_defaults(func=command_models)
     gen = sub.add_parser("generate", help="continue a headline with a registered adapter")
-    gen.add_argument("--model", required=True)
-    which = gen.add_mutually_exclusive_group(required=True)
-    which.add_argument("--version", type=int)
-    which.add_argument("--alias")
+    add_version_choice(gen)
     gen.add_argument("prompt", nargs="+")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=command_generate)
     ev = sub.add_parser("evaluate", help="re-evaluate a registered adapter (base vs tuned) in a new MLflow run")
-    ev.add_argument("--model", required=True)
-    which = ev.add_mutually_exclusive_group(required=True)
-    which.add_argument("--version", type=int)
-    which.add_argument("--alias")
+    add_version_choice(ev)
     ev.add_argument("--csv", help="Kaggle-format CSV whose test split to use (default: the bundled sample)")
     ev.add_argument("--config", help="YAML profile (default: the config the version was trained with)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. eval.num_samples=20")

@@ -11,23 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import DEFAULT_PROFILE
 from lib import checkpoint, dataset, training
-from lib.config import load_config
-from tests.conftest import tiny_overrides
-
-
-def tiny(cache: str, **extra):
-    return load_config(DEFAULT_PROFILE, tiny_overrides(cache, **{
-        "lora.dropout": 0.0, "train.eval_every": "null", "train.warmup_steps": 0, **extra}))
-
-
-@pytest.fixture(scope="module")
-def prepared(shared_cache) -> str:
-    config = tiny(shared_cache)
-    info = dataset.prepare_dataset(dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length,
-                                   f"{shared_cache}/datasets")
-    return info["path"]
+# The same tiny settings and prepared dataset as the single-process training tests.
+from tests.test_training import prepared, tiny  # noqa: F401  (pytest fixture + helper)
 
 
 def lora_weights(model) -> dict[str, torch.Tensor]:

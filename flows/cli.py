@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -165,19 +166,25 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from lib.adapter_pyfunc import ArtifactIntegrityError
-    from lib.checkpoint import CheckpointError
+    from lib.checkpoint import CheckpointError, StorageError
     from lib.config import ConfigError
     from lib.corpus import CorpusError
     from lib.kaggle_source import KaggleError
-    from lib.training import TrainingDiverged
+    from lib.training import OutOfMemory, TrainingDiverged
 
-    expected = (ConfigError, CorpusError, KaggleError, TrainingDiverged, CheckpointError, ArtifactIntegrityError,
-                LookupError, FileNotFoundError, ConnectionError)
+    expected = (ConfigError, CorpusError, KaggleError, TrainingDiverged, OutOfMemory, CheckpointError, StorageError,
+                ArtifactIntegrityError, LookupError, FileNotFoundError, ConnectionError)
     try:
         return args.func(args)
     except expected as error:
         # Input the user can fix: one clear message, no traceback (Prefect already logged one).
         print(f"lenta-lora: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"lenta-lora: error: no space left on the disk holding {error.filename or 'a file being written'}: "
+              "free disk space (or move data.cache_dir / the MLflow store), then run again", file=sys.stderr)
         return 2
 
 

@@ -46,6 +46,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is busy, or a checkpoint does not fit the run that tries to resume from it."""
 
 
+class StorageError(OSError):
+    """Writing a checkpoint or an adapter failed (disk full, quota, read-only disk); nothing half-written kept."""
+
+
+def storage_error(what: str, path: str | Path, error: BaseException, kept: str = "") -> StorageError:
+    """A StorageError naming what was being written, where, why, and the free space left there."""
+    free = "unknown"
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB"
+            break
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return StorageError(f"could not write {what} to {path}: {reason} ({free} free there); free disk space or "
+                        f"point data.cache_dir at a larger disk, then run again{kept}")
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -74,9 +90,10 @@ def checkpoint_dir(config: PipelineConfig, dataset_fingerprint: str, dataset_pat
 
 
 @contextlib.contextmanager
-def exclusive(directory: str | Path) -> Iterator[Path]:
+def exclusive(directory: str | Path, busy_ok: bool = False) -> Iterator[Path | None]:
     """Hold the folder's lock while training with it. The kernel drops an flock when its process dies,
-    so a SIGKILLed trainer never leaves a stale lock; a live one makes a second trainer fail fast."""
+    so a SIGKILLed trainer never leaves a stale lock; a live one makes a second trainer fail fast,
+    or, with `busy_ok`, yields None (the caller goes on without these checkpoints)."""
     import fcntl  # POSIX only; imported here so that the module still imports elsewhere
 
     directory = Path(directory)
@@ -85,6 +102,9 @@ def exclusive(directory: str | Path) -> Iterator[Path]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if busy_ok:
+                yield None
+                return
             raise CheckpointError(
                 f"{directory}: another process is training with this dataset and config right now (it holds "
                 f"{directory / '.lock'}); wait for it to finish, or change train.seed to train a second copy"
@@ -140,8 +160,9 @@ def save(directory: str | Path, step: int, model, optimizer, scheduler, state: d
     """
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
         model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
         torch.save(trainer, tmp / TRAINER)
@@ -152,8 +173,13 @@ def save(directory: str | Path, step: int, model, optimizer, scheduler, state: d
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(directory)
+    except Exception as error:  # disk full shows up as OSError, torch's RuntimeError or safetensors' own error
+        previous = latest(directory)
+        kept = f"; the newest complete checkpoint ({previous.path.name if previous else 'none'}) is intact"
+        raise storage_error(f"checkpoint step {step}", directory, error, kept) from error
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     for old in _complete(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final

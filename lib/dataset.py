@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib import faults
 from lib.config import SAMPLE_CSV, DataConfig, ModelConfig
 from lib.base_model import load_tokenizer, resolve_base
 from lib.corpus import iter_articles, join_title_and_text
@@ -160,11 +161,13 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
     info = {"path": str(final.resolve()), "fingerprint": fingerprint, "base": base, "csv": str(csv_path),
             "max_length": max_length, "packing": data.packing, "stats": stats}
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    remove_dead_leftovers(final.parent)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{os.getpid()}-"))
     try:
         DatasetDict(parts).save_to_disk(str(tmp / "data"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "lenta_lora_dataset.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        faults.reach("prepare.before-publish")
         os.replace(tmp, final)
     except OSError:
         if not info_path.is_file():  # a real failure, not a concurrent twin that finished first
@@ -173,6 +176,31 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s: %s", final, {k: len(v) for k, v in parts.items()})
     return info
+
+
+def remove_dead_leftovers(root: Path) -> list[Path]:
+    """Delete `.tmp-<pid>-*` folders whose writer process is gone (killed mid-write); a live
+    writer's folder (a concurrent run preparing the same data) is left alone."""
+    removed = []
+    for leftover in root.glob(".tmp-*"):
+        pid = leftover.name.split("-")[1]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    if removed:
+        log.info("removed %d half-written dataset folder(s) of dead processes under %s", len(removed), root)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def load_prepared(dataset_path: str | Path):

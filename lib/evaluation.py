@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from lib import faults
 from lib.config import ConfigError, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
 from lib.dataset import fingerprint_settings
@@ -125,6 +126,7 @@ def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: Pipelin
     base_scores, tuned_scores = score_both(model, tokenizer, list(test["document"]), config)
     metrics = name_metrics(base_scores, tuned_scores, CORPUS_METRICS, prefix="test_")
     metrics["test_tokens"] = float(tuned_scores["tokens"])
+    faults.reach("evaluate.after-scoring")
 
     count = min(config.eval.num_samples, len(test["document"]))
     # Training documents are "title\n\ntext": end the prompt with the same separator, so the first

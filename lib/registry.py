@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lib import faults
 from lib.tracking import _client, require_reachable
 
 log = logging.getLogger("lenta_lora.registry")
@@ -55,7 +56,9 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
     else:
         version = _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics,
                                   champion_metric)
+    faults.reach("register.after-version")
     champion = update_champion(client, model_name, version.version, champion_metric, run_id)
+    faults.reach("register.after-champion")
     return {"name": model_name, "version": int(version.version), "uri": f"models:/{model_name}/{version.version}",
             "champion": champion, "sha256": {k: v for k, v in version.tags.items() if k.endswith("sha256")}}
 
@@ -78,6 +81,7 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
             input_example=["Учёные обнаружили новый вид бабочек"], pip_requirements=_requirements(),
         )
         client.log_artifacts(run_id, str(local), MODEL_PATH)
+        faults.reach("register.after-artifacts")
         # The registry (a database) keeps these apart from the artifact store they describe, so a
         # file changed in the store cannot also change the checksum it is verified against.
         integrity = {"base_model_json_sha256": sha256_file(meta), "adapter_sha256": manifest["adapter"][ADAPTER_WEIGHTS]}
@@ -98,6 +102,31 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         client.delete_model_version(model_name, created.version)
         return twins[0]
     return created
+
+
+def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
+    """Delete the registry versions of runs that did not finish (FAILED, or killed and swept), so that
+    no version points at a run that failed; `champion` moves back to the best version left.
+
+    A version is created before its run is closed, so a crash or a failure in between leaves one
+    (see lib/faults.py: register.after-version). Returns "NAME/VERSION" for each one deleted.
+    """
+    if not run_ids:
+        return []
+    client, retracted, names = _client(uri), [], {}
+    for run_id in run_ids:
+        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+            client.delete_model_version(version.name, version.version)
+            retracted.append(f"{version.name}/{version.version}")
+            names[version.name] = version.tags.get(METRIC_TAG)
+    for name, metric in names.items():
+        if metric and _alias_version(client, name) is None:  # the deleted version held it
+            best = _best_version(client, name, metric)
+            if best:
+                client.set_registered_model_alias(name, CHAMPION, best[1])
+    if retracted:
+        log.warning("deleted registry version(s) %s: %s", ", ".join(retracted), reason)
+    return retracted
 
 
 def describe_version(base: dict, tags: dict, metrics: dict, champion_metric: str, run_id: str) -> str:

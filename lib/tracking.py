@@ -7,10 +7,12 @@ active run is exactly the state that gets lost or leaked there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,25 @@ def require_reachable(uri: str, timeout: float = 5.0) -> None:
         raise TrackingServerUnavailable(
             f"MLflow tracking server {uri} is not reachable ({type(error).__name__}): start it "
             "(`mlflow server ...`) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
+
+
+@contextlib.contextmanager
+def _server_errors(uri: str, doing: str) -> Iterator[None]:
+    """Turn a failure against a tracking server that has gone away (after MLflow's own bounded
+    retries, $MLFLOW_HTTP_REQUEST_MAX_RETRIES) into one error naming the URI and what survives."""
+    try:
+        yield
+    except Exception as error:
+        if not uri.startswith(("http://", "https://")):
+            raise
+        try:
+            require_reachable(uri)
+        except TrackingServerUnavailable:
+            raise TrackingServerUnavailable(
+                f"MLflow tracking server {uri} stopped answering while {doing} ({type(error).__name__}); "
+                "training checkpoints under data.cache_dir are kept: start the server again and re-run "
+                "the same config to resume") from error
+        raise
 
 
 def _client(uri: str):
@@ -99,27 +120,31 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | No
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
     if items:
-        _client(uri).log_batch(run_id, metrics=items)
+        with _server_errors(uri, f"logging metrics of run {run_id}"):
+            _client(uri).log_batch(run_id, metrics=items)
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    _client(uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    with _server_errors(uri, f"logging parameters of run {run_id}"):
+        _client(uri).log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    with _server_errors(uri, f"tagging run {run_id}"):
+        _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     client = _client(uri)
-    if Path(path).is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    else:
-        client.log_artifact(run_id, str(path), artifact_path)
+    with _server_errors(uri, f"uploading {Path(path).name} to run {run_id}"):
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            client.log_artifact(run_id, str(path), artifact_path)
 
 
 def log_artifact_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
@@ -128,14 +153,14 @@ def log_artifact_text(uri: str, run_id: str, text: str, artifact_file: str) -> N
 
 def log_table(uri: str, run_id: str, columns: dict[str, list], artifact_file: str) -> None:
     """A table browsable in the MLflow UI's artifact view (and Evaluation tab)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # mlflow.log_table has no client form; it reads the global URI
-    mlflow.log_table(data=columns, artifact_file=artifact_file, run_id=run_id)
+    # The client's form: mlflow.set_tracking_uri would also rewrite this process's
+    # $MLFLOW_TRACKING_URI, which every later run and child process would then inherit.
+    _client(uri).log_table(run_id, data=columns, artifact_file=artifact_file)
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status)
+    with _server_errors(uri, f"closing run {run_id} as {status}"):
+        _client(uri).set_terminated(run_id, status)
 
 
 def get_run_summary(uri: str, run_id: str) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lib import checkpoint, distributed
+from lib import checkpoint, distributed, faults
 from lib.base_model import load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
@@ -52,6 +52,10 @@ LogFn = Callable[[int, dict[str, float], Progress | None], None]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped and no adapter was saved."""
+
+
+class OutOfMemory(RuntimeError):
+    """A training step did not fit in GPU (or CPU) memory; the message says which settings to lower."""
 
 
 @dataclass
@@ -135,8 +139,12 @@ def save_adapter(model, tokenizer, output_dir: Path) -> Path:
     final = output_dir / "adapter"
     tmp = output_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except Exception as error:  # disk full: OSError, or safetensors' own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint.storage_error("the trained adapter", output_dir, error) from error
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -219,7 +227,13 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     all_ids, all_masks = torch.tensor(blocks["input_ids"]), torch.tensor(blocks["attention_mask"])
 
     writer = checkpoint_dir if rank == 0 else None  # rank 0 alone holds the lock and writes
-    with checkpoint.exclusive(checkpoint_dir) if writer else contextlib.nullcontext():
+    # A single process whose twin (same dataset and config) is training right now trains without
+    # checkpoints rather than failing: the twin's checkpoints already cover this work if either dies.
+    with checkpoint.exclusive(writer, busy_ok=world == 1) if writer else contextlib.nullcontext() as held:
+        if writer and held is None:
+            log.warning("another live process is training with %s (same dataset and config): this run trains "
+                        "without checkpoints", checkpoint_dir)
+            writer = checkpoint_dir = None
         done = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}  # what earlier processes trained
         resume = checkpoint.latest(checkpoint_dir)
         if resume:
@@ -239,12 +253,17 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
             step_tokens = sum(int(all_masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step
             # Summed on the device and read once per step: a float() per micro-batch is a GPU sync each.
             step_nll = torch.zeros((), device=model.device)
-            for idx in chunk:
-                if not idx[shard]:  # this rank's share of an epoch's short last micro-batch
-                    continue
-                nll, _ = batch_nll(model, all_ids[idx[shard]].to(model.device), all_masks[idx[shard]].to(model.device))
-                (nll / step_tokens).backward()
-                step_nll += nll.detach()
+            try:
+                for idx in chunk:
+                    if not idx[shard]:  # this rank's share of an epoch's short last micro-batch
+                        continue
+                    nll, _ = batch_nll(model, all_ids[idx[shard]].to(model.device), all_masks[idx[shard]].to(model.device))
+                    (nll / step_tokens).backward()
+                    step_nll += nll.detach()
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not _is_out_of_memory(error):
+                    raise
+                raise OutOfMemory(_oom_message(error, step, model.device, config)) from None
             if world > 1:
                 step_nll = distributed.all_reduce_gradients(trainable, step_nll)
             loss_value = float(step_nll) / step_tokens
@@ -264,14 +283,21 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
                 record["validation_loss"] = validation_loss(model, val_blocks, config.eval.batch_size)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
             history.append({"step": step, **record})
+            state = {"total_steps": steps, "run_id": run_id, "tokens": tokens_seen,
+                     "seconds": done["seconds"] + elapsed, "history": history}
             if on_log and (step % train.log_every == 0 or step == steps):
                 eta = (steps - step) * elapsed / (step - done["step"])
-                on_log(step, record, Progress(step, steps, eta))
+                try:
+                    on_log(step, record, Progress(step, steps, eta))
+                except BaseException:  # e.g. the tracking server went away: keep the steps done so far
+                    if writer and train.checkpoint_every:
+                        checkpoint.save(checkpoint_dir, step, model, optimizer, schedule, state)
+                        log.warning("logging step %d failed: saved a checkpoint there to resume from", step)
+                    raise
             # After on_log: a kill between the two re-trains (and re-logs) a few steps rather than losing a point.
             if writer and train.checkpoint_every and (step % train.checkpoint_every == 0 or step == steps):
-                checkpoint.save(checkpoint_dir, step, model, optimizer, schedule, {
-                    "total_steps": steps, "run_id": run_id, "tokens": tokens_seen,
-                    "seconds": done["seconds"] + elapsed, "history": history})
+                checkpoint.save(checkpoint_dir, step, model, optimizer, schedule, state)
+            faults.reach(f"train.step-{step}")
         bar.close()
     seconds = done["seconds"] + time.perf_counter() - started
 
@@ -284,6 +310,27 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     final_loss = history[-1]["train_loss"] if history else float("nan")
     return model, tokenizer, TrainResult("", steps, tokens_seen, seconds, final_loss, val, history,
                                          resumed_from_step=resume.step if resume else None)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _oom_message(error: BaseException, step: int, device, config: PipelineConfig) -> str:
+    train, model = config.train, config.model
+    first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
+    advice = [f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
+              f"batch of {train.batch_size * train.grad_accum}"]
+    if not model.gradient_checkpointing:
+        advice.append("set model.gradient_checkpointing: true")
+    if model.precision not in ("int8", "nf4") and device.type == "cuda":
+        advice.append("use model.precision: int8 or nf4 (quantized base weights)")
+    advice.append(f"or lower train.max_length (now {train.max_length})")
+    where = "GPU" if device.type == "cuda" else "CPU (RAM)"
+    return (f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
+            f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
+            f"[{first}]")
 
 
 def _diverged_message(loss: float, step: int, steps: int, lr: float, config: PipelineConfig, history: list[dict]) -> str:

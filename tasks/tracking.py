@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from prefect import task
 
-from lib import tracking
+from lib import registry, tracking
 from lib.config import PipelineConfig, flatten_config
 
 
@@ -34,11 +34,25 @@ def start_run(config: PipelineConfig, uri: str, tags: dict[str, str]) -> str:
     """Create the run that every later task logs into; returns its id."""
     config_yaml = yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False)
     name = f"{config.registry.model_name}-{tags.get('prefect.flow_run_name', 'local')}"
-    return tracking.start_run(uri, config.tracking.experiment, name, flatten_config(config), tags, config_yaml)
+    run_id = tracking.start_run(uri, config.tracking.experiment, name, flatten_config(config), tags, config_yaml)
+    sweep_stale_runs(uri, run_id)
+    return run_id
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def finish_run(uri: str, run_id: str, status: str) -> None:
-    """Close this run, then sweep runs that crashed processes left RUNNING (see mark_stale_runs)."""
+    """Close this run (a failed one loses any registry version it made), then sweep crashed runs."""
+    if status != "FINISHED":  # first: if this fails too, the run stays RUNNING and the next sweep retracts
+        registry.retract_versions(uri, [run_id], f"run {run_id} ended {status}")
     tracking.finish_run(uri, run_id, status)
-    tracking.mark_stale_runs(uri, run_id)
+    sweep_stale_runs(uri, run_id)
+
+
+def sweep_stale_runs(uri: str, run_id: str) -> list[str]:
+    """Runs left RUNNING by a process that died on this host -> FAILED, their registry versions deleted.
+
+    At a run's start and at its end: a crash is cleaned up by whichever run comes next.
+    """
+    swept = tracking.mark_stale_runs(uri, run_id)
+    registry.retract_versions(uri, swept, f"run(s) {', '.join(swept)} died before closing")
+    return swept

@@ -23,16 +23,17 @@ def _close_interrupted_run(uri: str, found: checkpoint.Checkpoint, run_id: str, 
     Safe only because the caller holds the checkpoint lock: no live process is training with these
     checkpoints, so a RUNNING writer with unfinished training died (a Python error would have
     marked it FAILED). A writer that finished training may still be evaluating: it is left alone.
+    A writer this run's start already swept (FAILED with `stale_reason`) is relabelled KILLED too.
     """
     old = found.run_id
     if not old or old == run_id or found.step >= found.total_steps:
         return
     try:
-        status = tracking.get_run_summary(uri, old)["status"]
+        summary = tracking.get_run_summary(uri, old)
     except Exception as error:  # noqa: BLE001 - e.g. the checkpoint was written under another tracking store
         logger.warning("MLflow run %s that wrote %s not found in %s (%s); left as it is", old, found.path, uri, error)
         return
-    if status == "RUNNING":
+    if summary["status"] == "RUNNING" or (summary["status"] == "FAILED" and "stale_reason" in summary["tags"]):
         tracking.set_tags(uri, old, {"resumed_in_run": run_id, "killed_reason":
                                      f"training process died after checkpoint step {found.step} of "
                                      f"{found.total_steps}; training resumed in run {run_id}"})

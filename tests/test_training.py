@@ -83,15 +83,16 @@ def crash_at(step_to_crash: int):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_path, dropout):
-    """10 steps straight vs 7 steps (checkpoints at 2, 4, 6), crash, resume from 6 to 10. With
-    dropout the RNG states in the checkpoint must put the same masks on steps 7-10."""
+    """10 steps straight vs 7 steps (checkpoints at 2, 4, 6), a crash while logging step 7 (which
+    saves step 7 first: logging failed, training did not), resume from 7 to 10. With dropout the
+    RNG states in the checkpoint must put the same masks on steps 8-10."""
     config = tiny(shared_cache, **{"train.max_steps": 10, "train.checkpoint_every": 2, "lora.dropout": dropout})
     straight, _, expected = training.train_model(prepared, config)  # no checkpoint_dir: no checkpoints
 
     folder = tmp_path / "checkpoints"
     with pytest.raises(Crash):
         training.train_model(prepared, config, on_log=crash_at(7), checkpoint_dir=folder, run_id="run-a")
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) == ["step-00000004", "step-00000006"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) == ["step-00000006", "step-00000007"]
     assert not list(folder.glob(".tmp-*"))
     # What a kill in the middle of writing checkpoint 8 leaves: a temp folder, never a step-* folder.
     (folder / ".tmp-killed" / "adapter").mkdir(parents=True)
@@ -102,10 +103,10 @@ def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_pat
         prepared, config, checkpoint_dir=folder, run_id="run-b",
         on_log=lambda step, record, progress: logged.append((step, progress and progress.total)),
         on_resume=resumed_from.append)
-    assert [(c.step, c.run_id) for c in resumed_from] == [(6, "run-a")]
+    assert [(c.step, c.run_id) for c in resumed_from] == [(7, "run-a")]
     assert not (folder / ".tmp-killed").exists()  # cleared under the lock
-    assert result.resumed_from_step == 6 and result.steps == 10
-    assert [s for s, total in logged if total] == [7, 8, 9, 10] and {t for _, t in logged if t} == {10}
+    assert result.resumed_from_step == 7 and result.steps == 10
+    assert [s for s, total in logged if total] == [8, 9, 10] and {t for _, t in logged if t} == {10}
     assert [h["step"] for h in result.history] == list(range(1, 11))  # earlier steps come from the checkpoint
     assert [h["train_loss"] for h in result.history] == [h["train_loss"] for h in expected.history]
     assert result.tokens == expected.tokens

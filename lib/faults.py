@@ -1,0 +1,35 @@
+"""Fault points for the reliability tests: where a real crash would hurt most, die for real.
+
+`LENTA_LORA_FAULT=<point>` makes the process SIGKILL itself when it reaches `<point>`, the way
+the OOM killer or a power cut would stop it: no `finally`, no `except`, no atexit. A test can hit
+a window of milliseconds (between writing a dataset and publishing it, between registering a
+version and closing its run) that an outside `kill` would almost never land in. Unset, each point
+is one dictionary lookup.
+
+Points (in pipeline order; tests/reliability/test_kill_points.py kills at each one):
+    prepare.before-publish        dataset written to its temporary folder, not yet renamed into place
+    train.step-<N>                optimizer step N done (after its checkpoint, if one falls on N)
+    evaluate.after-scoring        perplexities computed, generations not
+    register.after-artifacts      the model is logged in the run's artifacts, no version yet
+    register.after-version        a version exists, `champion` not yet updated
+    register.after-champion       registration complete; the flow has not closed its run
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("lenta_lora.faults")
+
+VARIABLE = "LENTA_LORA_FAULT"
+
+
+def reach(point: str) -> None:
+    """SIGKILL this process if $LENTA_LORA_FAULT names `point`."""
+    if os.environ.get(VARIABLE) == point:
+        log.warning("fault point %s reached: killing process %d (SIGKILL)", point, os.getpid())
+        for handler in logging.getLogger().handlers:  # so the test's log shows where it died
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -36,7 +36,9 @@ def finetune(config: PipelineConfig = PipelineConfig()) -> dict:
         registered = register_adapter(trained["adapter_dir"], prepared["base"], config, evaluated["metrics"],
                                       prepared["fingerprint"], uri, run_id, tags)
     except BaseException:
-        finish_run(uri, run_id, "FAILED")
+        # Best effort: if the store is down too, the original error is the one to report, and the
+        # next run's start marks this one FAILED (and retracts any version it made).
+        finish_run(uri, run_id, "FAILED", return_state=True)
         raise
     finish_run(uri, run_id, "FINISHED")
     discard_checkpoints(checkpoints)  # the adapter is registered; a failed run keeps them to resume from
@@ -71,6 +73,8 @@ def render_summary(summary: dict) -> str:
 
 
 if __name__ == "__main__":
+    import sys
+
     from flows.cli import main
 
-    main()
+    sys.exit(main())

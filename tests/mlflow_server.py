@@ -50,16 +50,18 @@ def _healthy(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(root: Path, startup_timeout: float = 180):
-    """Start the server, wait until /health answers, yield it; stop it (and its workers) on exit."""
+def running_mlflow_server(root: Path, startup_timeout: float = 180, port: int | None = None):
+    """Start the server, wait until /health answers, yield it; stop it (and its workers) on exit.
+
+    The same `root` and `port` again restart a stopped server with its store and artifacts."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--artifacts-destination", str(root / "art"), "--serve-artifacts",
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "ab")
     # Own process group: teardown stops the server and the uvicorn worker it forks, nothing else.
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
                                env={**os.environ, "MLFLOW_TRACKING_URI": ""})
@@ -76,6 +78,11 @@ def running_mlflow_server(root: Path, startup_timeout: float = 180):
     finally:
         _stop(process)
         log.close()
+
+
+def stop(server: MlflowServer) -> None:
+    """Stop the server now (its process group): clients see refused connections from here on."""
+    _stop(server.process)
 
 
 def _stop(process: subprocess.Popen) -> None:

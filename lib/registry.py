@@ -16,6 +16,7 @@ A version records, as tags and in its `base_model.json`, sha256 checksums of its
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -80,7 +81,13 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
             str(local), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
             input_example=["Учёные обнаружили новый вид бабочек"], pip_requirements=_requirements(),
         )
-        client.log_artifacts(run_id, str(local), MODEL_PATH)
+        destination = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
+        try:
+            client.log_artifacts(run_id, str(local), MODEL_PATH)
+        except OSError as error:  # a local artifact store's disk; the error names the source file, not it
+            if error.errno != errno.ENOSPC:
+                raise
+            raise OSError(errno.ENOSPC, "No space left in the MLflow artifact store", destination) from error
         faults.reach("register.after-artifacts")
         # The registry (a database) keeps these apart from the artifact store they describe, so a
         # file changed in the store cannot also change the checksum it is verified against.

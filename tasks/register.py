@@ -6,6 +6,8 @@ version an earlier attempt already registered for this MLflow run instead of add
 
 from __future__ import annotations
 
+import errno
+
 from prefect import get_run_logger, task
 
 from lib import registry
@@ -15,7 +17,13 @@ from lib.config import PipelineConfig
 KEY_METRICS = ("test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte", "chrf", "rougeL")
 
 
-@task(retries=2, retry_delay_seconds=[5, 20])
+def worth_retrying(task, task_run, state) -> bool:
+    """A network blip is worth a retry; a full disk is not (Prefect's `retry_condition_fn`)."""
+    error = state.data
+    return not (isinstance(error, OSError) and error.errno == errno.ENOSPC)
+
+
+@task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=worth_retrying)
 def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metrics: dict[str, float],
                      fingerprint: str, uri: str, run_id: str, extra_tags: dict[str, str]) -> dict:
     """Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, its checksums.

@@ -263,7 +263,7 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not _is_out_of_memory(error):
                     raise
-                raise OutOfMemory(_oom_message(error, step, model.device, config)) from None
+                raise OutOfMemory(_oom_message(error, step, config)) from None
             if world > 1:
                 step_nll = distributed.all_reduce_gradients(trainable, step_nll)
             loss_value = float(step_nll) / step_tokens
@@ -317,17 +317,18 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def _oom_message(error: BaseException, step: int, device, config: PipelineConfig) -> str:
+def _oom_message(error: BaseException, step: int, config: PipelineConfig) -> str:
     train, model = config.train, config.model
     first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
     advice = [f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
               f"batch of {train.batch_size * train.grad_accum}"]
     if not model.gradient_checkpointing:
         advice.append("set model.gradient_checkpointing: true")
-    if model.precision not in ("int8", "nf4") and device.type == "cuda":
+    on_gpu = isinstance(error, torch.OutOfMemoryError)  # CUDA's (accelerators') allocator; the CPU's raises RuntimeError
+    if model.precision not in ("int8", "nf4") and on_gpu:
         advice.append("use model.precision: int8 or nf4 (quantized base weights)")
     advice.append(f"or lower train.max_length (now {train.max_length})")
-    where = "GPU" if device.type == "cuda" else "CPU (RAM)"
+    where = "GPU" if on_gpu else "CPU (RAM)"
     return (f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
             f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
             f"[{first}]")

@@ -143,6 +143,18 @@ def test_second_trainer_on_the_same_checkpoints_fails_fast(tmp_path):
     assert checkpoint.discard(tmp_path / "ck") and not (tmp_path / "ck").exists()
 
 
+def test_a_twin_trainer_goes_on_without_checkpoints(prepared, shared_cache, tmp_path, caplog):
+    """Same dataset and config while another process trains with these checkpoints (its lock held
+    here): train, but neither resume from nor write into the other's folder."""
+    config = tiny(shared_cache, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    folder = tmp_path / "ck"
+    with checkpoint.exclusive(folder):
+        _, _, result = training.train_model(prepared, config, checkpoint_dir=folder, run_id="twin")
+    assert result.steps == 4 and result.resumed_from_step is None
+    assert checkpoint.latest(folder) is None
+    assert "trains without checkpoints" in caplog.text
+
+
 def test_diverging_loss_stops_early_and_saves_no_adapter(prepared, shared_cache, tmp_path):
     # lr 1e6: finite loss on steps 1-2, NaN on step 3 (measured).
     config = tiny(shared_cache, **{"train.max_steps": 20, "train.learning_rate": 1e6, "train.checkpoint_every": 1})

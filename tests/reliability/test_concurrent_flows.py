@@ -1,0 +1,47 @@
+"""Two flows at once with the same config: same caches (empty at the start, so both acquire,
+prepare and train at the same time), same sqlite MLflow store, same registered model name.
+
+Expected: both finish; the dataset cache holds one complete entry; each run gets its own version;
+the second trainer, finding the first one holding the checkpoint folder, trains without
+checkpoints instead of failing (the first one's checkpoints cover the same work).
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.reliability.harness import (ROOT, all_runs, assert_cache_consistent, assert_versions_have_their_files,
+                                       child_env, flow_command)
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_identical_flows_at_once_both_register(prefect_server, tracking_uri, tmp_path):
+    cache = tmp_path / "cache"
+    command = flow_command(cache, **{"train.max_steps": 30, "train.checkpoint_every": 5})
+    children = []
+    for name in ("a", "b"):
+        log = (tmp_path / f"{name}.log").open("w")
+        children.append((subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True), log))
+    for child, log in children:
+        child.wait(timeout=600)
+        log.close()
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("a", "b")]
+    for (child, _), text in zip(children, logs):
+        assert child.returncode == 0, text[-3000:]
+
+    client = MlflowClient(tracking_uri)
+    runs = all_runs(client)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert len({r.data.params["dataset.fingerprint"] for r in runs}) == 1
+    versions = assert_versions_have_their_files(client)
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == {r.info.run_id for r in runs}
+    found = assert_cache_consistent(cache)
+    assert len(found["datasets"]) == 1 and found["checkpoints"] == []
+    overlapped = sum("trains without checkpoints" in text for text in logs)
+    print(f"\nboth registered (versions 1, 2); trainers that found the other holding the checkpoints: {overlapped}")

@@ -1,5 +1,6 @@
-"""The `kaggle` data source through the whole flow: the official client against a loopback fake
-Kaggle, a cached second run, and the key never stored anywhere a user (or attacker) can read."""
+"""Secrets: the `kaggle` data source through the whole flow (the official client against a loopback
+fake Kaggle), and the key never stored anywhere a user (or attacker) can read: MLflow params, tags
+and every artifact, the registry version, Prefect's logs and the terminal are all searched."""
 
 from __future__ import annotations
 
@@ -11,33 +12,11 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import DEFAULT_PROFILE
-from lib.config import SAMPLE_CSV, load_config
+from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.kaggle_server import FakeKaggle
+from tests.reliability.conftest import SECRET
 
 pytestmark = pytest.mark.slow
-
-SECRET = "kGl-SeCrEt-4e1f9a77c0d2"
-
-
-@pytest.fixture
-def fake_kaggle(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
-    for var in ("KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    with FakeKaggle(csv_bytes=SAMPLE_CSV.read_bytes(), username="alice", key=SECRET) as fake:
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        # The client's `localhost:7777` goes through the fake (a proxy); Prefect's own API on
-        # 127.0.0.1 must not.
-        monkeypatch.setenv("no_proxy", "127.0.0.1")
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        monkeypatch.setenv("KAGGLE_USERNAME", "alice")
-        monkeypatch.setenv("KAGGLE_KEY", SECRET)
-        yield fake
 
 
 def flow_logs(flow_run_id: str) -> list[str]:

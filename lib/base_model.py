@@ -157,7 +157,8 @@ def load_base_model(base: str, model_cfg: ModelConfig):
     """Load the base causal LM in the configured precision (int8/nf4 through bitsandbytes)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code,
+                    "use_safetensors": model_cfg.use_safetensors}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if model_cfg.precision == "int8":

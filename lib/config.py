@@ -92,6 +92,7 @@ class ModelConfig(_Strict):
     revision: str | None = None
     precision: Literal["auto", "bf16", "fp16", "fp32", "int8", "nf4"] = "auto"
     trust_remote_code: bool = False
+    use_safetensors: bool = True  # never unpickle base weights (.bin); false only for a repo without safetensors
     attn_implementation: Literal["eager", "flash_attention_2"] | None = None
     gradient_checkpointing: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)

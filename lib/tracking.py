@@ -8,7 +8,6 @@ active run is exactly the state that gets lost or leaked there.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 from uuid import uuid4
 
 import pytest
@@ -21,11 +20,9 @@ from mlflow import MlflowClient
 
 from lib import registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
-from tests.conftest import tiny_overrides
+from tests.adapter_fixtures import NAME, git_commit, registered, trained  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
-NAME = "registry-test"
-PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
 
 # Runs in a fresh interpreter: nothing of the training process (modules, tensors, caches) is shared.
 RELOAD = r"""
@@ -61,63 +58,6 @@ mlflow.set_tracking_uri(uri)
 report["predict"] = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(["Заголовок"])
 print("RESULT " + json.dumps(report, ensure_ascii=False))
 """
-
-
-def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def trained(shared_cache, tmp_path_factory):
-    """A tiny adapter trained with lib directly, its reference logits, and the inputs it was made from."""
-    import torch
-    from safetensors.torch import save_file
-
-    from flows.cli import DEFAULT_PROFILE
-    from lib import dataset, training
-    from lib.config import load_config
-
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))
-    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
-                                   config.train.max_length, f"{config.data.cache_dir}/datasets")
-    model, tokenizer, _ = training.train_model(info["path"], config)
-    assert not model.training  # eval mode: LoRA dropout off, so logits are deterministic
-    out = tmp_path_factory.mktemp("trained")
-    ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(out / "reference.safetensors"))
-    adapter = training.save_adapter(model, tokenizer, out)
-    return {"config": config, "info": info, "adapter": adapter, "reference": out / "reference.safetensors"}
-
-
-@pytest.fixture(scope="module")
-def registered(trained, tmp_path_factory):
-    """The trained adapter registered as version 1 of NAME in a module-wide sqlite store."""
-    from lib.base_model import describe_base
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    config, info = trained["config"], trained["info"]
-    tags = {"base_model": config.model.name, "dataset_fingerprint": info["fingerprint"], "git_commit": git_commit(),
-            "prefect.flow_run_id": str(uuid4())}
-    run_id = tracking.start_run(uri, "registry-test", "registry", {"lora.r": config.lora.r}, tags, "{}\n")
-    metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5}
-    base = describe_base(info["base"], config.model)
-    result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags,
-                                       metrics, "test_bits_per_byte")
-    tracking.finish_run(uri, run_id)
-    client = MlflowClient(uri, uri)
-    model_dir = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path)
-    return {**result, "tracking_uri": uri, "run_id": run_id, "tags": tags, "base": base, "model_dir": model_dir,
-            "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics,
-                              "test_bits_per_byte")}
-
-
-def flip_last_byte(path: Path) -> bytes:
-    """Change one weight byte (the header stays valid, so only a checksum can tell); return the original."""
-    original = path.read_bytes()
-    path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-    return original
 
 
 @pytest.mark.slow
@@ -173,57 +113,6 @@ def test_registering_the_same_run_again_returns_its_version(registered):
     versions = client.search_model_versions(f"name = '{NAME}'")
     assert again["version"] == 1 and [str(v.version) for v in versions] == ["1"]
     assert again["champion"] is True
-
-
-@pytest.mark.slow
-def test_tampered_adapter_weights_are_refused_by_both_loaders(registered):
-    import mlflow.pyfunc
-
-    uri = registered["tracking_uri"]
-    weights = registered["model_dir"] / "artifacts" / "adapter" / "adapter_model.safetensors"
-    original = flip_last_byte(weights)
-    try:
-        with pytest.raises(ArtifactIntegrityError, match=rf"models:/{NAME}/1 .*adapter_model\.safetensors: sha256"):
-            registry.load_registered(uri, f"models:/{NAME}/1")
-        mlflow.set_tracking_uri(uri)
-        with pytest.raises(Exception, match=r"adapter_model\.safetensors: sha256 .* differs"):
-            mlflow.pyfunc.load_model(f"models:/{NAME}/1")
-    finally:
-        weights.write_bytes(original)
-    registry.load_registered(uri, f"models:/{NAME}/1")  # restored: loads again
-
-
-@pytest.mark.slow
-def test_tampered_base_weights_and_extra_pickles_are_refused(registered):
-    uri, model_dir = registered["tracking_uri"], registered["model_dir"]
-    base_weights = next((model_dir / "artifacts").glob("tiny-gpt-neo-*/model.safetensors"))
-    original = flip_last_byte(base_weights)
-    try:
-        with pytest.raises(ArtifactIntegrityError, match=r"model\.safetensors: sha256 .* differs"):
-            registry.load_registered(uri, f"models:/{NAME}@champion")
-    finally:
-        base_weights.write_bytes(original)
-    # A pickle dropped next to the adapter is never loaded (PEFT would fall back to it).
-    pickle = model_dir / "artifacts" / "adapter" / "adapter_model.bin"
-    pickle.write_bytes(b"not a checkpoint")
-    try:
-        with pytest.raises(ArtifactIntegrityError, match=r"unexpected files \['adapter_model\.bin'\]"):
-            registry.load_registered(uri, f"models:/{NAME}/1")
-    finally:
-        pickle.unlink()
-
-
-@pytest.mark.slow
-def test_rewritten_checksum_list_is_caught_by_the_registry_tag(registered):
-    """Whoever can change the weights can change base_model.json too; the registry tag still differs."""
-    meta = registered["model_dir"] / "artifacts" / "base_model.json"
-    original = meta.read_text()
-    meta.write_text(original.replace('"max_new_tokens": 8', '"max_new_tokens": 9'))
-    try:
-        with pytest.raises(ArtifactIntegrityError, match=rf"models:/{NAME}/1 .*base_model\.json .*differs"):
-            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
-    finally:
-        meta.write_text(original)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Bad corpus input through the real CLI and flow: a one-line error naming the file, exit code 2,
-the MLflow run marked FAILED, nothing registered, and no dataset cache left behind."""
+"""Bad input: a config with unknown keys, wrong types or impossible values is refused before any
+work with every problem listed at once; a bad corpus through the real CLI and flow gives a one-line
+error naming the file, exit code 2, the MLflow run FAILED, nothing registered, no dataset cache."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import DEFAULT_PROFILE, main
+from lib.config import ConfigError, build_config
 from tests.conftest import tiny_overrides
-
-pytestmark = pytest.mark.slow
 
 HEADER = "url,title,text,topic,tags,date\n"
 
@@ -30,6 +30,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_csv_fails_cleanly(case, prefect_server, tracking_uri, tmp_path, capsys):
     make, expected = CASES[case]
@@ -60,3 +61,21 @@ def test_bad_config_fails_before_any_work(tracking_uri, tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
     client = MlflowClient(tracking_uri)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as info:
+        build_config({}, ["lora.r=0", "lora.dropout=1.0", "train.max_length=abc", "trian.max_steps=3",
+                          "lora.target_modules=[]"])
+    message = str(info.value)
+    for fragment in ("lora.r", "lora.dropout", "train.max_length", "trian", "lora.target_modules", "5 problem"):
+        assert fragment in message, message
+
+
+def test_impossible_values_are_rejected():
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        build_config({}, ["train.max_length=4096"])  # longer than the tiny model's context
+    with pytest.raises(ConfigError, match="sum to 1"):
+        build_config({}, ["data.splits.train=0.5"])
+    with pytest.raises(ConfigError, match="data.path"):
+        build_config({}, ["data.source=csv"])

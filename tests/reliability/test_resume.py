@@ -18,7 +18,7 @@ from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 40, 5
 
 

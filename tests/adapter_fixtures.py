@@ -1,0 +1,80 @@
+"""One tiny adapter trained with lib and registered as version 1 of NAME, shared by the registry
+tests and the reliability tests that tamper with it or prompt it (session-scoped: training and
+registering cost seconds). A test that changes a stored file puts it back before it ends.
+
+    from tests.adapter_fixtures import NAME, registered, trained  # noqa: F401  (fixtures)
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+from uuid import uuid4
+
+import pytest
+from mlflow import MlflowClient
+
+from lib import registry, tracking
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "registry-test"
+PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def trained(shared_cache, tmp_path_factory):
+    """A tiny adapter trained with lib directly, its reference logits, and the inputs it was made from."""
+    import torch
+    from safetensors.torch import save_file
+
+    from flows.cli import DEFAULT_PROFILE
+    from lib import dataset, training
+    from lib.config import load_config
+
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))
+    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
+                                   config.train.max_length, f"{config.data.cache_dir}/datasets")
+    model, tokenizer, _ = training.train_model(info["path"], config)
+    assert not model.training  # eval mode: LoRA dropout off, so logits are deterministic
+    out = tmp_path_factory.mktemp("trained")
+    ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(out / "reference.safetensors"))
+    adapter = training.save_adapter(model, tokenizer, out)
+    return {"config": config, "info": info, "adapter": adapter, "reference": out / "reference.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def registered(trained, tmp_path_factory):
+    """The trained adapter registered as version 1 of NAME in a session-wide sqlite store."""
+    from lib.base_model import describe_base
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    config, info = trained["config"], trained["info"]
+    tags = {"base_model": config.model.name, "dataset_fingerprint": info["fingerprint"], "git_commit": git_commit(),
+            "prefect.flow_run_id": str(uuid4())}
+    run_id = tracking.start_run(uri, "registry-test", "registry", {"lora.r": config.lora.r}, tags, "{}\n")
+    metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5}
+    base = describe_base(info["base"], config.model)
+    result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags,
+                                       metrics, "test_bits_per_byte")
+    tracking.finish_run(uri, run_id)
+    client = MlflowClient(uri, uri)
+    model_dir = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path)
+    return {**result, "tracking_uri": uri, "run_id": run_id, "tags": tags, "base": base, "model_dir": model_dir,
+            "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics,
+                              "test_bits_per_byte")}
+
+
+def flip_last_byte(path: Path) -> bytes:
+    """Change one weight byte (the header stays valid, so only a checksum can tell); return the original."""
+    original = path.read_bytes()
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    return original

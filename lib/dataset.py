@@ -164,7 +164,8 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
     remove_dead_leftovers(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{os.getpid()}-"))
     try:
-        DatasetDict(parts).save_to_disk(str(tmp / "data"))
+        # datasets cannot load back a split with no rows; load_prepared restores such splits as empty ones.
+        DatasetDict({name: part for name, part in parts.items() if len(part)}).save_to_disk(str(tmp / "data"))
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "lenta_lora_dataset.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
         faults.reach("prepare.before-publish")
@@ -204,6 +205,12 @@ def _process_alive(pid: int) -> bool:
 
 
 def load_prepared(dataset_path: str | Path):
-    from datasets import load_from_disk
+    """The prepared DatasetDict; a split the ratios left empty (say `data.splits.validation: 0`) is an
+    empty Dataset, as if it had been saved."""
+    from datasets import Dataset, load_from_disk
 
-    return load_from_disk(str(Path(dataset_path) / "data"))
+    data = load_from_disk(str(Path(dataset_path) / "data"))
+    for name in (*SPLITS, "train_blocks", "validation_blocks"):
+        if name not in data:
+            data[name] = Dataset.from_dict({})
+    return data

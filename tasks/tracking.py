@@ -12,13 +12,22 @@ from lib import registry, tracking
 from lib.config import PipelineConfig, flatten_config
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent.parent)
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+def _git_state() -> dict[str, str]:
+    """The commit, and whether tracked files differed from it (then the commit alone does not say what ran)."""
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        return {"git_commit": "unknown"}
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": "unknown" if changed is None else str(bool(changed)).lower()}
 
 
 def provenance_tags() -> dict[str, str]:
@@ -26,7 +35,7 @@ def provenance_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
-            "git_commit": _git_commit(), **tracking.owner_tags()}
+            **_git_state(), **tracking.owner_tags()}
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])

@@ -44,6 +44,7 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
 
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] and tags["git_commit"] and tags["dataset_fingerprint"]
+    assert tags["git_dirty"] in ("true", "false")  # whether the commit alone says what code ran
 
     artifacts = artifact_paths(client, summary["run_id"])
     for path in ("config.yaml", "dataset_stats.json", "plots/loss_curve.png", "plots/base_vs_tuned.png",

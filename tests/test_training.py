@@ -168,3 +168,16 @@ def test_diverging_loss_stops_early_and_saves_no_adapter(prepared, shared_cache,
     assert logged == [1, 2]  # stopped at once: step 3 was neither taken nor logged
     assert not (tmp_path / "out").exists()  # no adapter, not even an output folder
     assert checkpoint.latest(tmp_path / "ck").step == 2  # nothing written from the diverged step
+
+
+def test_an_empty_validation_split_trains_without_validation_loss(shared_cache, tmp_path):
+    """`data.splits.validation: 0`: datasets cannot save a split without rows; it loads back empty."""
+    config = tiny(shared_cache, **{"data.splits.train": 0.95, "data.splits.validation": 0.0,
+                                   "data.splits.test": 0.05, "train.max_steps": 2, "train.eval_every": 1})
+    info = dataset.prepare_dataset(dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length,
+                                   tmp_path / "datasets")
+    data = dataset.load_prepared(info["path"])
+    assert len(data["validation"]) == len(data["validation_blocks"]) == 0 and len(data["test"]) > 0
+    result = training.train_adapter(info["path"], config, tmp_path / "out")
+    assert result.steps == 2 and result.validation_loss is None
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

@@ -185,23 +185,13 @@ def remove_dead_leftovers(root: Path) -> list[Path]:
     removed = []
     for leftover in root.glob(".tmp-*"):
         pid = leftover.name.split("-")[1]
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or faults.process_alive(int(pid)):
             continue
         shutil.rmtree(leftover, ignore_errors=True)
         removed.append(leftover)
     if removed:
         log.info("removed %d half-written dataset folder(s) of dead processes under %s", len(removed), root)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def load_prepared(dataset_path: str | Path):

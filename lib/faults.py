@@ -1,4 +1,4 @@
-"""Fault points for the reliability tests: where a real crash would hurt most, die for real.
+"""Crashes: fault points that cause them for the reliability tests, and telling a crashed process from a live one.
 
 `LENTA_LORA_FAULT=<point>` makes the process SIGKILL itself when it reaches `<point>`, the way
 the OOM killer or a power cut would stop it: no `finally`, no `except`, no atexit. A test can hit
@@ -33,3 +33,15 @@ def reach(point: str) -> None:
         for handler in logging.getLogger().handlers:  # so the test's log shows where it died
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host: how a later run tells a crashed writer's
+    leftovers (a RUNNING run, a temporary dataset folder) from a live one's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

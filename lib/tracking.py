@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lib import faults
+
 log = logging.getLogger("lenta_lora.tracking")
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
@@ -267,16 +269,6 @@ def owner_tags() -> dict[str, str]:
     return {"lenta_lora.host": socket.gethostname(), "lenta_lora.pid": str(os.getpid())}
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def mark_stale_runs(uri: str, run_id: str) -> list[str]:
     """Mark FAILED the RUNNING runs of this experiment whose owning process on this host is gone.
 
@@ -291,7 +283,7 @@ def mark_stale_runs(uri: str, run_id: str) -> list[str]:
     for run in client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'", max_results=500):
         tags = run.data.tags
         pid = int(tags.get("lenta_lora.pid", "0") or 0)
-        if run.info.run_id == run_id or tags.get("lenta_lora.host") != host or not pid or _process_alive(pid):
+        if run.info.run_id == run_id or tags.get("lenta_lora.host") != host or not pid or faults.process_alive(pid):
             continue
         client.set_tag(run.info.run_id, "stale_reason",
                        f"process {pid} on {host} died without closing this run; marked FAILED by run {run_id}")

@@ -27,6 +27,8 @@ log = logging.getLogger("lenta_lora.adapter")
 
 CHECKED_ARTIFACTS = ("adapter", "base_weights")  # folders whose every file is checksummed
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The `params` predict() takes, with the values used when neither the call nor the profile sets them.
+GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # loading these can run code
 
 
@@ -148,15 +150,18 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.defaults = self.base.get("generation", {})
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        """model_input: a list of prompts (or a DataFrame whose first column holds them)."""
+        """model_input: a list of prompts (or a DataFrame whose first column holds them); params:
+        max_new_tokens, do_sample, temperature, top_p, seed (defaults: the training profile's `eval`)."""
         import torch
 
         prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
-        settings = {**self.defaults, **(params or {})}
-        max_new = int(settings.get("max_new_tokens", 64))
-        temperature = float(settings.get("temperature", 1.0))
-        do_sample = bool(settings.get("do_sample", False))
-        torch.manual_seed(int(settings.get("seed", 0)))
+        settings = {**GENERATION_DEFAULTS, **self.defaults, **(params or {})}
+        max_new, do_sample = int(settings["max_new_tokens"]), bool(settings["do_sample"])
+        # Sampling knobs only when sampling (transformers warns otherwise); top_k=0: nucleus alone,
+        # as in lib/generation.py.
+        sampling = {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+                    "top_k": 0} if do_sample else {}
+        torch.manual_seed(int(settings["seed"]))
         tok = self.tokenizer
         # Batched decoding needs prompts aligned right; over-long prompts keep their end.
         sides = tok.padding_side, tok.truncation_side
@@ -169,8 +174,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
                         add_special_tokens=False).to(self.model.device)
             with torch.no_grad():
                 out = self.model.generate(**batch, max_new_tokens=max_new, do_sample=do_sample,
-                                          temperature=temperature if do_sample else None,
-                                          pad_token_id=tok.pad_token_id)
+                                          pad_token_id=tok.pad_token_id, **sampling)
         finally:
             tok.padding_side, tok.truncation_side = sides
         return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]

@@ -67,9 +67,10 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
 def _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics, champion_metric):
     import mlflow.pyfunc
 
-    from lib.adapter_pyfunc import ADAPTER_WEIGHTS, checksum_manifest, sha256_file
+    from lib.adapter_pyfunc import ADAPTER_WEIGHTS, GENERATION_DEFAULTS, checksum_manifest, sha256_file
 
     artifacts = {"adapter": str(adapter_dir)}
+    params = {key: type(default)(generation.get(key, default)) for key, default in GENERATION_DEFAULTS.items()}
     if base.get("kind") == "tiny":
         artifacts["base_weights"] = base["path"]
     manifest = checksum_manifest(artifacts)  # refuses pickles and a missing adapter_model.safetensors
@@ -77,9 +78,12 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         meta = Path(tmp) / "base_model.json"
         meta.write_text(json.dumps({**base, "generation": generation, "sha256": manifest}, indent=2, ensure_ascii=False))
         local = Path(tmp) / "model"
+        # (prompts, params): the params give the signature the params schema that lets
+        # `predict(..., params=...)` through (MLflow drops undeclared params), with the profile's
+        # generation settings as defaults.
         mlflow.pyfunc.save_model(
             str(local), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
-            input_example=["Учёные обнаружили новый вид бабочек"], pip_requirements=_requirements(),
+            input_example=(["Учёные обнаружили новый вид бабочек"], params), pip_requirements=_requirements(),
         )
         destination = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
         try:

@@ -55,7 +55,13 @@ local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=t
 base = AutoModelForCausalLM.from_pretrained(args["base"], dtype=torch.float32, use_safetensors=True)
 report["plain_peft"] = compare(PeftModel.from_pretrained(base, local / "artifacts" / "adapter").eval())
 mlflow.set_tracking_uri(uri)
-report["predict"] = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(["Заголовок"])
+pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+report["predict"] = pyfunc.predict(["Заголовок"])
+short, hot = {"max_new_tokens": 12}, {"max_new_tokens": 12, "do_sample": True, "temperature": 3.0, "seed": 7}
+report["params_schema"] = sorted(spec.name for spec in pyfunc.metadata.signature.params)
+report["greedy"] = pyfunc.predict(["Заголовок"], params=short)
+report["sampled"] = [pyfunc.predict(["Заголовок"], params=hot) for _ in range(2)]
+report["nucleus"] = pyfunc.predict(["Заголовок"], params={**hot, "top_p": 1e-6})
 print("RESULT " + json.dumps(report, ensure_ascii=False))
 """
 
@@ -72,13 +78,22 @@ def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.split("RESULT ", 1)[1])
     print("\nmax |logits difference| vs the in-memory model:",
-          {k: v["max_abs_diff"] for k, v in report.items() if k != "predict"}, "predict:", report["predict"])
+          {k: report[k]["max_abs_diff"] for k in ("version", "champion", "latest", "plain_peft")},
+          "predict:", report["predict"])
     for label in ("version", "champion", "latest", "plain_peft"):
         assert report[label]["dtype"] == "torch.float32", report[label]
         assert report[label]["max_abs_diff"] < 1e-4, (label, report[label])
     predictions = report["predict"]
     assert isinstance(predictions, list) and len(predictions) == 1
     assert all(isinstance(p, str) and p.strip() for p in predictions), predictions
+    # `params` reach generate(): hot sampling differs from greedy (and repeats with its seed), and a
+    # nucleus of ~one token (top_p 1e-6) is greedy again.
+    # nucleus of ~one token (top_p 1e-6) is greedy again. MLflow drops any params its signature
+    # does not declare, so the signature declares every generation setting.
+    assert report["params_schema"] == ["do_sample", "max_new_tokens", "seed", "temperature", "top_p"], report
+    generated = {k: report[k] for k in ("greedy", "sampled", "nucleus")}
+    assert report["sampled"][0] == report["sampled"][1] != report["greedy"], generated
+    assert report["nucleus"] == report["greedy"], generated
     # The loader used only the URI it was given: no default ./mlflow.db appeared in the cwd.
     assert sorted(p.name for p in cwd.iterdir()) == []
 

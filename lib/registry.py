@@ -126,7 +126,7 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
         return []
     client, retracted, names = _client(uri), [], {}
     for run_id in run_ids:
-        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        for version in _all_pages(client.search_model_versions, f"run_id = '{run_id}'"):
             client.delete_model_version(version.name, version.version)
             retracted.append(f"{version.name}/{version.version}")
             names[version.name] = version.tags.get(METRIC_TAG)
@@ -234,16 +234,20 @@ def _not_found(error) -> bool:  # INVALID_PARAMETER_VALUE: e.g. version "abc", o
     return getattr(error, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def _all_versions(client, name: str, extra_filter: str = "") -> list:
-    """Every version of `name` (all pages), optionally narrowed by another filter clause."""
-    query = f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else "")
+def _all_pages(search, *args) -> list:
+    """Every result of an MLflow search call, page after page (a page holds 100 by default)."""
     found, token = [], None
     while True:
-        page = client.search_model_versions(query, page_token=token)
+        page = search(*args, page_token=token)
         found += list(page)
         token = page.token
         if not token:
             return found
+
+
+def _all_versions(client, name: str, extra_filter: str = "") -> list:
+    """Every version of `name`, optionally narrowed by another filter clause."""
+    return _all_pages(client.search_model_versions, f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else ""))
 
 
 def _versions_of_run(client, name: str, run_id: str) -> list:
@@ -375,7 +379,7 @@ def list_versions(uri: str, name: str | None = None) -> list[dict]:
     """Every registered version with its aliases and headline metrics, newest first."""
     require_reachable(uri)
     client = _client(uri)
-    names = [name] if name else [m.name for m in client.search_registered_models()]
+    names = [name] if name else [m.name for m in _all_pages(client.search_registered_models)]
     rows = []
     for model_name in names:
         aliases: dict[str, list[str]] = {}

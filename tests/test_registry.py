@@ -235,3 +235,13 @@ def test_pickle_weights_are_never_registered(store, tmp_path):
         registry.register_adapter(uri, run_id, adapter, {"kind": "hub", "name": "x"}, {}, "pickled", {},
                                   {"test_bits_per_byte": 1.0}, "test_bits_per_byte")
     assert client.search_model_versions("name = 'pickled'") == []
+
+
+def test_listing_reads_past_the_first_page_of_registered_models(tmp_path):
+    """MLflow's searches return 100 at a time; the 101st model's version must still be listed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    for i in range(101):
+        client.create_registered_model(f"m{i:03d}")
+    client.create_model_version("m100", "file:///nonexistent/m100")
+    assert [(row["name"], row["version"]) for row in registry.list_versions(uri)] == [("m100", 1)]

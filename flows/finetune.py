@@ -6,7 +6,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from lib.checkpoint import checkpoint_dir
-from lib.config import PipelineConfig
+from lib.config import PipelineConfig, build_config
 from lib.tracking import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, result_storage_for
 from tasks.evaluate import evaluate_adapter
@@ -17,8 +17,14 @@ from tasks.train import discard_checkpoints, train_adapter
 
 
 @flow(name="finetune")
-def finetune(config: PipelineConfig = PipelineConfig()) -> dict:
-    """Fine-tune a LoRA adapter on Lenta.ru news, evaluate it, and register it in MLflow."""
+def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | None = None) -> dict:
+    """Fine-tune a LoRA adapter on Lenta.ru news, evaluate it, and register it in MLflow.
+
+    `overrides`: `key=value` settings on top of `config`, as `lenta-lora run --set` takes them, so
+    that a deployment run can change one setting and keep the deployment's config for the rest.
+    """
+    if overrides:  # checked before any work: a bad override fails the flow run with every problem listed
+        config = build_config(config.model_dump(mode="json"), overrides, source="the overrides parameter")
     uri = resolve_tracking_uri(config.tracking.uri)
     tags = provenance_tags()
     run_id = start_run(config, uri, tags)

@@ -67,10 +67,9 @@ def wait_for_flow_run(url: str, flow_run_id: str, timeout_s: float) -> dict:
 def test_demo_deployment_runs_on_a_process_worker(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     model_name = f"deployed-{tmp_path.name}"
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        "registry.model_name": model_name, "tracking.uri": tracking_uri}))
-    # A run's `config` replaces the deployment's whole parameter, so the override is a full config.
-    params = json.dumps({"config": config.model_dump(mode="json")})
+    # The deployment keeps its config; the run changes some settings the way `--set` does.
+    overrides = tiny_overrides(str(tmp_path / "cache"), **{"registry.model_name": model_name, "tracking.uri": tracking_uri})
+    param = f"overrides={json.dumps(overrides)}"  # as the README runs it: --param 'overrides=[...]'
     worker_dir = tmp_path / "elsewhere"  # the pull step, not the worker's folder, decides where code runs
     worker_dir.mkdir()
 
@@ -89,17 +88,21 @@ def test_demo_deployment_runs_on_a_process_worker(tmp_path):
 
         # Only the default queue: should the test straddle 02:00 Moscow time, the nightly run waits.
         with server.worker(POOL, cwd=worker_dir, queues=("default",)):
-            out = server.cli("deployment", "run", "finetune/demo", "--params", params, cwd=ROOT).stdout
+            out = server.cli("deployment", "run", "finetune/demo", "--param", param, cwd=ROOT).stdout
             flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
             flow_run = wait_for_flow_run(server.url, flow_run_id, RUN_TIMEOUT_S)
         worker_log = server.home / f"worker-{POOL}.log"
         assert flow_run["state_type"] == "COMPLETED", f"{flow_run['state_name']}:\n{log_tail(worker_log)}"
-        assert flow_run["parameters"]["config"]["train"]["max_steps"] == 4
+        assert flow_run["parameters"]["overrides"] == overrides
 
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert [r.info.status for r in runs] == ["FINISHED"]
+    # The overrides reached the run, on top of the deployment's demo profile.
+    params_logged = runs[0].data.params
+    assert params_logged["train.max_steps"] == "4" and params_logged["model.tiny.hidden_size"] == "64"
+    assert params_logged["lora.r"] == str(load_config(DEFAULT_PROFILE).lora.r)
     versions = client.search_model_versions(f"name='{model_name}'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", runs[0].info.run_id)]
     assert versions[0].tags["prefect.flow_run_id"] == flow_run_id

@@ -63,6 +63,19 @@ def test_bad_config_fails_before_any_work(tracking_uri, tmp_path, capsys):
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_bad_flow_overrides_fail_the_flow_run_before_any_work(prefect_server, tracking_uri, tmp_path):
+    """A deployment run's `overrides` parameter is checked like `--set`: all problems, no MLflow run."""
+    from flows.finetune import finetune
+
+    config = build_config({}, [f"data.cache_dir={tmp_path / 'cache'}", f"tracking.uri={tracking_uri}"])
+    with pytest.raises(ConfigError) as info:
+        finetune(config=config, overrides=["lora.r=0", "train.max_step=3"])
+    assert "overrides parameter" in str(info.value) and "lora.r" in str(info.value) and "max_step" in str(info.value)
+    assert not (tmp_path / "cache").exists()
+    client = MlflowClient(tracking_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as info:
         build_config({}, ["lora.r=0", "lora.dropout=1.0", "train.max_length=abc", "trian.max_steps=3",

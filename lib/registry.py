@@ -247,7 +247,8 @@ def _all_pages(search, *args) -> list:
 
 def _all_versions(client, name: str, extra_filter: str = "") -> list:
     """Every version of `name`, optionally narrowed by another filter clause."""
-    return _all_pages(client.search_model_versions, f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else ""))
+    query = f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else "")
+    return _all_pages(client.search_model_versions, query)
 
 
 def _versions_of_run(client, name: str, run_id: str) -> list:

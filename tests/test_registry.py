@@ -87,7 +87,6 @@ def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained
     assert isinstance(predictions, list) and len(predictions) == 1
     assert all(isinstance(p, str) and p.strip() for p in predictions), predictions
     # `params` reach generate(): hot sampling differs from greedy (and repeats with its seed), and a
-    # nucleus of ~one token (top_p 1e-6) is greedy again.
     # nucleus of ~one token (top_p 1e-6) is greedy again. MLflow drops any params its signature
     # does not declare, so the signature declares every generation setting.
     assert report["params_schema"] == ["do_sample", "max_new_tokens", "seed", "temperature", "top_p"], report

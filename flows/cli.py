@@ -2,6 +2,7 @@
 
     lenta-lora run [--config PATH] [--set key=value ...]
     lenta-lora models [--model NAME]
+    lenta-lora promote --model NAME --version N [--force]
     lenta-lora generate --model NAME (--version N | --alias champion) "Заголовок новости"
     lenta-lora evaluate --model NAME (--version N | --alias A) [--csv PATH] [--config PATH] [--set key=value ...]
 """
@@ -31,20 +32,41 @@ def _quiet_environment() -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
+def _browse_hint(uri: str) -> str:
+    """How a person opens the store in the MLflow UI: a server's own address, else `mlflow ui`."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
 def _print_summary(summary: dict) -> None:
-    m, model = summary["metrics"], summary["model"]
-    uri = summary["tracking_uri"]
+    model, uri = summary["model"], summary["tracking_uri"]
+    if summary.get("up_to_date") and "metrics" not in summary:
+        print("\n=== lenta-lora: up to date ===")
+        print(f"MLflow run:        {summary['run_id']}")
+        print(summary["message"])
+        print(f"browse it:         {_browse_hint(uri)}")
+        return
+    m = summary["metrics"]
     print("\n=== lenta-lora: run complete ===")
     print(f"MLflow run:        {summary['run_id']}")
-    print(f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
-          f"champion: {'yes' if model['champion'] else 'no'})")
+    if model.get("up_to_date"):
+        print(f"registered model:  nothing registered: {model['uri']} holds the same training key (a concurrent run)")
+    else:
+        print(f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
+              f"champion: {'yes' if model['champion'] else 'no'})")
+        print(f"champion:          {model['decision']['reason']}")
+    if "benchmark_bits_per_byte" in m:
+        bench = summary["benchmark"]
+        print(f"benchmark bits/b:  {m['benchmark_bits_per_byte']:.4f}  (benchmark {bench['fingerprint'][:12]}: "
+              f"{bench['texts']} texts, {bench['source']})")
     print(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
     print(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
     if "chrf" in m:
         print(f"chrF++:            base {m['base_chrf']:.2f} -> tuned {m['chrf']:.2f}")
     print(f"trained:           {summary['train']['steps']} steps, {summary['train']['tokens']} tokens, "
           f"{summary['train']['seconds']:.0f}s")
-    print(f"browse it:         mlflow ui --backend-store-uri {uri}")
+    print(f"browse it:         {_browse_hint(uri)}")
 
 
 def command_run(args) -> int:
@@ -53,32 +75,92 @@ def command_run(args) -> int:
     config = load_config(args.config, args.set or [])  # every config problem reported before any work
     from flows.finetune import finetune
 
-    summary = finetune(config=config)
+    summary = finetune(config=config, force=args.force)
     _print_summary(summary)
     return 0
 
 
 def command_models(args) -> int:
-    from lib.tracking import list_versions, resolve_tracking_uri
+    from lib.registry import list_versions
+    from lib.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     rows = list_versions(uri, args.model)
     if not rows:
         print(f"no registered adapters in {uri}")
         return 0
-    print(f"{'model':<24} {'ver':>4}  {'aliases':<18} {'test_bits_per_byte':>18} {'test_perplexity':>15}  run")
+    print(f"{'model':<24} {'ver':>4}  {'aliases':<12} {'benchmark_bits_per_byte':>23}  {'measured on':<12} "
+          f"{'test_bits_per_byte':>18}  run")
     for r in rows:
-        t = r["tags"]
-        print(f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<18} "
-              f"{t.get('test_bits_per_byte', '-'):>18} {t.get('test_perplexity', '-'):>15}  {r['run_id']}")
+        t, bench = r["tags"], r["benchmark"] or ""
+        value, on = t.get("benchmark_bits_per_byte"), t.get("benchmark_fingerprint", "")
+        shown = f"{float(value):.6g}" if value else "-"
+        where = "-" if not on else on[:12] if on == bench else f"{on[:8]} (old)"
+        print(f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<12} {shown:>23}  {where:<12} "
+              f"{t.get('test_bits_per_byte', '-'):>18}  {r['run_id']}")
+    benchmarks = {r["name"]: r for r in rows if r["benchmark"]}
+    for name, r in sorted(benchmarks.items()):
+        print(f"{name}: benchmark {r['benchmark'][:12]} = {r['benchmark_source']}")
     return 0
+
+
+def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
+    """Score the version to promote and the holder on the model's benchmark where they lack it
+    (registered before benchmarks existed), recording the scores on the versions."""
+    import tempfile
+
+    from lib import champion
+    from lib.evaluation import score_registered_on_benchmark
+    from lib.registry import resolve_version
+    from lib.tracking import _client
+
+    with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:
+        benchmark = champion.fetch_benchmark(uri, name, tmp)
+        if benchmark is None:
+            return
+        client = _client(uri)
+        holder = champion.unscored_holder(uri, name, benchmark.fingerprint, metric)
+        target = resolve_version(client, uri, f"models:/{name}/{version}")  # LookupError naming what exists
+        todo = {str(version)} if champion.score_of(target, metric, benchmark.fingerprint) is None else set()
+        for number in sorted(todo | ({holder} if holder else set())):
+            print(f"scoring version {number} on benchmark {benchmark.fingerprint[:12]} ({benchmark.texts} texts)...")
+            try:
+                scores = score_registered_on_benchmark(uri, f"models:/{name}/{number}", benchmark, 8)
+            except Exception as error:  # noqa: BLE001 - reported; the gate then says it has no score
+                print(f"could not score version {number}: {str(error).splitlines()[0][:200]}")
+                continue
+            champion.record_scores(uri, name, number, benchmark, scores, reason="scored by lenta-lora promote")
+
+
+def command_promote(args) -> int:
+    from lib.champion import promote
+    from lib.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    _score_unscored(uri, args.model, args.version, args.metric)
+    report = promote(uri, args.model, args.version, args.metric, args.min_improvement, args.force)
+    value = "-" if report["value"] is None else f"{report['value']:.6g}"
+    held = "-" if report["holder_value"] is None else f"{report['holder_value']:.6g}"
+    print(f"benchmark:         {report['benchmark_fingerprint'][:12]} ({report['metric']}, lower is better)")
+    print(f"version {report['version']}:         {value}")
+    print(f"champion (v{report['holder'] or '-'}):     {held}")
+    if report.get("threshold") is not None:
+        print(f"gate:              needs < {report['threshold']:.6g} (holder x (1 - {report['min_improvement']:g})); "
+              f"relative improvement {report['relative_improvement']:+.4%}")
+    if report["promoted"]:
+        print(f"champion:          now version {report['version']}" + (" (forced past the gate)" if report["forced"] else ""))
+        return 0
+    print(f"champion:          stays {report['champion_version']}" +
+          ("" if report["holder"] == report["version"] else " (use --force to promote anyway)"))
+    return 0 if report["holder"] == report["version"] else 1
 
 
 def command_generate(args) -> int:
     import torch
 
     from lib.generation import generate_continuations
-    from lib.tracking import load_registered, model_uri, resolve_tracking_uri
+    from lib.registry import load_registered, model_uri
+    from lib.tracking import resolve_tracking_uri
 
     # A prompt that is not valid UTF-8 reaches Python as lone surrogates (PEP 383), which the
     # tokenizer cannot encode: replace the bad bytes instead of crashing.
@@ -96,7 +178,8 @@ def command_generate(args) -> int:
 
 def command_evaluate(args) -> int:
     from lib.evaluation import evaluation_config
-    from lib.tracking import model_uri, registered_version, resolve_tracking_uri, run_link
+    from lib.registry import model_uri, registered_version
+    from lib.tracking import resolve_tracking_uri, run_link
 
     if args.csv and not Path(args.csv).expanduser().is_file():
         raise FileNotFoundError(f"--csv {args.csv}: no such file; pass a Kaggle-format CSV (url,title,text,topic,tags,date)")
@@ -130,11 +213,14 @@ def add_version_choice(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lib.config import RegistryConfig
+
     parser = argparse.ArgumentParser(prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="fine-tune, evaluate and register an adapter")
     run.add_argument("--config", default=str(DEFAULT_PROFILE), help="YAML profile (default: configs/demo.yaml)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.max_steps=20")
+    run.add_argument("--force", action="store_true", help="train even if a registered version holds this training key")
     run.set_defaults(func=command_run)
     models = sub.add_parser("models", help="list registered adapter versions")
     models.add_argument("--model", help="registered model name (default: all)")
@@ -152,7 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="YAML profile (default: the config the version was trained with)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. eval.num_samples=20")
     ev.set_defaults(func=command_evaluate)
-    for p in (models, gen, ev):
+    promo = sub.add_parser("promote", help="move `champion` to a version (gated on the model's benchmark)")
+    promo.add_argument("--model", required=True)
+    promo.add_argument("--version", type=int, required=True)
+    promo.add_argument("--force", action="store_true", help="promote even if it does not pass the gate")
+    promo.add_argument("--min-improvement", type=float, default=RegistryConfig().min_improvement,
+                       help="relative margin over the holder (default: %(default)s)")
+    promo.add_argument("--metric", default=RegistryConfig().champion_metric)
+    promo.set_defaults(func=command_promote)
+    for p in (models, gen, ev, promo):
         p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     return parser
 

@@ -7,7 +7,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from lib.config import PipelineConfig
 from lib.evaluation import evaluation_config
-from lib.tracking import model_uri, resolve_tracking_uri
+from lib.registry import model_uri
+from lib.tracking import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, result_storage_for
 from tasks.evaluate import evaluate_registered_adapter, link_evaluation, resolve_registered
 from tasks.tracking import finish_run, provenance_tags, start_run

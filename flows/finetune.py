@@ -8,20 +8,23 @@ from prefect.artifacts import create_markdown_artifact
 from lib.checkpoint import checkpoint_dir
 from lib.config import PipelineConfig, build_config
 from lib.tracking import resolve_tracking_uri
-from tasks.acquire import acquire_corpus, result_storage_for
+from tasks.acquire import acquire_corpus, corpus_version, result_storage_for
+from tasks.benchmark import resolve_benchmark, score_champion_on_benchmark, store_benchmark
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare import prepare_dataset, record_dataset
+from tasks.provenance import record_up_to_date, training_key, version_with_training_key
 from tasks.register import register_adapter
 from tasks.tracking import finish_run, provenance_tags, start_run
 from tasks.train import discard_checkpoints, train_adapter
 
 
 @flow(name="finetune")
-def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | None = None) -> dict:
-    """Fine-tune a LoRA adapter on Lenta.ru news, evaluate it, and register it in MLflow.
+def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | None = None, force: bool = False) -> dict:
+    """Fine-tune a LoRA adapter on Lenta.ru news, evaluate it, register it, decide `champion`.
 
     `overrides`: `key=value` settings on top of `config`, as `lenta-lora run --set` takes them, so
     that a deployment run can change one setting and keep the deployment's config for the rest.
+    Unless `force`, a run whose training key a registered version holds trains nothing ("up to date").
     """
     if overrides:  # checked before any work: a bad override fails the flow run with every problem listed
         config = build_config(config.model_dump(mode="json"), overrides, source="the overrides parameter")
@@ -34,13 +37,23 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
         prepared = prepare_dataset.with_options(result_storage=results)(csv_path, config.data, config.model,
                                                                         config.train.max_length)
         record_dataset(prepared, uri, run_id)
+        key = training_key(config, prepared, corpus_version(config.data), uri, run_id)
+        holder = None if force else version_with_training_key(uri, config.registry.model_name, key)
+        if holder:
+            message = record_up_to_date(uri, run_id, holder, key)
+            finish_run(uri, run_id, "FINISHED")
+            return {"run_id": run_id, "tracking_uri": uri, "up_to_date": True, "model": holder, "message": message,
+                    "training_key": key, "dataset_fingerprint": prepared["fingerprint"]}
         output_dir = f"{config.data.cache_dir}/runs/{run_id}"
+        benchmark = resolve_benchmark(config, prepared, uri, output_dir)
         # Keyed by dataset + config, not run id, so that a re-run after a crash resumes (None: no checkpoints).
         checkpoints = checkpoint_dir(config, prepared["fingerprint"], prepared["path"])
         trained = train_adapter(prepared["path"], config, output_dir, uri, run_id, checkpoints)
-        evaluated = evaluate_adapter(prepared["path"], trained["adapter_dir"], config, output_dir, uri, run_id)
+        evaluated = evaluate_adapter(prepared["path"], trained["adapter_dir"], config, output_dir, uri, run_id, benchmark)
+        benchmark = store_benchmark(benchmark, config, uri, run_id)
+        score_champion_on_benchmark(config, benchmark, uri)
         registered = register_adapter(trained["adapter_dir"], prepared["base"], config, evaluated["metrics"],
-                                      prepared["fingerprint"], uri, run_id, tags)
+                                      prepared["fingerprint"], benchmark, key, force, uri, run_id, tags)
     except BaseException:
         # Best effort: if the store is down too, the original error is the one to report, and the
         # next run's start marks this one FAILED (and retracts any version it made).
@@ -49,7 +62,8 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
     finish_run(uri, run_id, "FINISHED")
     discard_checkpoints(checkpoints)  # the adapter is registered; a failed run keeps them to resume from
     summary = {"run_id": run_id, "tracking_uri": uri, "model": registered, "metrics": evaluated["metrics"],
-               "train": trained, "dataset_fingerprint": prepared["fingerprint"],
+               "train": trained, "dataset_fingerprint": prepared["fingerprint"], "training_key": key,
+               "benchmark": benchmark.describe(), "up_to_date": registered["up_to_date"],
                "samples": evaluated["samples"], "bleu_signature": evaluated["bleu_signature"]}
     create_markdown_artifact(key="finetune-summary", markdown=render_summary(summary), description="lenta-lora run")
     return summary
@@ -70,6 +84,11 @@ def render_summary(summary: dict) -> str:
     parts = [f"## lenta-lora: {summary.get('title') or model['uri']}",
              f"**MLflow run** `{summary['run_id']}`: {where}\n\n**Model** `{model['uri']}`{champion}",
              "### Test metrics: base vs tuned, same test articles", metrics_markdown(summary["metrics"])]
+    decision, benchmark = model.get("decision"), summary.get("benchmark")
+    if decision and benchmark:
+        parts.append(f"### Champion\n\n{decision['reason']} ({decision['metric']} on benchmark "
+                     f"`{benchmark['fingerprint'][:12]}`: {benchmark['texts']} texts, {benchmark['source']}; "
+                     f"min_improvement {decision['min_improvement']:g})")
     if summary.get("bleu_signature"):
         parts.append(f"BLEU: sacreBLEU `{summary['bleu_signature']}`; chrF++ and BLEU on 0-100, the others 0-1.")
     samples = summary.get("samples")

@@ -134,7 +134,16 @@ class EvalConfig(_Strict):
 
 class RegistryConfig(_Strict):
     model_name: str = Field("lenta-lora-demo", min_length=1)
-    champion_metric: str = "test_bits_per_byte"  # lower is better
+    # Scored on the registered model's benchmark (one text set for every version), lower is
+    # better. Bits per byte is the one that compares versions on different tokenizers fairly.
+    champion_metric: Literal["benchmark_perplexity", "benchmark_bits_per_byte", "benchmark_bits_per_char",
+                             "benchmark_word_perplexity"] = "benchmark_bits_per_byte"
+    # A challenger takes `champion` only if its value is below holder * (1 - min_improvement).
+    min_improvement: float = Field(0.002, ge=0, lt=1)
+    # The texts every version of the model is judged on, fixed when the model gets its first
+    # version: None = that run's test split; a CSV path (its test split, selected with `data.*`);
+    # "kaggle" = the test split of the Kaggle file. Later runs use the model's stored benchmark.
+    benchmark: str | None = None
 
 
 class TrackingConfig(_Strict):

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from lib import faults
+from lib.benchmark import CORPUS_METRICS, Benchmark
 from lib.config import ConfigError, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
 from lib.dataset import fingerprint_settings
@@ -29,7 +30,6 @@ from lib.splits import fingerprint_articles, select_articles, split_articles
 
 log = logging.getLogger("lenta_lora.evaluate")
 
-CORPUS_METRICS = ("perplexity", "bits_per_byte", "bits_per_char", "word_perplexity")
 TEXT_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "repeated_4gram_share")
 # Direction of "better", for readers of the summary table (the registry only uses the champion metric).
 LOWER_IS_BETTER = frozenset({"test_perplexity", "test_bits_per_byte", "test_bits_per_char", "test_word_perplexity",
@@ -149,8 +149,10 @@ def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: Pipelin
     return {"metrics": metrics, "samples_json": str(json_path), "samples_md": str(md_path), "bleu_signature": signature}
 
 
-def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str | Path) -> dict:
-    """The fine-tuning flow's evaluation: the prepared dataset's test split, the adapter just trained."""
+def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str | Path,
+                     benchmark: Benchmark | None = None) -> dict:
+    """The fine-tuning flow's evaluation: the prepared dataset's test split, the adapter just trained;
+    with `benchmark`, also the tuned model's `benchmark_<m>` scores on the registered model's texts."""
     from peft import PeftModel
 
     from lib.base_model import load_base_model, load_tokenizer
@@ -164,7 +166,39 @@ def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig
     model = PeftModel.from_pretrained(load_base_model(info["base"], config.model), adapter_dir)
     model.eval()
     columns = {"document": list(test["document"]), "title": list(test["title"]), "text": list(test["text"])}
-    return evaluate_model(model, tokenizer, columns, config, output_dir)
+    result = evaluate_model(model, tokenizer, columns, config, output_dir)
+    if benchmark is not None:
+        result["metrics"].update(benchmark_scores(model, tokenizer, benchmark, columns["document"], result["metrics"], config))
+    return result
+
+
+def benchmark_scores(model, tokenizer, benchmark: Benchmark, test_documents: list[str], metrics: dict,
+                     config: PipelineConfig) -> dict[str, float]:
+    """The tuned model's `benchmark_<m>`. When the benchmark is this very test split with the same
+    windows (the first version of a model, or an unchanged corpus), the test scores are those
+    numbers already: same texts, same windows, and the scores do not depend on batch size."""
+    from lib.benchmark import benchmark_fingerprint, read_benchmark, score_benchmark
+
+    if benchmark_fingerprint(test_documents, config.train.max_length, config.eval.stride) == benchmark.fingerprint:
+        log.info("benchmark %s is this run's test split: its scores are the test scores", benchmark.fingerprint[:12])
+        return {f"benchmark_{k}": metrics[f"test_{k}"] for k in CORPUS_METRICS} | {"benchmark_tokens": metrics["test_tokens"]}
+    _, documents = read_benchmark(benchmark.path)
+    scores = score_benchmark(model, tokenizer, benchmark, documents, config.eval.batch_size,
+                             model_context_length(model, tokenizer))
+    log.info("benchmark %s: bits/byte %.4f on %d texts", benchmark.fingerprint[:12], scores["benchmark_bits_per_byte"],
+             len(documents))
+    return scores
+
+
+def score_registered_on_benchmark(tracking_uri: str, registered_uri: str, benchmark: Benchmark,
+                                  batch_size: int) -> dict[str, float]:
+    """`benchmark_<m>` of a registered version (one registered before benchmarks, say)."""
+    from lib.benchmark import read_benchmark, score_benchmark
+    from lib.registry import load_registered
+
+    model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
+    _, documents = read_benchmark(benchmark.path)
+    return score_benchmark(model, tokenizer, benchmark, documents, batch_size, model_context_length(model, tokenizer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +253,7 @@ def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | 
                         output_dir: str | Path) -> dict:
     """Re-evaluate `models:/NAME/VERSION` on the test split of `csv_path`; same result keys as
     `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
-    from lib.tracking import load_registered
+    from lib.registry import load_registered
 
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     context = model_context_length(model, tokenizer)

@@ -53,13 +53,14 @@ class _Retryable(Exception):
 def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
                          credentials: dict[str, str] | None = None, retries: int = 3,
                          backoff_s: float = 2.0, timeout_s: float = 60.0,
-                         expected_columns: tuple[str, ...] = LENTA_COLUMNS) -> Path:
+                         expected_columns: tuple[str, ...] = LENTA_COLUMNS, version: int | None = None) -> Path:
     """Return the path of ``file_name`` (unpacked CSV) from Kaggle ``dataset`` ("owner/name").
 
     A verified cache hit makes no network call and needs no credentials. ``credentials`` is
     ``{"username", "key"}`` or ``{"api_token"}``; without it the kaggle CLI's sources are used.
     Network failures are retried ``retries`` times (delay ``backoff_s * 2**n``); ``timeout_s``
-    bounds each connect/read. Raises KaggleError.
+    bounds each connect/read. ``version`` (see `current_version`) pins the dataset version: a
+    cached file of another version is downloaded again. Raises KaggleError.
     """
     match = _SLUG.match(dataset or "")
     if not match:
@@ -78,7 +79,7 @@ def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
 
     # One lock per dataset: a second process waits, then finds the first one's verified file.
     with _locked(cache_dir / f".{owner}__{name}.lock"):
-        if _cache_valid(csv_path, dataset, file_name):
+        if _cache_valid(csv_path, dataset, file_name, version):
             log.info("using cached %s (size and sha256 verified)", csv_path)
             return csv_path
         _discard_unverified(cache_dir, f".tmp-{owner}__{name}-", csv_path)
@@ -87,12 +88,12 @@ def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{owner}__{name}-", dir=cache_dir))
         try:
             fresh = _download_with_retries(auth, source, dataset, file_name, work,
-                                           retries, backoff_s, timeout_s)
+                                           retries, backoff_s, timeout_s, version)
             _check_csv(fresh, dataset, file_name, expected_columns)
             size, digest = fresh.stat().st_size, _sha256(fresh)
             os.replace(fresh, csv_path)  # same filesystem: atomic
             _write_json_atomic(_marker(csv_path), {"dataset": dataset, "file_name": file_name, "size": size,
-                                                   "sha256": digest, "downloaded_at": time.time()})
+                                                   "sha256": digest, "version": version, "downloaded_at": time.time()})
             log.info("cached %s (%d bytes, sha256 %s)", csv_path, size, digest[:12])
             return csv_path
         finally:
@@ -118,13 +119,30 @@ def _marker(csv_path: Path) -> Path:
     return csv_path.with_name(csv_path.name + ".kaggle.json")
 
 
-def _cache_valid(csv_path: Path, dataset: str, file_name: str) -> bool:
+def cached_path(dataset: str, file_name: str, cache_dir: str | Path) -> Path:
+    """Where `download_kaggle_file` keeps `file_name` of `dataset`."""
+    return Path(cache_dir).expanduser() / dataset.replace("/", "__", 1) / file_name
+
+
+def cached_version(csv_path: Path) -> int | None:
+    """The Kaggle dataset version the cached file was downloaded as (None: unknown or no cache)."""
+    try:
+        return json.loads(_marker(Path(csv_path)).read_text()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_valid(csv_path: Path, dataset: str, file_name: str, version: int | None = None) -> bool:
     try:
         meta = json.loads(_marker(csv_path).read_text())
         size = csv_path.stat().st_size
     except (OSError, ValueError):
         return False
     if (meta.get("dataset"), meta.get("file_name"), meta.get("size")) != (dataset, file_name, size):
+        return False
+    if version is not None and meta.get("version") != version:
+        log.info("%s holds version %s of %s; Kaggle's current version is %s", csv_path, meta.get("version"),
+                 dataset, version)
         return False
     # Streaming the hash costs seconds on the 2 GB CSV and catches same-size edits and bit rot.
     return meta.get("sha256") == _sha256(csv_path)
@@ -237,7 +255,7 @@ def _open_client(auth: dict, timeout_s: float):
     return client
 
 
-def _download_with_retries(auth, source, dataset, file_name, work, retries, backoff_s, timeout_s) -> Path:
+def _download_with_retries(auth, source, dataset, file_name, work, retries, backoff_s, timeout_s, version) -> Path:
     secrets = [value for name, value in auth.items() if name != "username"]
     last: BaseException | None = None
     for attempt in range(retries + 1):
@@ -247,7 +265,7 @@ def _download_with_retries(auth, source, dataset, file_name, work, retries, back
                         attempt, retries + 1, dataset, _describe(last, secrets), delay)
             time.sleep(delay)
         try:
-            return _attempt(auth, dataset, file_name, work, timeout_s)
+            return _attempt(auth, dataset, file_name, work, timeout_s, version)
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status in (401, 403):
@@ -272,11 +290,33 @@ def _download_with_retries(auth, source, dataset, file_name, work, retries, back
                       f"attempts, last error: {_describe(last, secrets)}; check the network and retry") from None
 
 
-def _attempt(auth: dict, dataset: str, file_name: str, work: Path, timeout_s: float) -> Path:
+def current_version(dataset: str, *, credentials: dict[str, str] | None = None, timeout_s: float = 30.0) -> int:
+    """The dataset's current version number on Kaggle (GetDataset through the official client)."""
+    from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
+    if not _SLUG.match(dataset or ""):
+        raise KaggleError(f"dataset {dataset!r} is not 'owner/name'")
+    auth, source = _resolve_credentials(credentials, timeout_s)
+    request = ApiGetDatasetRequest()
+    request.owner_slug, request.dataset_slug = dataset.split("/")
+    try:
+        with _open_client(auth, timeout_s) as client:
+            found = client.datasets.dataset_api_client.get_dataset(request)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        raise KaggleError(f"asking Kaggle for the version of {dataset} failed (HTTP {status}, credentials: "
+                          f"{source})") from None
+    except requests.RequestException as exc:
+        raise KaggleError(f"asking Kaggle for the version of {dataset} failed: {_describe(exc, list(auth.values()))}") from None
+    return int(found.current_version_number)
+
+
+def _attempt(auth: dict, dataset: str, file_name: str, work: Path, timeout_s: float, version: int | None) -> Path:
     from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
     request = ApiDownloadDatasetRequest()
     request.owner_slug, request.dataset_slug = dataset.split("/")
     request.file_name = file_name
+    if version:
+        request.dataset_version_number = version
     body = work / "download.part"
     with _open_client(auth, timeout_s) as client:
         # POST DownloadDataset answers 302 to a signed storage URL; requests follows it and

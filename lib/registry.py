@@ -1,14 +1,13 @@
-"""The MLflow model registry: one version per trained adapter, `champion` on the best, versions back.
+"""The MLflow model registry: one version per trained adapter, `champion` decided with it, versions back.
 
 Safe under task retries and concurrent flow runs without any lock (MLflow's registry has none):
 - Registering is idempotent per MLflow run: a retried task finds the version its earlier attempt
   created instead of adding a twin; a twin made by MLflow's own HTTP retry of a POST whose answer
-  was lost is deleted, keeping the lowest version of that run.
-- `champion` is never moved by read-compare-set, which loses under concurrency: two registrations
-  both read the old holder, both decide to promote, and the later *write* wins whatever its
-  metric (6 threads racing on a real `mlflow server`: wrong champion in 14 of 20 trials). Each
-  registration instead converges the alias to the best version it can see and re-reads after
-  every write, until alias and best agree (see `update_champion`; 20 of 20 right).
+  was lost is deleted, keeping the lowest version of that run. Likewise per training key: of two
+  unforced runs that trained the same thing at once, the lower version stays.
+- Registering and deciding `champion` are one unit (lib/champion.py decides): if the decision
+  fails, the new version is deleted again; a process killed in between leaves a RUNNING run whose
+  version the next run's sweep deletes (`retract_versions`). No version is left without a decision.
 
 A version records, as tags and in its `base_model.json`, sha256 checksums of its files;
 `load_registered` refuses files that changed since registration.
@@ -19,32 +18,32 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from lib import faults
+from lib.champion import (BENCHMARK_TAG, METRIC_TAG, VALUE_TAG, _all_pages, _all_versions, _alias_version,
+                          _ensure_registered_model, _finite, _not_found, restore_champion, update_champion)
 from lib.tracking import _client, require_reachable
 
 log = logging.getLogger("lenta_lora.registry")
 
 PYFUNC_CODE = Path(__file__).with_name("adapter_pyfunc.py")
-CHAMPION = "champion"
 MODEL_PATH = "adapter_model"  # where the pyfunc model lives in the run's artifacts
-# Tags written on every version; `champion_eligible=false` (set by a person) keeps one out of the race.
-METRIC_TAG, VALUE_TAG, ELIGIBLE_TAG = "champion_metric", "champion_metric_value", "champion_eligible"
 
 
 def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict, generation: dict,
-                     model_name: str, tags: dict[str, Any], metrics: dict[str, float],
-                     champion_metric: str) -> dict:
-    """Log the adapter as a pyfunc model in the run, register it as a version, update `champion`.
+                     model_name: str, tags: dict[str, Any], metrics: dict[str, float], *, champion_metric: str,
+                     benchmark_fingerprint: str, min_improvement: float, training_key: str | None = None) -> dict:
+    """Log the adapter as a pyfunc model in the run, register it as a version, decide `champion`.
 
     Only the adapter is stored for hub bases (plus the hub id and revision); the offline tiny base
-    has no hub to come from, so its few-MB weights travel with it. Returns `name`, `version`, `uri`
-    (models:/NAME/VERSION), `champion` (whether this version holds the alias) and `sha256`.
+    has no hub to come from, so its few-MB weights travel with it. `metrics` must hold the
+    `benchmark_*` scores measured on `benchmark_fingerprint`. With `training_key`, an unforced run
+    whose key another version already holds (a twin that finished first) registers nothing.
+    Returns `name`, `version`, `uri` (models:/NAME/VERSION), `champion` (whether this version
+    holds the alias), `decision`, `sha256`, and `up_to_date` (True when a twin's version was kept).
     """
     require_reachable(uri)
     client = _client(uri)
@@ -55,13 +54,43 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
         log.info("%s version %s already holds run %s (a retried registration): reusing it",
                  model_name, version.version, run_id)
     else:
-        version = _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics,
-                                  champion_metric)
+        version = _create_version(client, run_id, adapter_dir, base, generation, model_name,
+                                  {**tags, BENCHMARK_TAG: benchmark_fingerprint,
+                                   **({"training_key": training_key} if training_key else {})},
+                                  metrics, champion_metric)
+    if training_key and (holder := _keep_lowest_of_key(client, model_name, training_key, version)) is not None:
+        return {"name": model_name, "version": int(holder.version), "uri": f"models:/{model_name}/{holder.version}",
+                "champion": _alias_version(client, model_name) == str(holder.version), "decision": None,
+                "sha256": {}, "up_to_date": True}
     faults.reach("register.after-version")
-    champion = update_champion(client, model_name, version.version, champion_metric, run_id)
+    try:
+        decision = update_champion(client, model_name, version.version, champion_metric, benchmark_fingerprint,
+                                   min_improvement, run_id)
+    except BaseException:
+        # One unit: a version without a decision must not stay (the holder may be worse than it).
+        log.error("deciding champion for %s version %s failed: deleting the version", model_name, version.version)
+        try:
+            client.delete_model_version(model_name, version.version)
+        except Exception as error:  # noqa: BLE001 - the next run's sweep retracts it (its run ends FAILED)
+            log.error("could not delete %s version %s: %s", model_name, version.version, error)
+        raise
     faults.reach("register.after-champion")
     return {"name": model_name, "version": int(version.version), "uri": f"models:/{model_name}/{version.version}",
-            "champion": champion, "sha256": {k: v for k, v in version.tags.items() if k.endswith("sha256")}}
+            "champion": decision["promoted"], "decision": decision, "up_to_date": False,
+            "sha256": {k: v for k, v in version.tags.items() if k.endswith("sha256")}}
+
+
+def _keep_lowest_of_key(client, name: str, training_key: str, version):
+    """Two unforced runs that trained the same thing at once: the lower version stays, the other
+    run's is deleted. Returns the version kept when it is not `version`, else None."""
+    twins = sorted((v for v in _all_versions(client, name) if v.tags.get("training_key") == training_key
+                    and v.tags.get("forced") != "true"), key=lambda v: int(v.version))
+    if not twins or twins[0].version == version.version:
+        return None
+    log.warning("%s version %s already holds training key %s (a twin run finished first): deleting version %s",
+                name, twins[0].version, training_key[:12], version.version)
+    client.delete_model_version(name, version.version)
+    return twins[0]
 
 
 def _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics, champion_metric):
@@ -98,8 +127,10 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         integrity = {"base_model_json_sha256": sha256_file(meta), "adapter_sha256": manifest["adapter"][ADAPTER_WEIGHTS]}
     if "model.safetensors" in manifest.get("base_weights", {}):
         integrity["base_weights_sha256"] = manifest["base_weights"]["model.safetensors"]
-    value = metrics.get(champion_metric)
-    ranked = {METRIC_TAG: champion_metric, VALUE_TAG: repr(float(value))} if _finite(value) else {}
+    # Exact values (repr) of the scores on the model's benchmark: what `champion` is decided on.
+    ranked = {k: repr(float(v)) for k, v in metrics.items() if k.startswith("benchmark_") and _finite(v)}
+    if champion_metric in ranked:
+        ranked.update({METRIC_TAG: champion_metric, VALUE_TAG: ranked[champion_metric]})
     created = client.create_model_version(
         model_name, f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}", run_id=run_id,
         tags={**{k: str(v) for k, v in tags.items()}, **integrity, **ranked},
@@ -113,6 +144,33 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         client.delete_model_version(model_name, created.version)
         return twins[0]
     return created
+
+
+def version_with_training_key(uri: str, name: str, key: str) -> dict | None:
+    """The oldest version of `name` trained from `key` (lib/provenance.py), or None: a run with this
+    key would train the same adapter again."""
+    require_reachable(uri)
+    client = _client(uri)
+    if not _exists(client, name):
+        return None
+    held = sorted((v for v in _all_versions(client, name) if v.tags.get("training_key") == key), key=lambda v: int(v.version))
+    if not held:
+        return None
+    version = held[0]
+    return {"name": name, "version": int(version.version), "uri": f"models:/{name}/{version.version}",
+            "run_id": version.run_id, "champion": _alias_version(client, name) == str(version.version)}
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as error:
+        if _not_found(error):
+            return False
+        raise
 
 
 def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
@@ -132,9 +190,7 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
             names[version.name] = version.tags.get(METRIC_TAG)
     for name, metric in names.items():
         if metric and _alias_version(client, name) is None:  # the deleted version held it
-            best = _best_version(client, name, metric)
-            if best:
-                client.set_registered_model_alias(name, CHAMPION, best[1])
+            restore_champion(client, name, metric)
     if retracted:
         log.warning("deleted registry version(s) %s: %s", ", ".join(retracted), reason)
     return retracted
@@ -151,106 +207,6 @@ def describe_version(base: dict, tags: dict, metrics: dict, champion_metric: str
                       "; ".join(facts) + "." if facts else ""]).strip()
 
 
-def update_champion(client, name: str, version: str | int, metric: str, run_id: str | None = None) -> bool:
-    """Point `champion` at the eligible version with the lowest `metric`; True if that is `version`.
-
-    Converging, not comparing: read every version, then the alias; if they disagree, set the alias
-    and read both again. The registration whose write lands last re-reads after it and sees every
-    version created before that, so the alias ends on the best of all of them whatever the order
-    (a stale write by a slower twin is undone by whoever re-checks after it). Ties go to the older
-    version. A version without the metric never becomes champion.
-    """
-    from mlflow.exceptions import MlflowException
-
-    previous = holder = _alias_version(client, name)
-    best, writes, failed = None, 0, None
-    for attempt in range(10):  # each round follows another registrant's write; 10 is far more than a few racers
-        best = _best_version(client, name, metric)
-        holder = _alias_version(client, name)
-        if best is None or holder == best[1]:
-            break
-        try:
-            client.set_registered_model_alias(name, CHAMPION, best[1])
-            writes, failed = writes + 1, None
-        except MlflowException as error:
-            # MLflow sets an alias by select-then-insert: two first-ever writes race into a UNIQUE
-            # constraint error (HTTP 400, not retried). The other write landed; re-read and re-check.
-            failed = error
-            log.info("champion write for %s lost a race (%s); re-checking", name, str(error).splitlines()[0][:120])
-            time.sleep(0.2 * (attempt + 1))
-    else:
-        if failed is not None:
-            raise failed
-        log.warning("champion of %s still moving after 10 rounds; the last registrant will settle it", name)
-    promoted = holder == str(version)
-    decision = {"champion_metric": metric, "version": str(version), "champion_version": holder,
-                "champion_value": best[0] if best else None, "previous_version": previous, "promoted": promoted,
-                "alias_writes": writes}
-    client.set_model_version_tag(name, str(version), "champion_decision", json.dumps(decision))
-    if run_id:
-        client.log_dict(run_id, decision, "champion_decision.json")
-    log.info("champion decision: %s", decision)
-    return promoted
-
-
-def _best_version(client, name: str, metric: str) -> tuple[float, str] | None:
-    ranked = [(value, int(v.version)) for v in _all_versions(client, name)
-              if v.tags.get(ELIGIBLE_TAG, "").lower() != "false" and _finite(value := _metric_of(client, v, metric))]
-    if not ranked:
-        return None
-    value, number = min(ranked)
-    return value, str(number)
-
-
-def _metric_of(client, version, metric: str) -> float | None:
-    from mlflow.exceptions import MlflowException
-
-    if version.tags.get(METRIC_TAG) == metric and version.tags.get(VALUE_TAG):
-        return float(version.tags[VALUE_TAG])  # exact value recorded at registration
-    if not version.run_id:
-        return None
-    try:  # versions registered before that tag existed: their run's metric
-        return client.get_run(version.run_id).data.metrics.get(metric)
-    except MlflowException:
-        return None
-
-
-def _alias_version(client, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException as error:
-        if _not_found(error):
-            return None
-        raise
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _not_found(error) -> bool:  # INVALID_PARAMETER_VALUE: e.g. version "abc", or an alias never set
-    return getattr(error, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
-def _all_pages(search, *args) -> list:
-    """Every result of an MLflow search call, page after page (a page holds 100 by default)."""
-    found, token = [], None
-    while True:
-        page = search(*args, page_token=token)
-        found += list(page)
-        token = page.token
-        if not token:
-            return found
-
-
-def _all_versions(client, name: str, extra_filter: str = "") -> list:
-    """Every version of `name`, optionally narrowed by another filter clause."""
-    query = f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else "")
-    return _all_pages(client.search_model_versions, query)
-
-
 def _versions_of_run(client, name: str, run_id: str) -> list:
     return sorted(_all_versions(client, name, f"run_id = '{run_id}'"), key=lambda v: int(v.version))
 
@@ -259,16 +215,6 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "peft", "safetensors")]
-
-
-def _ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="LoRA adapters from lenta-lora")
-    except MlflowException as error:
-        if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":  # made by a concurrent run: fine
-            raise
 
 
 def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
@@ -321,12 +267,6 @@ def _registered_model(client, uri: str, name: str):
     known = sorted(m.name for m in client.search_registered_models())
     raise LookupError(f"no registered model {name!r} in {uri}; known: {', '.join(known) or 'none'} "
                       "(list them with `lenta-lora models`)")
-
-
-def check_model_uri(uri: str, registered_uri: str) -> None:
-    """Fail with a clear message for an unknown model, version or alias (before any download)."""
-    require_reachable(uri)
-    resolve_version(_client(uri), uri, registered_uri)
 
 
 def load_registered(uri: str, registered_uri: str):
@@ -384,9 +324,42 @@ def list_versions(uri: str, name: str | None = None) -> list[dict]:
     rows = []
     for model_name in names:
         aliases: dict[str, list[str]] = {}
-        for alias, version in _registered_model(client, uri, model_name).aliases.items():
+        model = _registered_model(client, uri, model_name)
+        for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
+        benchmark = {"benchmark": model.tags.get("benchmark.fingerprint"),
+                     "benchmark_source": model.tags.get("benchmark.source")}
         for v in _all_versions(client, model_name):
             rows.append({"name": model_name, "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
-                         "run_id": v.run_id, "created": v.creation_timestamp, "tags": dict(v.tags)})
+                         "run_id": v.run_id, "created": v.creation_timestamp, "tags": dict(v.tags), **benchmark})
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+
+
+def registered_version(uri: str, registered_uri: str) -> dict:
+    """`models:/NAME/VERSION|latest` or `models:/NAME@ALIAS` -> the version's facts, alias resolved.
+
+    Returns `name`, `version`, `uri` (pinned to the number, so an alias moving mid-evaluation
+    changes nothing), `run_id` (the run that trained it), `dataset_fingerprint` (that run's tag)
+    and `config_yaml` (that run's resolved config, or None if it logged none).
+    """
+    from mlflow.exceptions import MlflowException
+
+
+    require_reachable(uri)
+    client = _client(uri)
+    found = resolve_version(client, uri, registered_uri)  # LookupError naming what exists
+    config_yaml = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_yaml = Path(client.download_artifacts(found.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
+        except (OSError, MlflowException) as error:  # a run from before config.yaml was logged
+            log.warning("run %s of %s has no readable config.yaml: %s", found.run_id, registered_uri, error)
+    tags = client.get_run(found.run_id).data.tags
+    return {"name": found.name, "version": int(found.version), "uri": f"models:/{found.name}/{found.version}",
+            "run_id": found.run_id, "dataset_fingerprint": tags.get("dataset_fingerprint"), "config_yaml": config_yaml}
+
+
+def set_model_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))

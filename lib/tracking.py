@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,78 +167,6 @@ def get_run_summary(uri: str, run_id: str) -> dict:
     run = _client(uri).get_run(run_id)
     return {"status": run.info.status, "metrics": dict(run.data.metrics), "params": dict(run.data.params),
             "tags": dict(run.data.tags), "artifact_uri": run.info.artifact_uri}
-
-
-# The model registry lives in lib/registry.py; these names stay importable from here for callers
-# written before the split (flows/cli.py, the re-evaluation helpers below).
-
-
-def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict, generation: dict,
-                     model_name: str, tags: dict[str, Any], metrics: dict[str, float], champion_metric: str) -> dict:
-    from lib import registry
-
-    return registry.register_adapter(uri, run_id, adapter_dir, base, generation, model_name, tags, metrics,
-                                     champion_metric)
-
-
-def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
-    from lib import registry
-
-    return registry.model_uri(name, version, alias)
-
-
-def check_model_uri(uri: str, registered_uri: str) -> None:
-    from lib import registry
-
-    registry.check_model_uri(uri, registered_uri)
-
-
-def load_registered(uri: str, registered_uri: str):
-    from lib import registry
-
-    return registry.load_registered(uri, registered_uri)
-
-
-def list_versions(uri: str, name: str | None = None) -> list[dict]:
-    from lib import registry
-
-    return registry.list_versions(uri, name)
-
-
-# --------------------------------------------------------------------------------------------
-# Re-evaluation of registered versions, and links to runs (used by `lenta-lora evaluate`)
-# --------------------------------------------------------------------------------------------
-
-
-def registered_version(uri: str, registered_uri: str) -> dict:
-    """`models:/NAME/VERSION|latest` or `models:/NAME@ALIAS` -> the version's facts, alias resolved.
-
-    Returns `name`, `version`, `uri` (pinned to the number, so an alias moving mid-evaluation
-    changes nothing), `run_id` (the run that trained it), `dataset_fingerprint` (that run's tag)
-    and `config_yaml` (that run's resolved config, or None if it logged none).
-    """
-    from mlflow.exceptions import MlflowException
-
-    from lib import registry
-
-    require_reachable(uri)
-    client = _client(uri)
-    found = registry.resolve_version(client, uri, registered_uri)  # LookupError naming what exists
-    config_yaml = None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            config_yaml = Path(client.download_artifacts(found.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
-        except (OSError, MlflowException) as error:  # a run from before config.yaml was logged
-            log.warning("run %s of %s has no readable config.yaml: %s", found.run_id, registered_uri, error)
-    tags = client.get_run(found.run_id).data.tags
-    return {"name": found.name, "version": int(found.version), "uri": f"models:/{found.name}/{found.version}",
-            "run_id": found.run_id, "dataset_fingerprint": tags.get("dataset_fingerprint"), "config_yaml": config_yaml}
-
-
-def set_model_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
-    client = _client(uri)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, str(value))
 
 
 def run_link(uri: str, run_id: str) -> dict:

@@ -75,18 +75,48 @@ def _kaggle_credentials(block: str | None) -> dict[str, str] | None:
     return json.loads(value) if isinstance(value, str) else dict(value)
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """A KaggleError is final (no or rejected credentials, no such file; the download retried its
+    own network errors already): fail at once instead of waiting 35 s for the same answer."""
+    from lib.kaggle_source import KaggleError
+
+    return not isinstance(state.result(raise_on_failure=False), KaggleError)
+
+
 @task(retries=2, retry_delay_seconds=[5, 30], cache_key_fn=_acquire_cache_key, persist_result=True,
-      result_serializer="json")
+      result_serializer="json", retry_condition_fn=worth_retrying)
 def acquire_corpus(data: DataConfig) -> str:
-    """Return the path of the corpus CSV; downloads only for `data.source: kaggle`."""
+    """Return the path of the corpus CSV; downloads only for `data.source: kaggle`.
+
+    For Kaggle, asks the dataset's current version first and downloads again when the cached file
+    is of another one (the version is kept in the cache marker: see `corpus_version`). Kaggle
+    unreachable but a verified file cached: that file is used, with a warning.
+    """
     logger = get_run_logger()
     if data.source != "kaggle":
         path = corpus_path(data)
         logger.info("corpus: %s (%s)", path, data.source)
         return str(path)
-    from lib.kaggle_source import download_kaggle_file
+    from lib.kaggle_source import KaggleError, current_version, download_kaggle_file
 
-    path = download_kaggle_file(data.kaggle_dataset, data.kaggle_file, f"{data.cache_dir}/kaggle",
-                                credentials=_kaggle_credentials(data.kaggle_secret_block))
-    logger.info("corpus: %s (kaggle %s)", path, data.kaggle_dataset)
+    credentials = _kaggle_credentials(data.kaggle_secret_block)
+    cache = f"{data.cache_dir}/kaggle"
+    try:
+        version = current_version(data.kaggle_dataset, credentials=credentials)
+    except KaggleError as error:
+        if corpus_version(data) is None:  # nothing usable cached: the download reports the problem
+            raise
+        version = None
+        logger.warning("could not ask Kaggle for the current version (%s); using the cached file", error)
+    path = download_kaggle_file(data.kaggle_dataset, data.kaggle_file, cache, credentials=credentials, version=version)
+    logger.info("corpus: %s (kaggle %s, version %s)", path, data.kaggle_dataset, corpus_version(data))
     return str(path)
+
+
+def corpus_version(data: DataConfig) -> int | None:
+    """The Kaggle dataset version of the cached download (None for other sources or no cache)."""
+    if data.source != "kaggle":
+        return None
+    from lib.kaggle_source import cached_version, cached_path
+
+    return cached_version(cached_path(data.kaggle_dataset, data.kaggle_file, f"{data.cache_dir}/kaggle"))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from lib import evaluation, plots, tracking
+from lib import evaluation, plots, registry, tracking
+from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
 
 PLOTTED = ["test_perplexity", "test_bits_per_byte", "chrf", "rougeL"]
@@ -36,16 +37,18 @@ def _log_evaluation(result: dict, output_dir: str, uri: str, run_id: str) -> dic
 
 
 @task
-def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str) -> dict:
-    """Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`), `samples` (the first 3 rows), file paths."""
-    result = evaluation.evaluate_adapter(dataset_path, adapter_dir, config, Path(output_dir) / "evaluation")
+def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str,
+                     benchmark: Benchmark | None = None) -> dict:
+    """Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`, and `benchmark_<m>` with a benchmark),
+    `samples` (the first 3 rows), file paths."""
+    result = evaluation.evaluate_adapter(dataset_path, adapter_dir, config, Path(output_dir) / "evaluation", benchmark)
     return _log_evaluation(result, output_dir, uri, run_id)
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def resolve_registered(uri: str, registered_uri: str) -> dict:
     """`models:/NAME/VERSION` or `@ALIAS` -> name, pinned version and uri, source run id, its config."""
-    return tracking.registered_version(uri, registered_uri)
+    return registry.registered_version(uri, registered_uri)
 
 
 @task
@@ -76,4 +79,4 @@ def link_evaluation(uri: str, target: dict, run_id: str, metrics: dict[str, floa
     tags = {"last_evaluation_run_id": run_id}
     if champion_metric in metrics:
         tags[f"last_evaluation_{champion_metric}"] = f"{metrics[champion_metric]:.6g}"
-    tracking.set_model_version_tags(uri, target["name"], target["version"], tags)
+    registry.set_model_version_tags(uri, target["name"], target["version"], tags)

@@ -1,4 +1,4 @@
-"""Stage 5: log the adapter as an MLflow model and register a new version (`champion` updated).
+"""Stage 5: log the adapter as an MLflow model, register a new version and decide `champion` on the benchmark.
 
 Retried with backoff because it crosses a network; a retry is safe: lib.registry returns the
 version an earlier attempt already registered for this MLflow run instead of adding a twin.
@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 
 from lib import registry
 from lib.base_model import describe_base
+from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
 
 KEY_METRICS = ("test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte", "chrf", "rougeL")
@@ -25,20 +26,31 @@ def worth_retrying(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=worth_retrying)
 def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metrics: dict[str, float],
-                     fingerprint: str, uri: str, run_id: str, extra_tags: dict[str, str]) -> dict:
-    """Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, its checksums.
+                     fingerprint: str, benchmark: Benchmark, training_key: str, force: bool, uri: str, run_id: str,
+                     extra_tags: dict[str, str]) -> dict:
+    """Register a version and decide `champion` on the model's benchmark, as one unit.
 
+    Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, the decision,
+    its checksums, and `up_to_date` (a concurrent twin registered the same training key first).
     `extra_tags` carries the provenance (Prefect flow-run id and name, git commit) onto the version.
     """
     described = describe_base(base, config.model)
-    lora = config.lora
+    lora, registry_cfg = config.lora, config.registry
     tags = {"base_model": config.model.name, "precision": config.model.precision, "dataset_fingerprint": fingerprint,
             **({"base_revision": described["revision"]} if described.get("revision") else {}),
             "lora": f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={','.join(lora.target_modules)}",
-            **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics}, **extra_tags}
+            **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics}, **extra_tags,
+            **({"forced": "true"} if force else {})}
     generation = {"max_new_tokens": config.eval.max_new_tokens, "do_sample": config.eval.do_sample,
                   "temperature": config.eval.temperature, "top_p": config.eval.top_p, "seed": config.eval.seed}
-    registered = registry.register_adapter(uri, run_id, adapter_dir, described, generation, config.registry.model_name,
-                                           tags, metrics, config.registry.champion_metric)
-    get_run_logger().info("registered %s (champion: %s)", registered["uri"], registered["champion"])
+    registered = registry.register_adapter(
+        uri, run_id, adapter_dir, described, generation, registry_cfg.model_name, tags, metrics,
+        champion_metric=registry_cfg.champion_metric, benchmark_fingerprint=benchmark.fingerprint,
+        min_improvement=registry_cfg.min_improvement, training_key=None if force else training_key)
+    logger = get_run_logger()
+    if registered["up_to_date"]:
+        logger.warning("a concurrent run registered the same training key first: %s holds it; nothing registered",
+                       registered["uri"])
+    else:
+        logger.info("registered %s: %s", registered["uri"], registered["decision"]["reason"])
     return registered

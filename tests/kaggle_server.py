@@ -12,6 +12,10 @@ Like Kaggle, ``DownloadDataset`` answers with a 302 to a signed storage URL on a
 (``storage.kaggle.test``), so the client drops the Authorization header on the redirect, as it
 does with Google Cloud Storage; ``auth_leaks`` counts storage requests that still carry one.
 
+Like Kaggle, the dataset has numbered versions: ``GetDataset`` answers ``currentVersionNumber``,
+``publish(csv_bytes)`` adds a new current version, and ``DownloadDataset`` serves the version its
+request names (``datasetVersionNumber``; the current one when it names none).
+
 Each ``DownloadDataset`` call takes the next behaviour from ``script`` (then ``default``):
   good       the file (zip, or plain when ``zipped=False``)
   corrupt    a truncated archive delivered with a matching Content-Length (looks complete)
@@ -65,7 +69,9 @@ class FakeKaggle:
                  zipped: bool = True, username: str = "alice", key: str = "k3y-s3cret-abc",
                  token: str | None = None, refresh_token: str | None = None):
         self.dataset, self.file_name, self.zipped = dataset, file_name, zipped
-        self.csv_bytes = csv_bytes if csv_bytes is not None else lenta_csv()
+        self.versions = {1: csv_bytes if csv_bytes is not None else lenta_csv()}  # number -> that version's CSV
+        self.version_calls = 0
+        self.downloaded_versions: list[int] = []
         self.username, self.key, self.token, self.refresh_token = username, key, token, refresh_token
         self.script: list[str] = []
         self.default = "good"
@@ -82,8 +88,30 @@ class FakeKaggle:
         return self._httpd.server_address[1]
 
     @property
+    def version(self) -> int:
+        return max(self.versions)
+
+    @property
+    def csv_bytes(self) -> bytes:
+        return self.versions[self.version]
+
+    @csv_bytes.setter
+    def csv_bytes(self, data: bytes) -> None:  # replaces the current version's file in place
+        self.versions[self.version] = data
+
+    def publish(self, csv_bytes: bytes) -> int:
+        """A new version of the dataset becomes current (as an owner's upload does); returns its number."""
+        with self._lock:
+            self.versions[self.version + 1] = csv_bytes
+            return self.version
+
+    def payload_of(self, version: int, csv_bytes: bytes | None = None) -> bytes:
+        data = self.versions[version] if csv_bytes is None else csv_bytes
+        return zip_bytes(self.file_name, data) if self.zipped else data
+
+    @property
     def payload(self) -> bytes:
-        return zip_bytes(self.file_name, self.csv_bytes) if self.zipped else self.csv_bytes
+        return self.payload_of(self.version)
 
     @property
     def served_name(self) -> str:
@@ -135,6 +163,8 @@ def _make_handler(server: FakeKaggle):
             body = json.loads(self.rfile.read(length) or b"{}")
             if path == "/api/v1/users.AccountService/GenerateAccessToken":
                 return self._token(body)
+            if path == "/api/v1/datasets.DatasetApiService/GetDataset":
+                return self._dataset(body)
             if path != "/api/v1/datasets.DatasetApiService/DownloadDataset":
                 return self._json(404, {"code": 404, "message": "Not found"})
             with server._lock:
@@ -144,32 +174,45 @@ def _make_handler(server: FakeKaggle):
             wanted = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
             if wanted != server.dataset or body.get("fileName") != server.file_name:
                 return self._json(404, {"code": 404, "message": "Not found"})
+            version = int(body.get("datasetVersionNumber") or server.version)
+            if version not in server.versions:
+                return self._json(404, {"code": 404, "message": f"No version {version}"})
             behaviour = server.next_behaviour()
             if behaviour == "error503":
                 return self._json(503, {"code": 503, "message": "Service Unavailable"})
             self.send_response(302)
-            self.send_header("Location", f"http://{STORAGE_HOST}/files/{behaviour}/"
+            self.send_header("Location", f"http://{STORAGE_HOST}/files/{behaviour}/{version}/"
                              f"{server.served_name}?X-Goog-Signature={SIGNATURE}")
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def do_GET(self) -> None:
-            parts = urlsplit(self.path).path.split("/")  # ['', 'files', behaviour, name]
-            if len(parts) != 4 or parts[1] != "files":
+            parts = urlsplit(self.path).path.split("/")  # ['', 'files', behaviour, version, name]
+            if len(parts) != 5 or parts[1] != "files":
                 return self._json(404, {"code": 404, "message": "Not found"})
             with server._lock:
                 server.file_requests += 1
                 server.auth_leaks += "Authorization" in self.headers
-            self._file(parts[2])
+                server.downloaded_versions.append(int(parts[3]))
+            self._file(parts[2], int(parts[3]))
 
-        def _file(self, behaviour: str) -> None:
-            data = server.payload
+        def _dataset(self, body: dict) -> None:
+            with server._lock:
+                server.version_calls += 1
+            if not server.authorized(self.headers.get("Authorization")):
+                return self._json(401, {"code": 401, "message": "Unauthenticated"})
+            if f"{body.get('ownerSlug')}/{body.get('datasetSlug')}" != server.dataset:
+                return self._json(404, {"code": 404, "message": "Not found"})
+            self._json(200, {"ref": server.dataset, "currentVersionNumber": server.version})
+
+        def _file(self, behaviour: str, version: int) -> None:
+            data = server.payload_of(version)
             if behaviour == "storage503":
                 return self._json(503, {"error": "backend unavailable"})
             if behaviour == "corrupt":
                 data = data[: len(data) // 2]
             elif behaviour == "crc":
-                data = bytearray(zip_bytes(server.file_name, server.csv_bytes, zipfile.ZIP_STORED))
+                data = bytearray(zip_bytes(server.file_name, server.versions[version], zipfile.ZIP_STORED))
                 data[30 + len(server.file_name) + 40] ^= 0x01  # a byte of the stored CSV itself
                 data = bytes(data)
             self.send_response(200)

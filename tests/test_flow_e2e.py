@@ -3,6 +3,7 @@ temporary MLflow sqlite store: what a user finds in MLflow afterwards."""
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from mlflow import MlflowClient
@@ -61,9 +62,49 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert "test_bits_per_byte" in version.tags and version.tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
     assert int(client.get_model_version_by_alias("test-adapter", "champion").version) == 1
 
+    # The model's benchmark is fixed by its first version: this run's test split, stored in a run of
+    # its own and logged as a dataset input; the first version's benchmark score is its test score.
+    model = client.get_registered_model("test-adapter")
+    fingerprint = model.tags["benchmark.fingerprint"]
+    assert summary["benchmark"]["fingerprint"] == fingerprint == version.tags["benchmark_fingerprint"]
+    assert float(version.tags["benchmark_bits_per_byte"]) == metrics["benchmark_bits_per_byte"] == metrics["test_bits_per_byte"]
+    assert "benchmark/benchmark.json" in artifact_paths(client, model.tags["benchmark.run_id"])
+    inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert ("test-adapter-benchmark", fingerprint[:16], "benchmark") in inputs
+    decision = json.loads(version.tags["champion_decision"])
+    assert decision["promoted"] and decision["benchmark_fingerprint"] == fingerprint
+    assert len(tags["training_key"]) == 64 and version.tags["training_key"] == tags["training_key"]
+
+    # Nothing changed: the second run trains and registers nothing, and says so.
     second = finetune(config=tiny_config)
-    assert second["model"]["version"] == 2
-    assert client.get_run(second["run_id"]).info.status == "FINISHED"
+    assert second["up_to_date"] and second["model"]["version"] == 1 and "metrics" not in second
+    assert "up to date: version 1 holds this" in second["message"]
+    again = client.get_run(second["run_id"])
+    assert again.info.status == "FINISHED" and again.data.tags["up_to_date_version"] == "1"
+    assert "train_loss" not in again.data.metrics and again.data.tags["training_key"] == tags["training_key"]
+    assert [str(v.version) for v in client.search_model_versions("name='test-adapter'")] == ["1"]
+    assert "up to date: version 1 holds this" in summary_artifact()
+
+    # --force trains anyway; identical numbers are within the promotion margin: champion stays 1.
+    forced = finetune(config=tiny_config, force=True)
+    assert forced["model"]["version"] == 2 and forced["model"]["champion"] is False
+    assert forced["metrics"]["benchmark_bits_per_byte"] == metrics["benchmark_bits_per_byte"]
+    decision = json.loads(client.get_model_version("test-adapter", "2").tags["champion_decision"])
+    assert decision["previous_value"] == decision["value"] and decision["relative_improvement"] == 0
+    assert decision["reason"].startswith("champion stays 1") and decision["min_improvement"] == 0.002
+    assert int(client.get_model_version_by_alias("test-adapter", "champion").version) == 1
+
+
+def summary_artifact() -> str:
+    """The newest `finetune-summary` Markdown artifact, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-summary"])),
+                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+    return found[0].data
 
 
 def test_failed_flow_marks_run_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri, tmp_path):

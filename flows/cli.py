@@ -95,7 +95,7 @@ def command_models(args) -> int:
         t, bench = r["tags"], r["benchmark"] or ""
         value, on = t.get("benchmark_bits_per_byte"), t.get("benchmark_fingerprint", "")
         shown = f"{float(value):.6g}" if value else "-"
-        where = "-" if not on else on[:12] if on == bench else f"{on[:8]} (old)"
+        where = "-" if not on else on[:12] if on == bench else f"{on[:8]} (other)"
         print(f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<12} {shown:>23}  {where:<12} "
               f"{t.get('test_bits_per_byte', '-'):>18}  {r['run_id']}")
     benchmarks = {r["name"]: r for r in rows if r["benchmark"]}

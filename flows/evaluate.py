@@ -32,7 +32,7 @@ def evaluate_registered(model: str, version: int | None = None, alias: str | Non
         csv_path = acquire_corpus.with_options(result_storage=result_storage_for(config.data))(config.data)
         output_dir = f"{config.data.cache_dir}/evaluations/{run_id}"
         evaluated = evaluate_registered_adapter(target, csv_path, config, output_dir, uri, run_id)
-        link_evaluation(uri, target, run_id, evaluated["metrics"], config.registry.champion_metric)
+        link_evaluation(uri, target, run_id, evaluated["metrics"])
     except BaseException:
         finish_run(uri, run_id, "FAILED")
         raise

@@ -69,8 +69,8 @@ def fetch_benchmark(uri: str, name: str, folder: str | Path) -> Benchmark | None
 def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) -> Benchmark:
     """Make `benchmark` the model's benchmark unless it has one; return the one it has afterwards.
 
-    The texts go into a run of their own (`benchmark-<name>`, tag `lenta_lora.kind=benchmark`),
-    logged as an MLflow dataset input with the fingerprint as digest, so the benchmark outlives
+    The texts go into a run of their own (`benchmark-<name>` in experiment `<experiment>-benchmarks`,
+    tag `lenta_lora.kind=benchmark`), logged as an MLflow dataset input with the fingerprint as digest, so the benchmark outlives
     any training run and is browsable in the UI.
     """
     client = _client(uri)
@@ -79,7 +79,8 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     if existing:
         return _as_stored(existing, benchmark)
     _, documents = read_benchmark(benchmark.path, stored=False)
-    run = client.create_run(_experiment_id(client, uri, experiment), run_name=f"benchmark-{name}",
+    # An experiment of their own: the training experiment lists training runs only.
+    run = client.create_run(_experiment_id(client, uri, f"{experiment}-benchmarks"), run_name=f"benchmark-{name}",
                             tags={"lenta_lora.kind": "benchmark", "benchmark.for_model": name,
                                   "mlflow.note.content": f"The benchmark of registered model `{name}`: "
                                                          f"{benchmark.texts} texts, {benchmark.source}"})

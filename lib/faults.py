@@ -1,7 +1,9 @@
 """Crashes: fault points that cause them for the reliability tests, and telling a crashed process from a live one.
 
 `LENTA_LORA_FAULT=<point>` makes the process SIGKILL itself when it reaches `<point>`, the way
-the OOM killer or a power cut would stop it: no `finally`, no `except`, no atexit. A test can hit
+the OOM killer or a power cut would stop it: no `finally`, no `except`, no atexit.
+`LENTA_LORA_FAULT=<point>:raise` raises InjectedFault there instead: an ordinary error, after
+which the code's own cleanup must leave no half state. A test can hit
 a window of milliseconds (between writing a dataset and publishing it, between registering a
 version and closing its run) that an outside `kill` would almost never land in. Unset, each point
 is one dictionary lookup.
@@ -11,7 +13,7 @@ Points (in pipeline order; tests/reliability/test_kill_points.py kills at each o
     train.step-<N>                optimizer step N done (after its checkpoint, if one falls on N)
     evaluate.after-scoring        perplexities computed, generations not
     register.after-artifacts      the model is logged in the run's artifacts, no version yet
-    register.after-version        a version exists, `champion` not yet updated
+    register.after-version        a version exists, `champion` not yet decided
     register.after-champion       registration complete; the flow has not closed its run
 """
 
@@ -26,9 +28,16 @@ log = logging.getLogger("lenta_lora.faults")
 VARIABLE = "LENTA_LORA_FAULT"
 
 
+class InjectedFault(RuntimeError):
+    """Raised at a fault point named with `:raise` (a failure the code must clean up after)."""
+
+
 def reach(point: str) -> None:
-    """SIGKILL this process if $LENTA_LORA_FAULT names `point`."""
-    if os.environ.get(VARIABLE) == point:
+    """SIGKILL this process if $LENTA_LORA_FAULT names `point`; raise InjectedFault if it names `point:raise`."""
+    wanted = os.environ.get(VARIABLE)
+    if wanted == f"{point}:raise":
+        raise InjectedFault(f"fault injected at {point} ({VARIABLE}={wanted})")
+    if wanted == point:
         log.warning("fault point %s reached: killing process %d (SIGKILL)", point, os.getpid())
         for handler in logging.getLogger().handlers:  # so the test's log shows where it died
             handler.flush()

@@ -62,8 +62,8 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
         return {"name": model_name, "version": int(holder.version), "uri": f"models:/{model_name}/{holder.version}",
                 "champion": _alias_version(client, model_name) == str(holder.version), "decision": None,
                 "sha256": {}, "up_to_date": True}
-    faults.reach("register.after-version")
     try:
+        faults.reach("register.after-version")
         decision = update_champion(client, model_name, version.version, champion_metric, benchmark_fingerprint,
                                    min_improvement, run_id)
     except BaseException:

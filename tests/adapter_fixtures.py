@@ -21,6 +21,9 @@ from tests.conftest import tiny_overrides
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "registry-test"
 PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
+# How these tests register: the default champion metric, on a benchmark named by a made-up fingerprint.
+CHAMPION_POLICY = {"champion_metric": "benchmark_bits_per_byte", "benchmark_fingerprint": "f" * 64,
+                   "min_improvement": 0.002}
 
 
 def git_commit() -> str:
@@ -61,16 +64,15 @@ def registered(trained, tmp_path_factory):
     tags = {"base_model": config.model.name, "dataset_fingerprint": info["fingerprint"], "git_commit": git_commit(),
             "prefect.flow_run_id": str(uuid4())}
     run_id = tracking.start_run(uri, "registry-test", "registry", {"lora.r": config.lora.r}, tags, "{}\n")
-    metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5}
+    metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5, "benchmark_bits_per_byte": 3.25}
     base = describe_base(info["base"], config.model)
     result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags,
-                                       metrics, "test_bits_per_byte")
+                                       metrics, **CHAMPION_POLICY)
     tracking.finish_run(uri, run_id)
     client = MlflowClient(uri, uri)
     model_dir = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path)
     return {**result, "tracking_uri": uri, "run_id": run_id, "tags": tags, "base": base, "model_dir": model_dir,
-            "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics,
-                              "test_bits_per_byte")}
+            "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics)}
 
 
 def flip_last_byte(path: Path) -> bytes:

@@ -10,6 +10,7 @@ with its output in a log file, and is stopped as a group: the server and worker 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -125,6 +126,16 @@ class PrefectServer:
             stop_process(process, grace_s=5)  # one SIGTERM starts a slow graceful stop (>20 s seen here)
 
 
+def api(url: str, path: str, method: str = "GET", body=None):
+    """One call of the Prefect REST API; the decoded JSON answer (None for an empty one)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -141,12 +152,14 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: floa
 
 
 @contextmanager
-def prefect_server(home: Path, startup_timeout_s: float = 120) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1:<free port> with PREFECT_HOME=`home` (a fresh folder)."""
+def prefect_server(home: Path, startup_timeout_s: float = 120,
+                   extra_env: dict[str, str] | None = None) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1:<free port> with PREFECT_HOME=`home` (a fresh folder);
+    `extra_env` (say, a faster scheduler loop) goes to the server, the CLI calls and the workers."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = child_env(home, url)
+    env = {**child_env(home, url), **(extra_env or {})}
     log = home / "server.log"
     process = start_process([PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port),
                              "--no-ui", "--analytics-off"], env, log, home)

@@ -262,3 +262,19 @@ def test_wrong_file_content_is_rejected_not_retried(server, creds, cache):
 def test_malformed_dataset_name(cache, dataset):
     with pytest.raises(KaggleError, match="owner/name"):
         fetch(cache, dataset=dataset)
+
+
+def test_current_version_is_asked_and_a_moved_version_is_downloaded_again(server, creds, cache):
+    from lib.kaggle_source import cached_version, current_version
+
+    assert current_version(DATASET) == 1
+    path = fetch(cache, version=1)
+    assert cached_version(path) == 1 and fetch(cache, version=1) == path  # same version: the cache
+    assert server.downloaded_versions == [1]
+    server.publish(lenta_csv(rows=5))
+    assert current_version(DATASET) == 2
+    assert fetch(cache, version=2) == path and cached_version(path) == 2
+    assert server.downloaded_versions == [1, 2] and path.read_bytes() == lenta_csv(rows=5)
+    assert fetch(cache, version=1).read_bytes() == lenta_csv()  # a pinned older version is served as such
+    with pytest.raises(KaggleError, match="version of no/such failed .HTTP 404"):
+        current_version("no/such")

@@ -18,9 +18,9 @@ from uuid import uuid4
 import pytest
 from mlflow import MlflowClient
 
-from lib import registry, tracking
+from lib import faults, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
-from tests.adapter_fixtures import NAME, git_commit, registered, trained  # noqa: F401  (fixtures)
+from tests.adapter_fixtures import CHAMPION_POLICY, NAME, git_commit, registered, trained  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +105,9 @@ def test_version_records_provenance_metrics_and_checksums(trained, registered):
     assert version.run_id == registered["run_id"]
     assert tags["base_model"] == "tiny" and tags["dataset_fingerprint"] == fingerprint
     assert tags["git_commit"] == git_commit() and tags["prefect.flow_run_id"] == registered["tags"]["prefect.flow_run_id"]
-    assert tags["champion_metric"] == "test_bits_per_byte" and float(tags["champion_metric_value"]) == 3.25
-    for fact in (fingerprint, git_commit(), registered["tags"]["prefect.flow_run_id"], "test_bits_per_byte 3.25",
+    assert tags["champion_metric"] == "benchmark_bits_per_byte" and float(tags["champion_metric_value"]) == 3.25
+    assert tags["benchmark_fingerprint"] == "f" * 64 and float(tags["benchmark_bits_per_byte"]) == 3.25
+    for fact in (fingerprint, git_commit(), registered["tags"]["prefect.flow_run_id"], "benchmark_bits_per_byte 3.25",
                  registered["run_id"], "tiny"):
         assert fact in version.description, (fact, version.description)
     # Checksums: the tags equal the files that were trained and the files now in the store.
@@ -122,11 +123,26 @@ def test_version_records_provenance_metrics_and_checksums(trained, registered):
 @pytest.mark.slow
 def test_registering_the_same_run_again_returns_its_version(registered):
     """What a Prefect retry of the register task does after a partial success."""
-    again = registry.register_adapter(*registered["register_args"])
+    again = registry.register_adapter(*registered["register_args"], **CHAMPION_POLICY)
     client = MlflowClient(registered["tracking_uri"], registered["tracking_uri"])
     versions = client.search_model_versions(f"name = '{NAME}'")
     assert again["version"] == 1 and [str(v.version) for v in versions] == ["1"]
     assert again["champion"] is True
+
+
+@pytest.mark.slow
+def test_a_failed_champion_decision_leaves_no_version(trained, registered, monkeypatch):
+    """Register and decide are one unit: a version whose decision failed is deleted again."""
+    uri = registered["tracking_uri"]
+    client = MlflowClient(uri, uri)
+    run_id = tracking.start_run(uri, "registry-test", "atomic", {}, {}, "")
+    monkeypatch.setenv("LENTA_LORA_FAULT", "register.after-version:raise")
+    with pytest.raises(faults.InjectedFault):  # would have been champion: 1.0 beats 3.25 by far
+        registry.register_adapter(uri, run_id, trained["adapter"], registered["base"], {}, NAME, {},
+                                  {"benchmark_bits_per_byte": 1.0}, **CHAMPION_POLICY)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    tracking.finish_run(uri, run_id, "FAILED")
 
 
 @pytest.mark.slow
@@ -157,12 +173,11 @@ def store(tmp_path_factory):
 
 
 def model_with_versions(client: MlflowClient, values: dict[str, float | None]) -> str:
-    """A new registered model whose versions are tagged as register_adapter tags them; returns its name."""
+    """A new registered model with one (file-less) version per key; returns its name."""
     name = f"m-{uuid4().hex[:8]}"
     client.create_registered_model(name)
-    for key, value in values.items():
-        tags = {registry.METRIC_TAG: "test_bits_per_byte", registry.VALUE_TAG: repr(value)} if value is not None else {}
-        client.create_model_version(name, f"file:///nonexistent/{key}", tags={"key": key, **tags})
+    for key in values:
+        client.create_model_version(name, f"file:///nonexistent/{key}", tags={"key": key})
     return name
 
 
@@ -192,37 +207,6 @@ def test_version_whose_files_are_gone_is_a_file_not_found(store):
         registry.load_registered(uri, f"models:/{name}/1")
 
 
-def test_champion_converges_after_a_stale_write(store):
-    """Two registrations race: the worse one's alias write lands last. Re-checking undoes it."""
-    _, client = store
-    name = model_with_versions(client, {"a": 2.0, "b": 1.5, "c": None, "d": 1.5})
-
-    def holder() -> str:
-        return str(client.get_model_version_by_alias(name, "champion").version)
-
-    client.set_registered_model_alias(name, "champion", "1")  # the slower racer's stale write
-    assert registry.update_champion(client, name, "1", "test_bits_per_byte") is False
-    assert holder() == "2"  # the lowest value; of the tied 2 and 4 the older
-    decision = json.loads(client.get_model_version(name, "1").tags["champion_decision"])
-    assert decision["previous_version"] == "1" and decision["champion_version"] == "2" and decision["alias_writes"] == 1
-    assert registry.update_champion(client, name, "2", "test_bits_per_byte") is True
-    # A person can keep a version out; one without the metric (3) never wins.
-    client.set_model_version_tag(name, "2", registry.ELIGIBLE_TAG, "false")
-    assert registry.update_champion(client, name, "4", "test_bits_per_byte") is True and holder() == "4"
-
-
-def test_champion_falls_back_to_run_metrics_for_older_versions(store):
-    """Versions registered before the exact-value tag existed are ranked by their run's metric."""
-    uri, client = store
-    experiment = client.create_experiment(f"old-{uuid4().hex[:8]}", artifact_location=Path(uri[10:]).parent.as_uri())
-    name = model_with_versions(client, {})
-    for value in (2.0, 1.0):
-        run = client.create_run(experiment)
-        client.log_metric(run.info.run_id, "test_bits_per_byte", value)
-        client.create_model_version(name, f"file:///nonexistent/{value}", run_id=run.info.run_id)
-    assert registry.update_champion(client, name, "2", "test_bits_per_byte") is True
-
-
 def test_pickle_weights_are_never_registered(store, tmp_path):
     uri, client = store
     adapter = tmp_path / "adapter"
@@ -232,7 +216,7 @@ def test_pickle_weights_are_never_registered(store, tmp_path):
     run_id = tracking.start_run(uri, "pickles", "r", {}, {}, "")
     with pytest.raises(ArtifactIntegrityError, match=r"pickle weight files \['adapter_model\.bin'\]"):
         registry.register_adapter(uri, run_id, adapter, {"kind": "hub", "name": "x"}, {}, "pickled", {},
-                                  {"test_bits_per_byte": 1.0}, "test_bits_per_byte")
+                                  {"benchmark_bits_per_byte": 1.0}, **CHAMPION_POLICY)
     assert client.search_model_versions("name = 'pickled'") == []
 
 

@@ -41,7 +41,8 @@ def run_flow(command: list[str], log: Path, fault: str | None = None, timeout: f
 
 
 def all_runs(client: MlflowClient) -> list:
-    experiments = [e.experiment_id for e in client.search_experiments()]
+    """Every flow run's MLflow run, oldest first (not the runs that hold registered models' benchmarks)."""
+    experiments = [e.experiment_id for e in client.search_experiments() if not e.name.endswith("-benchmarks")]
     return client.search_runs(experiments, order_by=["attributes.start_time ASC"]) if experiments else []
 
 

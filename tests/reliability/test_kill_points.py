@@ -89,7 +89,7 @@ def test_a_kill_at_every_stage_then_a_clean_run_gives_the_uninterrupted_result(p
     assert final.info.status == "FINISHED" and set(statuses) <= {"FAILED", "KILLED"}
     assert runs[killed_runs[CHAIN.index("train.step-7")]].info.status == "KILLED"  # its training was resumed
     [version] = assert_versions_have_their_files(client)  # the dead runs' versions were retracted
-    assert version.run_id == final.info.run_id
+    assert version.run_id == final.info.run_id and "champion_decision" in version.tags  # none undecided
     assert client.get_model_version_by_alias("test-adapter", "champion").version == version.version
     found = assert_cache_consistent(cache)
     assert found["leftovers"] == [] and found["checkpoints"] == []  # cleaned up after success

@@ -1,0 +1,60 @@
+"""`champion` through the whole flow (real Prefect engine, sqlite MLflow): a version trained on
+easier texts does not win by its own test split's luck, and `registry.benchmark` fixes a model's
+benchmark on a CSV of one's choosing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import DEFAULT_PROFILE
+from lib.config import SAMPLE_CSV, load_config
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def write_easy_corpus(path, articles: int = 60) -> str:
+    """Kaggle-format news that repeat one sentence pattern: far easier to predict than the sample."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "title", "text", "topic", "tags", "date"])
+        for i in range(articles):
+            # One pattern, a different number each: distinct articles (duplicates are removed).
+            text = " ".join([f"В Москве {i} числа солнечно, ветер слабый, осадков не ожидается."] * 12)
+            writer.writerow([f"https://example.test/weather/{i}", f"Погода на {i % 28 + 1} число", text,
+                             "Погода", "Москва", "2020/01/01"])
+    return str(path)
+
+
+def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(prefect_server, shared_cache,
+                                                                         tracking_uri, tmp_path):
+    from flows.finetune import finetune
+
+    client = MlflowClient(tracking_uri)
+    first = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache)))
+    easy_csv = write_easy_corpus(tmp_path / "easy.csv")
+    easy = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
+        "data.source": "csv", "data.path": easy_csv})))
+    one, two = first["metrics"], easy["metrics"]
+    print(f"\ntest bits/byte: v1 {one['test_bits_per_byte']:.4f}, v2 {two['test_bits_per_byte']:.4f} (own test splits); "
+          f"benchmark bits/byte: v1 {one['benchmark_bits_per_byte']:.4f}, v2 {two['benchmark_bits_per_byte']:.4f}")
+    assert two["test_bits_per_byte"] < one["test_bits_per_byte"]  # its own texts are easier...
+    assert two["benchmark_bits_per_byte"] > one["benchmark_bits_per_byte"]  # ...the model's benchmark is not
+    assert easy["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]
+    assert easy["model"]["version"] == 2 and easy["model"]["champion"] is False
+    assert str(client.get_model_version_by_alias("test-adapter", "champion").version) == "1"
+    decision = json.loads(client.get_model_version("test-adapter", "2").tags["champion_decision"])
+    assert decision["value"] == two["benchmark_bits_per_byte"] and decision["previous_value"] == one["benchmark_bits_per_byte"]
+    assert decision["benchmark_fingerprint"] == first["benchmark"]["fingerprint"] and not decision["promoted"]
+
+    # A new model trained on the easy corpus but judged on the sample's test split, by choice.
+    chosen = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
+        "data.source": "csv", "data.path": easy_csv, "registry.model_name": "judged-on-sample",
+        "registry.benchmark": str(SAMPLE_CSV)})))
+    assert chosen["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]  # same texts, same windows
+    assert "lenta-sample.csv" in client.get_registered_model("judged-on-sample").tags["benchmark.source"]
+    assert chosen["metrics"]["benchmark_bits_per_byte"] == pytest.approx(two["benchmark_bits_per_byte"], rel=1e-6)

@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from lib.config import PipelineConfig
 from lib.evaluation import evaluation_config
 from lib.registry import model_uri
+from lib.reports import render_evaluation
 from lib.tracking import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, result_storage_for
 from tasks.evaluate import evaluate_registered_adapter, link_evaluation, resolve_registered
@@ -42,12 +43,3 @@ def evaluate_registered(model: str, version: int | None = None, alias: str | Non
     create_markdown_artifact(key="evaluation-summary", markdown=render_evaluation(summary),
                              description="lenta-lora re-evaluation")
     return summary
-
-
-def render_evaluation(summary: dict) -> str:
-    from flows.finetune import render_summary
-
-    target = summary["evaluated"]
-    return render_summary({**summary, "model": {**target, "champion": None},
-                           "title": f"re-evaluation of {target['uri']} (trained in run `{target['run_id']}`) "
-                                    f"on `{summary['csv']}`"})

@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from lib.checkpoint import checkpoint_dir
 from lib.config import PipelineConfig, build_config
+from lib.reports import render_summary
 from lib.tracking import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, corpus_version, result_storage_for
 from tasks.benchmark import resolve_benchmark, score_champion_on_benchmark, store_benchmark
@@ -67,39 +68,3 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
                "samples": evaluated["samples"], "bleu_signature": evaluated["bleu_signature"]}
     create_markdown_artifact(key="finetune-summary", markdown=render_summary(summary), description="lenta-lora run")
     return summary
-
-
-def render_summary(summary: dict) -> str:
-    """The run's Markdown artifact: where the run is, base vs tuned metrics, a few samples.
-
-    Also renders re-evaluations (flows/evaluate.py), which pass a `title` and `champion: None`.
-    """
-    from lib.evaluation import metrics_markdown, samples_markdown
-    from lib.tracking import run_link
-
-    model, link = summary["model"], run_link(summary["tracking_uri"], summary["run_id"])
-    where = (f"[{link['url']}]({link['url']})" if not link["command"] else
-             f"`{link['command']}`, then open {link['url']}")
-    champion = "" if model.get("champion") is None else f" (champion: {'yes' if model['champion'] else 'no'})"
-    parts = [f"## lenta-lora: {summary.get('title') or model['uri']}",
-             f"**MLflow run** `{summary['run_id']}`: {where}\n\n**Model** `{model['uri']}`{champion}",
-             "### Test metrics: base vs tuned, same test articles", metrics_markdown(summary["metrics"])]
-    decision, benchmark = model.get("decision"), summary.get("benchmark")
-    if decision and benchmark:
-        parts.append(f"### Champion\n\n{decision['reason']} ({decision['metric']} on benchmark "
-                     f"`{benchmark['fingerprint'][:12]}`: {benchmark['texts']} texts, {benchmark['source']}; "
-                     f"min_improvement {decision['min_improvement']:g})")
-    if summary.get("bleu_signature"):
-        parts.append(f"BLEU: sacreBLEU `{summary['bleu_signature']}`; chrF++ and BLEU on 0-100, the others 0-1.")
-    samples = summary.get("samples")
-    if samples:
-        parts += [f"### Samples (first {len(samples)}; all in the run's `samples/samples.md`)", samples_markdown(samples)]
-    return "\n\n".join(part.strip() for part in parts) + "\n"
-
-
-if __name__ == "__main__":
-    import sys
-
-    from flows.cli import main
-
-    sys.exit(main())

@@ -140,7 +140,7 @@ def test_metrics_table_orders_metrics_and_says_which_way_is_better():
 def test_run_summary_links_the_run_and_shows_samples(tracking_uri):
     from mlflow import MlflowClient
 
-    from flows.finetune import render_summary
+    from lib.reports import render_summary
     from lib.tracking import start_run
 
     run_id = start_run(tracking_uri, "summary-test", "r", {}, {}, "a: 1\n")

@@ -16,7 +16,7 @@ from uuid import uuid4
 import pytest
 from mlflow import MlflowClient
 
-from lib import champion, registry
+from lib import champion
 from tests.conftest import tiny_overrides
 from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
@@ -92,7 +92,7 @@ def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(prefect_
     for seed in (1, 2):
         overrides = tiny_overrides(shared_cache, **{"tracking.uri": uri, "registry.model_name": name,
                                                     "train.seed": seed})
-        command = [sys.executable, "-m", "flows.finetune", "run"] + [a for o in overrides for a in ("--set", o)]
+        command = [sys.executable, "-m", "flows.cli", "run"] + [a for o in overrides for a in ("--set", o)]
         log = open(tmp_path / f"flow-{seed}.log", "w")
         children.append((subprocess.Popen(command, cwd=tmp_path, env=child_env(uri), stdout=log,
                                           stderr=subprocess.STDOUT), log))

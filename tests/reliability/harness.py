@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def flow_command(cache: str | Path, **extra) -> list[str]:
-    return [sys.executable, "-m", "flows.finetune", "run", "--config", "configs/demo.yaml",
+    return [sys.executable, "-m", "flows.cli", "run", "--config", "configs/demo.yaml",
             *(f"--set={o}" for o in tiny_overrides(str(cache), **extra))]
 
 

@@ -38,7 +38,7 @@ def test_killed_flow_resumes_from_its_last_checkpoint(prefect_server, tracking_u
     from prefect.settings import PREFECT_API_URL
 
     cache = tmp_path / "cache"  # its own cache: the only checkpoints under it are this test's
-    command = [sys.executable, "-m", "flows.finetune", "run", "--config", "configs/demo.yaml",
+    command = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/demo.yaml",
                *(f"--set={o}" for o in tiny_overrides(str(cache), **{"train.max_steps": STEPS,
                                                                       "train.checkpoint_every": EVERY}))]
     # The session's Prefect server (not a temporary one per child); one thread: the 0.1M-parameter

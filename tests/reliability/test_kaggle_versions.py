@@ -39,3 +39,27 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
     # Judged on the benchmark its model got from version 1, not on its own test split.
     assert moved["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]
     assert client.get_model_version("test-adapter", "2").tags["benchmark_fingerprint"] == first["benchmark"]["fingerprint"]
+
+
+def test_missing_credentials_fail_at_once_without_task_retries(prefect_server, fake_kaggle, tracking_uri, tmp_path,
+                                                               monkeypatch):
+    """A retry cannot conjure credentials: the acquire task runs once, not three times over 35 s."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.finetune import finetune
+    from lib.kaggle_source import KaggleError
+
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(name)
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{"data.source": "kaggle"}))
+    with pytest.raises(KaggleError, match="no Kaggle credentials found"):
+        finetune(config=config)
+    [run] = MlflowClient(tracking_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()])
+    assert run.info.status == "FAILED"
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[run.data.tags["prefect.flow_run_id"]])))
+    [acquire] = [t for t in tasks if t.name.startswith("acquire_corpus")]
+    assert acquire.state_type.value == "FAILED" and acquire.run_count == 1

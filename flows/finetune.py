@@ -37,8 +37,10 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
         csv_path = acquire_corpus.with_options(result_storage=results)(config.data)
         prepared = prepare_dataset.with_options(result_storage=results)(csv_path, config.data, config.model,
                                                                         config.train.max_length)
-        record_dataset(prepared, uri, run_id)
-        key = training_key(config, prepared, corpus_version(config.data), uri, run_id)
+        version = corpus_version(config.data)  # Kaggle's dataset version, None for other sources
+        record_dataset(prepared, uri, run_id, {"dataset": config.data.kaggle_dataset, "version": version}
+                       if config.data.source == "kaggle" else None)
+        key = training_key(config, prepared, version, uri, run_id)
         holder = None if force else version_with_training_key(uri, config.registry.model_name, key)
         if holder:
             message = record_up_to_date(uri, run_id, holder, key)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lib.benchmark import FILE_NAME, Benchmark, read_benchmark
-from lib.tracking import _client, _experiment_id
+from lib.tracking import _client, _experiment_id, log_dataset_input
 
 log = logging.getLogger("lenta_lora.champion")
 
@@ -78,7 +78,6 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     existing = model_benchmark(uri, name)
     if existing:
         return _as_stored(existing, benchmark)
-    _, documents = read_benchmark(benchmark.path, stored=False)
     # An experiment of their own: the training experiment lists training runs only.
     run = client.create_run(_experiment_id(client, uri, f"{experiment}-benchmarks"), run_name=f"benchmark-{name}",
                             tags={"lenta_lora.kind": "benchmark", "benchmark.for_model": name,
@@ -86,7 +85,7 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
                                                          f"{benchmark.texts} texts, {benchmark.source}"})
     run_id = run.info.run_id
     client.log_artifact(run_id, benchmark.path, "benchmark")
-    log_documents(uri, run_id, documents, benchmark, name, context="benchmark")
+    log_documents(uri, run_id, benchmark, name, context="benchmark")
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in {
@@ -112,16 +111,11 @@ def _as_stored(meta: dict, ours: Benchmark) -> Benchmark:
                      int(meta.get("max_length", 0)), None if stride in (None, "None") else int(stride), True)
 
 
-def log_documents(uri: str, run_id: str, documents: list[str], benchmark: Benchmark, name: str, context: str) -> None:
-    """The texts as an MLflow dataset input of the run (the run page's Datasets panel)."""
-    import mlflow.data
-    import pandas as pd
-    from mlflow.entities import DatasetInput, InputTag
-
-    dataset = mlflow.data.from_pandas(pd.DataFrame({"document": documents}), name=f"{name}-benchmark",
-                                      digest=benchmark.fingerprint[:16])
-    _client(uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                  [InputTag("mlflow.data.context", context)])])
+def log_documents(uri: str, run_id: str, benchmark: Benchmark, name: str, context: str) -> None:
+    """The benchmark as an MLflow dataset input of the run (the run page's Datasets panel)."""
+    log_dataset_input(uri, run_id, f"{name}-benchmark", benchmark.fingerprint,
+                      {"type": "lenta-lora-benchmark", "source": benchmark.source, "fingerprint": benchmark.fingerprint},
+                      {"texts": benchmark.texts, "max_length": benchmark.max_length, "stride": benchmark.stride}, context)
 
 
 def record_scores(uri: str, name: str, version: str | int, benchmark: Benchmark, scores: dict[str, float],

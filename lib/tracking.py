@@ -19,6 +19,9 @@ from lib import faults
 log = logging.getLogger("lenta_lora.tracking")
 
 DEFAULT_DB = Path("mlruns") / "mlflow.db"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; the
+# model-training view ("Machine learning") is `custom_model_development`.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -84,6 +87,8 @@ def _client(uri: str):
 def _experiment_id(client, uri: str, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND not in found.tags:  # made before the kind was set: the UI would guess GenAI
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
@@ -91,7 +96,7 @@ def _experiment_id(client, uri: str, name: str) -> str:
         # unless absolute: pin it next to the database so every process finds the same files.
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
     except Exception:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
 
@@ -156,6 +161,35 @@ def log_table(uri: str, run_id: str, columns: dict[str, list], artifact_file: st
     # The client's form: mlflow.set_tracking_uri would also rewrite this process's
     # $MLFLOW_TRACKING_URI, which every later run and child process would then inherit.
     _client(uri).log_table(run_id, data=columns, artifact_file=artifact_file)
+
+
+def log_dataset_input(uri: str, run_id: str, name: str, digest: str, source: dict, profile: dict,
+                      context: str) -> None:
+    """A dataset input of the run (its Datasets panel): name, digest (our fingerprint), where the
+    data came from, and counts. Only this description is stored, never the texts."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest[:36], source_type=str(source.get("type", "local")),
+                      source=json.dumps(source, ensure_ascii=False), profile=json.dumps(profile),
+                      schema=json.dumps({"mlflow_colspec": [{"type": "string", "name": "document"}]}))
+    with _server_errors(uri, f"logging dataset {name} of run {run_id}"):
+        _client(uri).log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk and network (and GPU, where there is one) as the run's `system/*` metrics,
+    sampled every `interval_s` seconds (`MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` wins) while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -61,16 +61,13 @@ def resolve_benchmark(config: PipelineConfig, prepared: dict, uri: str, output_d
 def store_benchmark(benchmark: Benchmark, config: PipelineConfig, uri: str, run_id: str) -> Benchmark:
     """Fix the benchmark on the registered model (a no-op when it is stored already) and log it as
     this run's `benchmark` dataset input. Returns the model's benchmark afterwards."""
-    from lib.benchmark import read_benchmark
-
     name = config.registry.model_name
     kept = benchmark if benchmark.stored else champion.store_benchmark(uri, name, benchmark, config.tracking.experiment)
     if kept.fingerprint != benchmark.fingerprint:  # a concurrent first registration fixed another one
         get_run_logger().warning("%s got benchmark %s from a concurrent run; this run was scored on %s, so its "
                                  "version stays out of the champion race", name, kept.fingerprint[:12],
                                  benchmark.fingerprint[:12])
-    _, documents = read_benchmark(benchmark.path)
-    champion.log_documents(uri, run_id, documents, benchmark, name, context="benchmark")
+    champion.log_documents(uri, run_id, benchmark, name, context="benchmark")
     tracking.set_tags(uri, run_id, {"benchmark_fingerprint": benchmark.fingerprint, "benchmark_source": benchmark.source})
     return kept
 

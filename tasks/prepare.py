@@ -3,6 +3,7 @@ statistics in the run (never cached: every MLflow run gets them, cache hit or no
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,18 @@ def prepare_dataset(csv_path: str, data: DataConfig, model: ModelConfig, max_len
     return info
 
 
+def _source(info: dict, kaggle: dict | None) -> dict:
+    """Where the rows came from: the Kaggle dataset and version, or the file and its sha256."""
+    if kaggle:
+        return {"type": "kaggle", **kaggle, "file": Path(info["csv"]).name}
+    with open(info["csv"], "rb") as handle:
+        return {"type": "local", "path": info["csv"], "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+
+
 @task(retries=2, retry_delay_seconds=[2, 10])
-def record_dataset(info: dict, uri: str, run_id: str) -> None:
-    """Log the dataset fingerprint, counts and stats into the MLflow run and a Prefect artifact."""
+def record_dataset(info: dict, uri: str, run_id: str, kaggle: dict | None = None) -> None:
+    """Log the dataset fingerprint, counts and stats into the MLflow run and a Prefect artifact; each
+    split as a dataset input of the run (`kaggle`: {"dataset", "version"} when it came from Kaggle)."""
     # A cache hit returns paths from an earlier run; if someone deleted them since, say so here
     # rather than as a load error deep inside training.
     local = [("prepared dataset", info["path"])] + ([("base model", info["base"])] if Path(info["base"]).is_absolute() else [])
@@ -64,6 +74,11 @@ def record_dataset(info: dict, uri: str, run_id: str) -> None:
     flat["data_tokens_per_char"] = stats["tokens_per_char"]
     tracking.log_metrics(uri, run_id, flat)
     tracking.log_artifact_text(uri, run_id, json.dumps(stats, ensure_ascii=False, indent=2), "dataset_stats.json")
+    source = _source(info, kaggle)
+    for split, context in (("train", "training"), ("validation", "validation"), ("test", "testing")):
+        profile = {**stats["splits"].get(split, {}), **stats["blocks"].get(split, {})}  # articles, chars, tokens
+        tracking.log_dataset_input(uri, run_id, f"lenta-{split}", f"{info['fingerprint'][:24]}-{split}", source,
+                                   profile, context)
     create_markdown_artifact(
         key="dataset-stats",
         markdown="## Prepared dataset\n\n" + f"fingerprint `{info['fingerprint']}`\n\n```json\n"

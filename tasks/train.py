@@ -61,8 +61,9 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, ur
         logger.info("resuming from %s: step %d of %d (MLflow run %s)", found.path, found.step, found.total_steps, found.run_id)
         _close_interrupted_run(uri, found, run_id, logger)
 
-    result = training.train_adapter(dataset_path, config, output_dir, on_log=on_log, checkpoint_dir=checkpoint_dir,
-                                    run_id=run_id, on_resume=on_resume)
+    with tracking.system_metrics(uri, run_id):  # this process only: rank 0 under data parallelism
+        result = training.train_adapter(dataset_path, config, output_dir, on_log=on_log, checkpoint_dir=checkpoint_dir,
+                                        run_id=run_id, on_resume=on_resume)
     plot = plots.plot_loss(result.history, Path(output_dir) / "loss_curve.png")
     tracking.log_artifact(uri, run_id, plot, "plots")
     tracking.log_metrics(uri, run_id, {"train_steps": result.steps, "train_tokens": result.tokens,

@@ -63,7 +63,7 @@ def test_benchmark_is_stored_once_with_its_fingerprint(store, tmp_path):
     run = client.get_run(tags["benchmark.run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["lenta_lora.kind"] == "benchmark"
     [found] = run.inputs.dataset_inputs
-    assert found.dataset.name == f"{name}-benchmark" and found.dataset.digest == fingerprint[:16]
+    assert found.dataset.name == f"{name}-benchmark" and found.dataset.digest == fingerprint[:36]
     fetched = champion.fetch_benchmark(uri, name, tmp_path / "fetched")
     assert fetched.fingerprint == fingerprint and read_benchmark(fetched.path)[1] == TEXTS
     # A second store (another text set) keeps the first: a model's benchmark never changes.

@@ -22,9 +22,10 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return found
 
 
-def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_config, tracking_uri):
+def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_config, tracking_uri, monkeypatch):
     from flows.finetune import finetune
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny training lasts seconds
     summary = finetune(config=tiny_config)
     client = MlflowClient(tracking_uri)
     run = client.get_run(summary["run_id"])
@@ -42,6 +43,16 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert metrics["test_perplexity"] > 1 and metrics["base_test_perplexity"] > 1
     losses = client.get_metric_history(summary["run_id"], "train_loss")
     assert [m.step for m in losses] == [1, 2, 3, 4]  # one point per optimizer step
+
+    assert any(name.startswith("system/cpu_utilization") for name in metrics), sorted(metrics)
+    # The experiment opens in MLflow's model-training view; each split is a dataset input of the run.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    splits = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs if d.dataset.name.startswith("lenta-")}
+    assert sorted(splits) == ["testing", "training", "validation"]
+    source = json.loads(splits["training"].source)
+    assert source["type"] == "local" and source["path"].endswith("lenta-sample.csv") and len(source["sha256"]) == 64
+    profile = json.loads(splits["training"].profile)
+    assert profile["articles"] > 0 and profile["tokens"] > 0 and profile["blocks"] > 0 and splits["training"].digest.startswith(summary["dataset_fingerprint"][:24])
 
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] and tags["git_commit"] and tags["dataset_fingerprint"]
@@ -70,7 +81,7 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert float(version.tags["benchmark_bits_per_byte"]) == metrics["benchmark_bits_per_byte"] == metrics["test_bits_per_byte"]
     assert "benchmark/benchmark.json" in artifact_paths(client, model.tags["benchmark.run_id"])
     inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
-    assert ("test-adapter-benchmark", fingerprint[:16], "benchmark") in inputs
+    assert ("test-adapter-benchmark", fingerprint[:36], "benchmark") in inputs
     decision = json.loads(version.tags["champion_decision"])
     assert decision["promoted"] and decision["benchmark_fingerprint"] == fingerprint
     assert len(tags["training_key"]) == 64 and version.tags["training_key"] == tags["training_key"]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 
 from lib import evaluation, plots, registry, tracking
 from lib.benchmark import Benchmark
@@ -28,6 +29,9 @@ def _log_evaluation(result: dict, output_dir: str, uri: str, run_id: str) -> dic
     if rows:
         tracking.log_table(uri, run_id, {k: [r[k] for r in rows] for k in rows[0]}, "samples/samples_table.json")
     tracking.log_artifact(uri, run_id, result["samples_md"], "samples")
+    table = [{"metric": name, "base": metrics[f"base_{name}"], "tuned": metrics[name],
+              "delta": metrics[f"delta_{name}"]} for name in metrics if f"base_{name}" in metrics]
+    create_table_artifact(table, key="base-vs-tuned", description="test metrics, base vs tuned, same test articles")
     bars = plots.plot_comparison(metrics, PLOTTED, Path(output_dir) / "base_vs_tuned.png", evaluation.LOWER_IS_BETTER)
     tracking.log_artifact(uri, run_id, bars, "plots")
     get_run_logger().info("test perplexity %.2f -> %.2f, bits/byte %.3f -> %.3f", metrics["base_test_perplexity"],

@@ -7,11 +7,13 @@ and the killed run (left RUNNING by the kill) is marked KILLED.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from lib import checkpoint, plots, tracking, training
 from lib.config import PipelineConfig
@@ -49,8 +51,14 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, ur
     train = config.train
     tracking.log_params(uri, run_id, {"train.effective_batch": train.batch_size * train.grad_accum * train.num_processes})
 
+    bar = create_progress_artifact(0.0, key="training-progress", description="optimizer steps done, %")
+    updated = [0.0]  # monotonic seconds of the last update: at most one API call every 2 s
+
     def on_log(step: int, record: dict[str, float], progress: training.Progress | None) -> None:
         tracking.log_metrics(uri, run_id, record, step=step)
+        if progress is not None and (time.monotonic() - updated[0] >= 2 or step == progress.total):
+            update_progress_artifact(bar, 100.0 * step / progress.total)
+            updated[0] = time.monotonic()
         if progress is not None:
             logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %s", step, progress.total, record["train_loss"],
                         record["learning_rate"], record["tokens_per_second"],

@@ -86,6 +86,13 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert decision["promoted"] and decision["benchmark_fingerprint"] == fingerprint
     assert len(tags["training_key"]) == 64 and version.tags["training_key"] == tags["training_key"]
 
+    # Prefect artifacts a person reads: a link to the MLflow run, base vs tuned, training progress.
+    assert summary["run_id"] in artifact_data("mlflow-run")
+    table = {row["metric"]: row for row in json.loads(artifact_data("base-vs-tuned"))}
+    assert table["test_bits_per_byte"]["tuned"] == metrics["test_bits_per_byte"]
+    assert table["test_bits_per_byte"]["base"] == metrics["base_test_bits_per_byte"]
+    assert float(artifact_data("training-progress")) == 100.0
+
     # Nothing changed: the second run trains and registers nothing, and says so.
     second = finetune(config=tiny_config)
     assert second["up_to_date"] and second["model"]["version"] == 1 and "metrics" not in second
@@ -94,7 +101,7 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert again.info.status == "FINISHED" and again.data.tags["up_to_date_version"] == "1"
     assert "train_loss" not in again.data.metrics and again.data.tags["training_key"] == tags["training_key"]
     assert [str(v.version) for v in client.search_model_versions("name='test-adapter'")] == ["1"]
-    assert "up to date: version 1 holds this" in summary_artifact()
+    assert "up to date: version 1 holds this" in artifact_data("finetune-summary")
 
     # --force trains anyway; identical numbers are within the promotion margin: champion stays 1.
     forced = finetune(config=tiny_config, force=True)
@@ -106,16 +113,16 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert int(client.get_model_version_by_alias("test-adapter", "champion").version) == 1
 
 
-def summary_artifact() -> str:
-    """The newest `finetune-summary` Markdown artifact, read back from the Prefect API."""
+def artifact_data(key: str) -> str:
+    """The newest Prefect artifact under `key`, read back from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-summary"])),
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                       sort=ArtifactSort.CREATED_DESC, limit=1)
-    return found[0].data
+    return str(found[0].data)
 
 
 def test_failed_flow_marks_run_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri, tmp_path):

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lib.config import RegistryConfig
 
     parser = argparse.ArgumentParser(prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--debug", action="store_true", help="show tracebacks of errors too")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="fine-tune, evaluate and register an adapter")
     run.add_argument("--config", default=str(DEFAULT_PROFILE), help="YAML profile (default: configs/demo.yaml)")
@@ -251,13 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_environment()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix: one line, exit 2, no traceback (unless --debug)."""
     from lib.adapter_pyfunc import ArtifactIntegrityError
     from lib.checkpoint import CheckpointError, StorageError
     from lib.config import ConfigError
@@ -265,12 +262,52 @@ def main(argv: list[str] | None = None) -> int:
     from lib.kaggle_source import KaggleError
     from lib.training import OutOfMemory, TrainingDiverged
 
-    expected = (ConfigError, CorpusError, KaggleError, TrainingDiverged, OutOfMemory, CheckpointError, StorageError,
-                ArtifactIntegrityError, LookupError, FileNotFoundError, ConnectionError)
+    return (ConfigError, CorpusError, KaggleError, TrainingDiverged, OutOfMemory, CheckpointError, StorageError,
+            ArtifactIntegrityError, LookupError, FileNotFoundError, ConnectionError)
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """On the terminal's handlers only: Prefect logs every task and flow failure with its traceback;
+    for a user error the one line below says it all. Prefect's API keeps the traceback (its handler
+    sees the record first: it sits on the run loggers, the terminal's on their parents)."""
+
+    def __init__(self, user_errors: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.user_errors = user_errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.user_errors):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_user_error_tracebacks(user_errors: tuple[type[BaseException], ...]) -> None:
+    import prefect  # noqa: F401 - configures Prefect's logging, whose handlers get the filter
+
+    quiet = _NoUserErrorTracebacks(user_errors)
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if (isinstance(handler, logging.StreamHandler) and "API" not in type(handler).__name__
+                    and not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters)):
+                handler.addFilter(quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_environment()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    user_errors = _user_errors()
+    if not args.debug:
+        _hide_user_error_tracebacks(user_errors)
     try:
         return args.func(args)
-    except expected as error:
-        # Input the user can fix: one clear message, no traceback (Prefect already logged one).
+    except user_errors as error:
+        if args.debug:
+            traceback.print_exc()
         print(f"lenta-lora: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

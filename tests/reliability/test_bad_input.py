@@ -92,3 +92,24 @@ def test_impossible_values_are_rejected():
         build_config({}, ["data.splits.train=0.5"])
     with pytest.raises(ConfigError, match="data.path"):
         build_config({}, ["data.source=csv"])
+
+
+@pytest.mark.slow
+def test_a_user_error_prints_one_line_and_no_traceback_unless_debug(prefect_server, tracking_uri, tmp_path):
+    """Through the real CLI in a child process, as a user sees it: Prefect's own failure logs keep their
+    one-line messages, without the traceback; `--debug` shows it."""
+    import subprocess
+
+    from tests.reliability.harness import ROOT, child_env, flow_command
+
+    bad = write(tmp_path / "bad.csv", "url,title\nhttps://x/1,Заголовок\n")
+    command = flow_command(tmp_path / "cache", **{"data.source": "csv", "data.path": str(bad)})
+    for debug in (False, True):
+        args = command[:3] + (["--debug"] if debug else []) + command[3:]
+        done = subprocess.run(args, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+        printed = done.stdout + done.stderr
+        assert done.returncode == 2, printed[-3000:]
+        [line] = [x for x in done.stderr.splitlines() if x.startswith("lenta-lora: error: ")]
+        assert "bad.csv: missing required column(s)" in line
+        assert ("Traceback" in printed) is debug, printed[-3000:]
+        assert "Task run failed with exception: CorpusError" in printed  # Prefect still says what failed

@@ -15,9 +15,13 @@ files): weights are only read from safetensors, never from pickles, and no remot
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -108,6 +112,37 @@ def verify_artifacts(artifacts: dict, base: dict) -> None:
                                              "corrupted: refusing to load (restore it or register again)")
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars or third-party notices while a version loads (a `generate` prints its answer,
+    not 19 "Downloading artifacts" bars). A logger level or variable the user set is left alone;
+    `LENTA_LORA_VERBOSE=1` shows everything."""
+    if os.environ.get("LENTA_LORA_VERBOSE") == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",)}
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    notices = logging.getLogger("bitsandbytes")  # an optional-kernel notice on CPU, once per process
+    level = notices.level
+    if level == logging.NOTSET:
+        notices.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        notices.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+
+
 def load_adapter_from_artifacts(artifacts: dict):
     """Return (model, tokenizer, base_info) from an MLflow model's artifact paths (verified first)."""
     import torch
@@ -146,7 +181,8 @@ def load_adapter_from_artifacts(artifacts: dict):
 
 class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.model, self.tokenizer, self.base = load_adapter_from_artifacts(context.artifacts)
+        with quiet_loading():
+            self.model, self.tokenizer, self.base = load_adapter_from_artifacts(context.artifacts)
         self.defaults = self.base.get("generation", {})
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:

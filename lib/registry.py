@@ -276,6 +276,13 @@ def load_registered(uri: str, registered_uri: str):
     model/version/alias exists (LookupError), its files are still in the artifact store
     (FileNotFoundError), and they match the checksums recorded at registration (ArtifactIntegrityError).
     """
+    from lib.adapter_pyfunc import quiet_loading
+
+    with quiet_loading():  # no download bars or third-party notices (LENTA_LORA_VERBOSE=1 shows them)
+        return _load_registered(uri, registered_uri)
+
+
+def _load_registered(uri: str, registered_uri: str):
     from lib.adapter_pyfunc import ArtifactIntegrityError, load_adapter_from_artifacts, sha256_file
 
     require_reachable(uri)

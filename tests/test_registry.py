@@ -228,3 +228,19 @@ def test_listing_reads_past_the_first_page_of_registered_models(tmp_path):
         client.create_registered_model(f"m{i:03d}")
     client.create_model_version("m100", "file:///nonexistent/m100")
     assert [(row["name"], row["version"]) for row in registry.list_versions(uri)] == [("m100", 1)]
+
+
+@pytest.mark.slow
+def test_loading_a_version_prints_nothing_unless_verbose(registered, tmp_path):
+    """No download bars, weight-loading bars or third-party notices around a loaded version."""
+    code = ("import sys; from lib.registry import load_registered; "
+            "load_registered(sys.argv[1], sys.argv[2]); print('loaded')")
+    printed = {}
+    for verbose in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", code, registered["tracking_uri"], f"models:/{NAME}/1"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "LENTA_LORA_VERBOSE": verbose})
+        assert done.returncode == 0, done.stderr[-2000:]
+        printed[verbose] = done.stdout + done.stderr
+    assert printed["0"] == "loaded\n"
+    assert "Downloading artifacts" in printed["1"]  # asked for: shown

@@ -48,7 +48,7 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
             return {"run_id": run_id, "tracking_uri": uri, "up_to_date": True, "model": holder, "message": message,
                     "training_key": key, "dataset_fingerprint": prepared["fingerprint"]}
         output_dir = f"{config.data.cache_dir}/runs/{run_id}"
-        benchmark = resolve_benchmark(config, prepared, uri, output_dir)
+        benchmark = resolve_benchmark(config, prepared, uri)
         # Keyed by dataset + config, not run id, so that a re-run after a crash resumes (None: no checkpoints).
         checkpoints = checkpoint_dir(config, prepared["fingerprint"], prepared["path"])
         trained = train_adapter(prepared["path"], config, output_dir, uri, run_id, checkpoints)

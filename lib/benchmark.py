@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,18 +56,24 @@ def benchmark_fingerprint(documents: list[str], max_length: int, stride: int | N
 
 def write_benchmark(documents: list[str], max_length: int, stride: int | None, source: str,
                     folder: str | Path) -> Benchmark:
-    """Write `folder/benchmark.json` (written whole, then renamed) and return its reference."""
+    """Write `folder/<fingerprint>.json` (written whole, then renamed) and return its reference.
+
+    Named by its fingerprint, a benchmark file is written once per machine and reused by every run
+    of every model that is judged on it."""
     if not documents:
         raise ValueError(f"benchmark from {source} has no texts; raise data.splits.test or set registry.benchmark "
                          "to a CSV with more articles")
     fingerprint = benchmark_fingerprint(documents, max_length, stride)
-    path = Path(folder) / FILE_NAME
+    path = Path(folder) / f"{fingerprint}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{FILE_NAME}.tmp")
+    tmp = path.with_name(f".{fingerprint}.{os.getpid()}.tmp")
     payload = {"fingerprint": fingerprint, "source": source, "max_length": max_length, "stride": stride,
                "documents": documents}
-    tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return Benchmark(fingerprint, str(path), source, len(documents), max_length, stride)
 
 

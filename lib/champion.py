@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from lib.benchmark import FILE_NAME, Benchmark, read_benchmark
+from lib.benchmark import FILE_NAME, Benchmark, read_benchmark, write_benchmark
 from lib.tracking import _client, _experiment_id, log_dataset_input
 
 log = logging.getLogger("lenta_lora.champion")
@@ -54,12 +56,19 @@ def model_benchmark(uri: str, name: str) -> dict | None:
 
 
 def fetch_benchmark(uri: str, name: str, folder: str | Path) -> Benchmark | None:
-    """Download the model's stored benchmark into `folder`; None if the model has none yet."""
+    """The model's stored benchmark as `folder/<fingerprint>.json` (downloaded once, then reused);
+    None if the model has none yet."""
     meta = model_benchmark(uri, name)
     if meta is None:
         return None
-    local = _client(uri).download_artifacts(meta["run_id"], ARTIFACT, str(folder))
-    benchmark, _ = read_benchmark(local)
+    local = Path(folder) / f"{meta['fingerprint']}.json"
+    if not local.is_file():
+        with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:
+            downloaded = _client(uri).download_artifacts(meta["run_id"], ARTIFACT, tmp)
+            _, documents = read_benchmark(downloaded)
+            payload = json.loads(Path(downloaded).read_text(encoding="utf-8"))
+            write_benchmark(documents, payload["max_length"], payload["stride"], payload["source"], folder)
+    benchmark, _ = read_benchmark(local)  # refuses a file whose texts do not match its fingerprint
     if benchmark.fingerprint != meta["fingerprint"]:
         raise ValueError(f"model {name!r}: the benchmark file in run {meta['run_id']} has fingerprint "
                          f"{benchmark.fingerprint[:12]}, the model records {meta['fingerprint'][:12]}")
@@ -84,7 +93,9 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
                                   "mlflow.note.content": f"The benchmark of registered model `{name}`: "
                                                          f"{benchmark.texts} texts, {benchmark.source}"})
     run_id = run.info.run_id
-    client.log_artifact(run_id, benchmark.path, "benchmark")
+    with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:  # stored under a stable name
+        shutil.copyfile(benchmark.path, Path(tmp) / FILE_NAME)
+        client.log_artifact(run_id, str(Path(tmp) / FILE_NAME), "benchmark")
     log_documents(uri, run_id, benchmark, name, context="benchmark")
     from mlflow.entities import Param
 

@@ -38,11 +38,12 @@ def _define_benchmark(config: PipelineConfig, prepared: dict, folder: Path) -> B
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def resolve_benchmark(config: PipelineConfig, prepared: dict, uri: str, output_dir: str) -> Benchmark:
-    """The model's stored benchmark, downloaded; for a model with none yet, the one this run
-    would fix (`stored` False: registration stores it with the first version)."""
+def resolve_benchmark(config: PipelineConfig, prepared: dict, uri: str) -> Benchmark:
+    """The model's stored benchmark, downloaded (once: `data.cache_dir/benchmarks/<fingerprint>.json`);
+    for a model with none yet, the one this run would fix (`stored` False: registration stores it
+    with the first version)."""
     logger = get_run_logger()
-    folder = Path(output_dir) / "benchmark"
+    folder = Path(config.data.cache_dir) / "benchmarks"
     stored = champion.fetch_benchmark(uri, config.registry.model_name, folder)
     if stored is not None:
         if config.registry.benchmark is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import PipelineConfig, build_config, load_config
 from tests.conftest import tiny_overrides
-from tests.prefect_server import log_tail, prefect_server
+from tests.prefect_server import PREFECT_CLI, log_tail, prefect_server
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "lenta-process"
@@ -91,9 +92,19 @@ def test_demo_deployment_runs_on_a_process_worker(tmp_path):
             out = server.cli("deployment", "run", "finetune/demo", "--param", param, cwd=ROOT).stdout
             flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
             flow_run = wait_for_flow_run(server.url, flow_run_id, RUN_TIMEOUT_S)
-        worker_log = server.home / f"worker-{POOL}.log"
-        assert flow_run["state_type"] == "COMPLETED", f"{flow_run['state_name']}:\n{log_tail(worker_log)}"
-        assert flow_run["parameters"]["overrides"] == overrides
+            worker_log = server.home / f"worker-{POOL}.log"
+            assert flow_run["state_type"] == "COMPLETED", f"{flow_run['state_name']}:\n{log_tail(worker_log)}"
+            assert flow_run["parameters"]["overrides"] == overrides
+            # A failing run: its state message (the UI, `prefect flow-run inspect`) says why, in one line.
+            missing = str(tmp_path / "missing.csv")
+            bad = json.dumps([*overrides, "data.source=csv", f"data.path={missing}"])
+            watched = subprocess.run([PREFECT_CLI, "deployment", "run", "finetune/demo", "--watch", "--param",
+                                      f"overrides={bad}"], env=server.env, cwd=ROOT, capture_output=True, text=True,
+                                     timeout=RUN_TIMEOUT_S)
+        assert watched.returncode == 1 and "prefect.flow-run.Failed" in watched.stdout, watched.stdout[-3000:]
+        failed_id = re.search(r"UUID:\s*([0-9a-f-]{36})", watched.stdout).group(1)
+        message = api(server.url, f"/flow_runs/{failed_id}")["state"]["message"]
+        assert f"CorpusError: {missing}: file does not exist" in message and "\n" not in message, message
 
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],

@@ -30,7 +30,7 @@ from lib.tracking import _client, require_reachable
 log = logging.getLogger("lenta_lora.registry")
 
 PYFUNC_CODE = Path(__file__).with_name("adapter_pyfunc.py")
-MODEL_PATH = "adapter_model"  # where the pyfunc model lives in the run's artifacts
+MODEL_PATH = "adapter_model"  # the logged model's name
 
 
 def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict, generation: dict,
@@ -114,13 +114,19 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
             str(local), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
             input_example=(["Учёные обнаружили новый вид бабочек"], params), pip_requirements=_requirements(),
         )
-        destination = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}"
+        # An MLflow 3 logged model ("Logged models" in the UI) made by this run; the version points at it.
+        logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_PATH,
+                                            source_run_id=run_id, model_type="lora-adapter",
+                                            tags={"base_model": str(base.get("name"))})
         try:
-            client.log_artifacts(run_id, str(local), MODEL_PATH)
+            client.log_model_artifacts(logged.model_id, str(local))
         except OSError as error:  # a local artifact store's disk; the error names the source file, not it
+            client.finalize_logged_model(logged.model_id, "FAILED")
             if error.errno != errno.ENOSPC:
                 raise
-            raise OSError(errno.ENOSPC, "No space left in the MLflow artifact store", destination) from error
+            raise OSError(errno.ENOSPC, "No space left in the MLflow artifact store", logged.artifact_location) from error
+        client.finalize_logged_model(logged.model_id, "READY")
+        _link_metrics(client, run_id, logged.model_id, metrics, tags)
         faults.reach("register.after-artifacts")
         # The registry (a database) keeps these apart from the artifact store they describe, so a
         # file changed in the store cannot also change the checksum it is verified against.
@@ -131,9 +137,13 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
     ranked = {k: repr(float(v)) for k, v in metrics.items() if k.startswith("benchmark_") and _finite(v)}
     if champion_metric in ranked:
         ranked.update({METRIC_TAG: champion_metric, VALUE_TAG: ranked[champion_metric]})
+    # The source is the logged model's own folder, not `models:/<model_id>`: MLflow's database
+    # registry resolves that form with a client on the process-wide tracking URI (a TODO in its
+    # sqlalchemy store), which may name another store; and it keeps no model_id on a version. So the
+    # version names its logged model in the tag `logged_model_id` too.
     created = client.create_model_version(
-        model_name, f"{client.get_run(run_id).info.artifact_uri}/{MODEL_PATH}", run_id=run_id,
-        tags={**{k: str(v) for k, v in tags.items()}, **integrity, **ranked},
+        model_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+        tags={**{k: str(v) for k, v in tags.items()}, **integrity, **ranked, "logged_model_id": logged.model_id},
         description=describe_version(base, tags, metrics, champion_metric, run_id))
     # MLflow's HTTP client retries any method, POST included: a create whose answer was lost can
     # leave a twin. Every registrant of a run keeps the run's lowest version and drops its own other.
@@ -171,6 +181,24 @@ def _exists(client, name: str) -> bool:
         if _not_found(error):
             return False
         raise
+
+
+def _link_metrics(client, run_id: str, model_id: str, metrics: dict[str, float], tags: dict) -> None:
+    """The logged model's scores, each tied to the text set it was measured on (MLflow's
+    model_id / dataset fields), and the model recorded as an output of the run."""
+    import time
+
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    now = int(time.time() * 1000)
+    test = ("lenta-test", f"{tags.get('dataset_fingerprint', '')[:24]}-test")
+    bench = ("benchmark", str(tags.get(BENCHMARK_TAG, ""))[:36])
+    linked = [Metric(key, float(value), now, 0, model_id=model_id, dataset_name=where[0], dataset_digest=where[1])
+              for key, value in metrics.items() if _finite(value) and (
+                  where := bench if key.startswith("benchmark_") else test if key.startswith("test_") else None)]
+    if linked:
+        client.log_batch(run_id, metrics=linked)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
 
 def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:

@@ -4,6 +4,8 @@ temporary MLflow sqlite store: what a user finds in MLflow afterwards."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -60,14 +62,24 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
 
     artifacts = artifact_paths(client, summary["run_id"])
     for path in ("config.yaml", "dataset_stats.json", "plots/loss_curve.png", "plots/base_vs_tuned.png",
-                 "samples/samples.md", "samples/samples_table.json", "adapter_model/MLmodel",
-                 "adapter_model/artifacts/adapter/adapter_config.json",
-                 "adapter_model/artifacts/adapter/adapter_model.safetensors"):
+                 "samples/samples.md", "samples/samples_table.json", "training_key.json", "champion_decision.json"):
         assert path in artifacts, (path, sorted(artifacts))
-    assert not any(p.endswith("model.safetensors") and "/adapter/" in p and "adapter_model" not in p.split("/")[-1]
-                   for p in artifacts)
 
+    # The adapter is an MLflow 3 logged model of this run ("Logged models"), its scores linked to the
+    # text sets they were measured on; the registered version points at it.
     version = client.get_model_version("test-adapter", "1")
+    [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert version.source == logged.artifact_location and version.tags["logged_model_id"] == logged.model_id
+    assert str(logged.status) == "READY"
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
+    files = {str(p.relative_to(Path(logged.artifact_location.removeprefix("file://"))))
+             for p in Path(logged.artifact_location.removeprefix("file://")).rglob("*") if p.is_file()}
+    assert {"MLmodel", "artifacts/adapter/adapter_config.json", "artifacts/adapter/adapter_model.safetensors"} <= files
+    scores = {m.key: m for m in logged.metrics}
+    assert scores["test_bits_per_byte"].value == metrics["test_bits_per_byte"]
+    assert scores["test_bits_per_byte"].dataset_name == "lenta-test"
+    assert scores["benchmark_bits_per_byte"].dataset_name == "benchmark"
+
     assert version.run_id == summary["run_id"]
     assert version.tags["base_model"] == "tiny" and version.tags["dataset_fingerprint"] == summary["dataset_fingerprint"]
     assert "test_bits_per_byte" in version.tags and version.tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
@@ -93,9 +105,11 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert table["test_bits_per_byte"]["base"] == metrics["base_test_bits_per_byte"]
     assert float(artifact_data("training-progress")) == 100.0
 
+    assert os.environ["MLFLOW_TRACKING_URI"] == tracking_uri  # registering rewrote no process-wide setting
+
     # Nothing changed: the second run trains and registers nothing, and says so.
     second = finetune(config=tiny_config)
-    assert second["up_to_date"] and second["model"]["version"] == 1 and "metrics" not in second
+    assert second["up_to_date"] and second["model"]["version"] == 1 and "metrics" not in second, second.get("model")
     assert "up to date: version 1 holds this" in second["message"]
     again = client.get_run(second["run_id"])
     assert again.info.status == "FINISHED" and again.data.tags["up_to_date_version"] == "1"

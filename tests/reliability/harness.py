@@ -50,7 +50,7 @@ def assert_versions_have_their_files(client: MlflowClient) -> list:
     """Every registry version's model folder exists with its MLmodel and the adapter weights."""
     versions = client.search_model_versions("")
     for version in versions:
-        folder = Path(version.source.removeprefix("file://"))
+        folder = Path(client.get_model_version_download_uri(version.name, version.version).removeprefix("file://"))
         assert (folder / "MLmodel").is_file(), f"version {version.name}/{version.version}: no {folder}/MLmodel"
         weights = list(folder.rglob("adapter_model.safetensors"))
         assert weights, f"version {version.name}/{version.version}: no adapter weights under {folder}"

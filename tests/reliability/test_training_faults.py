@@ -48,7 +48,8 @@ def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_c
     assert run.info.status == "FAILED"
     assert client.search_model_versions("name='nan'") == []
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    assert not list(client.list_artifacts(run.info.run_id, "adapter_model"))
+    assert not list(client.search_logged_models([run.info.experiment_id],
+                                                filter_string=f"source_run_id = '{run.info.run_id}'"))
 
 
 # The child maps everything it needs first (one training step at a small batch), then caps its

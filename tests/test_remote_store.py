@@ -100,6 +100,8 @@ def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(prefect_
         child.wait(timeout=900)
         log.close()
         assert child.returncode == 0, Path(log.name).read_text()[-3000:]
+        # Against a server, the summary's hint is the server's address, not an `mlflow ui` command.
+        assert f"browse it:         open {uri} in a browser" in Path(log.name).read_text()
 
     client = MlflowClient(uri, uri)
     versions = client.search_model_versions(f"name = '{name}'")

@@ -7,6 +7,7 @@ error, and validation collects every problem before any work starts.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,10 +189,28 @@ def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _section_keys(loc: tuple) -> list[str]:
+    """The keys the config section at `loc` (a pydantic error location, the bad key last) accepts."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}): {error.error_count()} problem(s)"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":  # a typo: name the valid keys and the closest one
+            valid = _section_keys(item["loc"])
+            close = difflib.get_close_matches(str(item["loc"][-1]), valid, n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join([*map(str, item['loc'][:-1]), close[0]])}?" if close else ""
+            lines.append(f"  - {where}: unknown key{hint} (valid keys here: {', '.join(valid)})")
+            continue
         got = f" (got {item['input']!r})" if item["type"] not in ("missing",) and not isinstance(item["input"], dict) else ""
         lines.append(f"  - {where}: {item['msg']}{got}")
     return "\n".join(lines)

@@ -45,3 +45,12 @@ def test_flatten_gives_dotted_scalars():
     flat = flatten_config(PipelineConfig())
     assert flat["lora.r"] == 8 and flat["lora.target_modules"] == "q_proj,v_proj"
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
+
+
+def test_a_mistyped_key_names_the_valid_keys_and_the_closest_one():
+    with pytest.raises(ConfigError) as caught:
+        build_config({}, ["train.max_step=3", "model.tiny.hiden_size=3", "nosuch=1"])
+    text = str(caught.value)
+    assert "train.max_step: unknown key; did you mean train.max_steps? (valid keys here: max_length," in text
+    assert "model.tiny.hiden_size: unknown key; did you mean model.tiny.hidden_size?" in text
+    assert "nosuch: unknown key (valid keys here: data, model, lora, train, eval, registry, tracking)" in text

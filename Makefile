@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast bench clean ui
+.PHONY: install run test test-fast lint bench clean ui
 
 # Re-install when the dependency spec or the lock changes. requirements.lock pins what CI tested
 # (torch 2.13.0 CPU build; on a GPU machine install the CUDA torch first, then `make install`).
@@ -23,6 +23,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

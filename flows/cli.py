@@ -29,6 +29,11 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # bounded wait on a dead server
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # Before torch loads (OpenMP reads it once): idle OpenMP threads sleep instead of spinning on a
+    # core a neighbour needs; the thread count is chosen where work starts (lib/threads.py).
+    from lib.threads import set_wait_policy
+
+    set_wait_policy()
 
 
 def _print_summary(summary: dict) -> None:

@@ -119,6 +119,15 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0)  # optimizer steps between validation losses
     checkpoint_every: int | None = Field(None, gt=0)
     num_processes: int = Field(1, gt=0)
+    # torch intra-op threads: "auto" lets lib/threads.py choose for the machine (and OMP_NUM_THREADS
+    # win when set); a number is used as it is.
+    threads: Literal["auto"] | int = "auto"
+
+    @model_validator(mode="after")
+    def _threads_positive(self) -> TrainConfig:
+        if isinstance(self.threads, int) and self.threads < 1:
+            raise ValueError("train.threads must be 'auto' or a positive number of threads")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -26,6 +26,7 @@ from lib.dataset import fingerprint_settings
 from lib.generation import generate_continuations, model_context_length
 from lib.metrics import chrf_per_sample, score_corpus, score_generations
 from lib.splits import fingerprint_articles, select_articles, split_articles
+from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.evaluate")
 
@@ -156,6 +157,7 @@ def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig
     from lib.base_model import load_base_model, load_tokenizer
     from lib.dataset import load_prepared
 
+    configure_threads(config.train.threads)
     info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
     test = load_prepared(dataset_path)["test"]
     if not len(test):
@@ -221,6 +223,7 @@ def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | 
     `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
     from lib.tracking import load_registered
 
+    configure_threads(config.train.threads)
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     context = model_context_length(model, tokenizer)
     if context is not None and config.train.max_length > context:

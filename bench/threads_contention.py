@@ -47,9 +47,11 @@ def child(steps: int, setting: str, overrides: list[str]) -> dict:
     from lib.config import load_config
     from lib.dataset import corpus_path, prepare_dataset
 
-    config = load_config(DEFAULT_PROFILE, [f"train.max_steps={steps}", "train.eval_every=null", *overrides])
-    if setting == "new":
-        threads.configure_threads(config.train.threads)
+    # torch's own default, read before anything sets it; `old` pins it (lib.training applies
+    # `train.threads` itself, so the old behaviour needs the number spelled out).
+    pinned = [f"train.threads={torch.get_num_threads()}"] if setting == "old" else []
+    config = load_config(DEFAULT_PROFILE, [f"train.max_steps={steps}", "train.eval_every=null", *overrides, *pinned])
+    threads.configure_threads(config.train.threads)
     info = prepare_dataset(corpus_path(config.data), config.data, config.model, config.train.max_length,
                            f"{config.data.cache_dir}/datasets")
     _, _, result = training.train_model(info["path"], config)

@@ -83,7 +83,10 @@ def command_generate(args) -> int:
     import torch
 
     from lib.generation import generate_continuations
+    from lib.threads import configure_threads
     from lib.tracking import load_registered, model_uri, resolve_tracking_uri
+
+    configure_threads()  # OMP_NUM_THREADS wins, else chosen for this machine (lib/threads.py)
 
     # A prompt that is not valid UTF-8 reaches Python as lone surrogates (PEP 383), which the
     # tokenizer cannot encode: replace the bad bytes instead of crashing.

@@ -1,10 +1,11 @@
 """Where the base model and tokenizer come from: the hub, a local folder, or the offline tiny build.
 
-The tiny build is what makes the embedded default run with no network: a byte-level BPE trained on
-the training split with `tokenizers`, and a randomly initialised GPT-Neo (the same class as
-EleutherAI/gpt-neo-1.3B, so LoRA target modules and loading code are exercised for real). Both are
-materialised as ordinary `save_pretrained` folders, cached under a key of their inputs, so every
-later step loads them with `from_pretrained` exactly as it would load a hub model.
+The tiny build is what makes the embedded default run with no network: a byte-level BPE trained with
+`tokenizers`, and a seeded GPT-Neo (the same class as EleutherAI/gpt-neo-1.3B, so LoRA target
+modules and loading code are exercised for real), pretrained on the same texts: the fine-tuning
+train split, or the corpus without the held-out domain (`model.tiny.pretrain_corpus`, chosen in
+lib/dataset.py). Both are materialised as ordinary `save_pretrained` folders, cached under a key of
+their inputs, so every later step loads them with `from_pretrained` exactly as it would load a hub model.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ class TinyModelConfig(_Strict):
     window_size: int = Field(128, gt=0)
     seed: int = 0
     # A randomly initialised model has near-uniform logits that LoRA (which never touches the
-    # embeddings) cannot move far; a short full-parameter warm-up on the train split gives the
-    # base the word statistics a real pretrained model would have. 0 keeps it random.
+    # embeddings) cannot move far; full-parameter pretraining gives the base the word statistics
+    # a real pretrained model would have (the demo: 500 steps, ~1M tokens). 0 keeps it random.
     pretrain_steps: int = Field(0, ge=0)
     pretrain_learning_rate: float = Field(3e-3, gt=0)  # peak; linear warm-up, then cosine decay to 10%
     pretrain_batch_size: int = Field(8, gt=0)

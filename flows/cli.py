@@ -31,6 +31,11 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # bounded wait on a dead server
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # Before torch loads (OpenMP reads it once): idle OpenMP threads sleep instead of spinning on a
+    # core a neighbour needs; the thread count is chosen where work starts (lib/threads.py).
+    from lib.threads import set_wait_policy
+
+    set_wait_policy()
 
 
 def _browse_hint(uri: str) -> str:
@@ -161,7 +166,10 @@ def command_generate(args) -> int:
 
     from lib.generation import generate_continuations
     from lib.registry import load_registered, model_uri
+    from lib.threads import configure_threads
     from lib.tracking import resolve_tracking_uri
+
+    configure_threads()  # OMP_NUM_THREADS wins, else chosen for this machine (lib/threads.py)
 
     # A prompt that is not valid UTF-8 reaches Python as lone surrogates (PEP 383), which the
     # tokenizer cannot encode: replace the bad bytes instead of crashing.

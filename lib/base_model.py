@@ -1,10 +1,11 @@
 """Where the base model and tokenizer come from: the hub, a local folder, or the offline tiny build.
 
-The tiny build is what makes the embedded default run with no network: a byte-level BPE trained on
-the training split with `tokenizers`, and a randomly initialised GPT-Neo (the same class as
-EleutherAI/gpt-neo-1.3B, so LoRA target modules and loading code are exercised for real). Both are
-materialised as ordinary `save_pretrained` folders, cached under a key of their inputs, so every
-later step loads them with `from_pretrained` exactly as it would load a hub model.
+The tiny build is what makes the embedded default run with no network: a byte-level BPE trained with
+`tokenizers`, and a seeded GPT-Neo (the same class as EleutherAI/gpt-neo-1.3B, so LoRA target
+modules and loading code are exercised for real), pretrained on the same texts: the fine-tuning
+train split, or the corpus without the held-out domain (`model.tiny.pretrain_corpus`, chosen in
+lib/dataset.py). Both are materialised as ordinary `save_pretrained` folders, cached under a key of
+their inputs, so every later step loads them with `from_pretrained` exactly as it would load a hub model.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from lib.config import TINY_MODEL, ModelConfig, TinyModelConfig
+from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.model")
 
@@ -68,21 +72,40 @@ def build_tiny_tokenizer(texts: list[str], vocab_size: int, cache_dir: Path) -> 
 
 
 def pretrain_tiny(model, tokenizer, texts: list[str], tiny: TinyModelConfig) -> float:
-    """Full-parameter warm-up of the tiny base on `texts`; returns the last loss (nats/token)."""
+    """Full-parameter pretraining of the tiny base on `texts`; returns the last loss (nats/token).
+
+    Random `pretrain_length`-token windows of the concatenated texts (each + EOS), AdamW at
+    `pretrain_learning_rate` after a linear warm-up over the first 5% of the steps, then a cosine
+    decay to 10% of it, gradients clipped at norm 1: the usual small-LM recipe, which keeps a
+    high learning rate from diverging in the first steps.
+    """
     ids: list[int] = []
     for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids += row + [tokenizer.eos_token_id]
-    blocks = torch.tensor(ids[: len(ids) - len(ids) % tiny.pretrain_length]).view(-1, tiny.pretrain_length)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_learning_rate)
+    stream = torch.tensor(ids)
+    starts = len(stream) - tiny.pretrain_length
+    if starts < 1:
+        raise ValueError(f"the tiny base's corpus has {len(stream)} tokens, fewer than model.tiny.pretrain_length="
+                         f"{tiny.pretrain_length}; lower it or pretrain on more text")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_learning_rate, weight_decay=0.01)
+    warmup = max(1, tiny.pretrain_steps // 20)
+    decay = max(1, tiny.pretrain_steps - warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / decay)))
     generator = torch.Generator().manual_seed(tiny.seed)
+    offsets = torch.arange(tiny.pretrain_length)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(tiny.pretrain_steps):
-        batch = blocks[torch.randint(0, len(blocks), (tiny.pretrain_batch_size,), generator=generator)]
+    for step in range(tiny.pretrain_steps):
+        batch = stream[torch.randint(0, starts, (tiny.pretrain_batch_size, 1), generator=generator) + offsets]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % max(1, tiny.pretrain_steps // 10) == 0:
+            log.info("tiny base pretraining: step %d/%d, loss %.3f", step + 1, tiny.pretrain_steps, float(loss.detach()))
     model.eval()
     return float(loss.detach())
 
@@ -114,8 +137,13 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer_dir: Path, cache_dir: Path
     torch.manual_seed(tiny.seed)
     model = GPTNeoForCausalLM(config)
     if tiny.pretrain_steps:
-        log.info("warming up the tiny base: %d full-parameter steps", tiny.pretrain_steps)
-        log.info("tiny base warm-up done, loss %.3f", pretrain_tiny(model, tokenizer, texts, tiny))
+        configure_threads()  # built inside the prepare stage: the first CPU-heavy work of a run
+        started = time.perf_counter()
+        log.info("pretraining the tiny base (%.2fM parameters): %d steps of %d x %d tokens on %d texts",
+                 model.num_parameters() / 1e6, tiny.pretrain_steps, tiny.pretrain_batch_size, tiny.pretrain_length,
+                 len(texts))
+        loss = pretrain_tiny(model, tokenizer, texts, tiny)
+        log.info("tiny base pretrained in %.0f s, last loss %.3f", time.perf_counter() - started, loss)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)  # safetensors

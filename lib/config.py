@@ -74,17 +74,27 @@ class TinyModelConfig(_Strict):
     window_size: int = Field(128, gt=0)
     seed: int = 0
     # A randomly initialised model has near-uniform logits that LoRA (which never touches the
-    # embeddings) cannot move far; a short full-parameter warm-up on the train split gives the
-    # base the word statistics a real pretrained model would have. 0 keeps it random.
+    # embeddings) cannot move far; full-parameter pretraining gives the base the word statistics
+    # a real pretrained model would have (the demo: 500 steps, ~1M tokens). 0 keeps it random.
     pretrain_steps: int = Field(0, ge=0)
-    pretrain_learning_rate: float = Field(3e-3, gt=0)
+    pretrain_learning_rate: float = Field(3e-3, gt=0)  # peak; linear warm-up, then cosine decay to 10%
     pretrain_batch_size: int = Field(8, gt=0)
     pretrain_length: int = Field(128, gt=1)  # tokens per warm-up sequence
+    # What the base (and its BPE) learns from. `train_split`: the fine-tuning train split.
+    # `corpus`: every article of the CSV except the fine-tuning validation/test articles and the
+    # topics in `pretrain_exclude_topics` (case-insensitive): a base that never saw a held-out
+    # domain, which a LoRA run can then visibly adapt it to.
+    pretrain_corpus: Literal["train_split", "corpus"] = "train_split"
+    pretrain_exclude_topics: list[str] = Field(default_factory=list)
+    pretrain_max_articles: int | None = Field(None, gt=0)  # `corpus` only: seeded subset of a big CSV
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
+        if self.pretrain_steps and self.pretrain_length > self.max_position_embeddings:
+            raise ValueError(f"pretrain_length={self.pretrain_length} exceeds max_position_embeddings="
+                             f"{self.max_position_embeddings}")
         return self
 
 
@@ -120,6 +130,15 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0)  # optimizer steps between validation losses
     checkpoint_every: int | None = Field(None, gt=0)
     num_processes: int = Field(1, gt=0)
+    # torch intra-op threads: "auto" lets lib/threads.py choose for the machine (and OMP_NUM_THREADS
+    # win when set); a number is used as it is.
+    threads: Literal["auto"] | int = "auto"
+
+    @model_validator(mode="after")
+    def _threads_positive(self) -> TrainConfig:
+        if isinstance(self.threads, int) and self.threads < 1:
+            raise ValueError("train.threads must be 'auto' or a positive number of threads")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from lib import faults
-from lib.config import SAMPLE_CSV, DataConfig, ModelConfig
+from lib.config import SAMPLE_CSV, TINY_MODEL, DataConfig, ModelConfig, TinyModelConfig
 from lib.base_model import load_tokenizer, resolve_base
-from lib.corpus import iter_articles, join_title_and_text
+from lib.corpus import article_key, iter_articles, join_title_and_text, text_digest
 from lib.splits import describe_splits, fingerprint_articles, select_articles, split_articles
 
 log = logging.getLogger("lenta_lora.dataset")
@@ -114,6 +114,33 @@ def _block_dataset(tokenizer, documents: list[str], block: int, packing: bool, n
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": masks}), stats
 
 
+def pretraining_documents(csv_path: str | Path, data: DataConfig, tiny: TinyModelConfig, splits: dict,
+                          train_documents: list[str]) -> list[str]:
+    """What the offline tiny base and its BPE are trained on (`model.tiny.pretrain_corpus`).
+
+    `train_split`: the fine-tuning train split. `corpus`: every article of the CSV (cleaned,
+    de-duplicated and date/length-filtered as the fine-tuning data, but not topic-filtered) except
+    the fine-tuning validation and test articles, matched by key and by text, and except the topics
+    in `pretrain_exclude_topics`. Either way no evaluation article reaches the base.
+    """
+    if tiny.pretrain_corpus == "train_split":
+        return train_documents
+    held_out = [a for name in ("validation", "test") for a in splits[name]]
+    keys, digests = {article_key(a) for a in held_out}, {text_digest(a.text) for a in held_out}
+    excluded = {topic.strip().casefold() for topic in tiny.pretrain_exclude_topics}
+    pool = select_articles(iter_articles(csv_path), date_from=_to_date(data.date_from), date_to=_to_date(data.date_to),
+                           min_text_chars=data.min_text_chars, max_articles=tiny.pretrain_max_articles,
+                           seed=tiny.seed, source=csv_path)
+    kept = [join_title_and_text(a) for a in pool if a.topic.strip().casefold() not in excluded
+            and article_key(a) not in keys and text_digest(a.text) not in digests]
+    if not kept:
+        raise ValueError(f"{csv_path}: no article is left to pretrain the tiny base on "
+                         f"(model.tiny.pretrain_exclude_topics={tiny.pretrain_exclude_topics})")
+    log.info("tiny base corpus: %d articles (%d characters), topics %s held out", len(kept), sum(map(len, kept)),
+             sorted(excluded) or "none")
+    return kept
+
+
 def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConfig, max_length: int,
                     output_root: str | Path) -> dict:
     """Read, clean, split and tokenize the corpus; save it atomically; return its path and facts.
@@ -136,7 +163,9 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
     if not documents["train"]:
         raise ValueError(f"{csv_path}: no article fell into the train split; add articles or change data.splits")
 
-    base = resolve_base(model_cfg, documents["train"], data.cache_dir)
+    pretrain = (pretraining_documents(csv_path, data, model_cfg.tiny, splits, documents["train"])
+                if model_cfg.name == TINY_MODEL else documents["train"])
+    base = resolve_base(model_cfg, pretrain, data.cache_dir)
     tokenizer = load_tokenizer(base, model_cfg)
     # Keyed by the rows (fingerprint) and the tokenizer's identity (base + revision) and block settings.
     tokenizer_id = hashlib.sha256(f"{base}@{model_cfg.revision}".encode()).hexdigest()[:8]

@@ -25,12 +25,14 @@ from lib.config import ConfigError, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
 from lib.dataset import fingerprint_settings
 from lib.generation import generate_continuations, model_context_length
-from lib.metrics import chrf_per_sample, score_corpus, score_generations
+from lib.metrics import chrf_per_sample, score_corpus, score_generations, word_tokens
 from lib.splits import fingerprint_articles, select_articles, split_articles
+from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.evaluate")
 
 TEXT_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "repeated_4gram_share")
+MIN_WORD_LETTERS = 3  # shorter words (в, на, и) are in every domain's vocabulary
 # Direction of "better", for readers of the summary table (the registry only uses the champion metric).
 LOWER_IS_BETTER = frozenset({"test_perplexity", "test_bits_per_byte", "test_bits_per_char", "test_word_perplexity",
                              "repeated_4gram_share"})
@@ -109,19 +111,50 @@ def metrics_markdown(metrics: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_samples(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
+def content_words(texts: list[str]) -> list[str]:
+    """Lowercased words of at least MIN_WORD_LETTERS letters (no digits), in order."""
+    return [w for t in texts for w in word_tokens(t) if len(w) >= MIN_WORD_LETTERS and w.isalpha()]
+
+
+def domain_word_share(outputs: list[str], vocabulary: set[str]) -> float:
+    """Share of generated content words that occur in `vocabulary` (the fine-tuning train split's
+    words): how much of what a model writes is real words of the domain it was tuned on."""
+    words = content_words(outputs)
+    return sum(w in vocabulary for w in words) / len(words) if words else 0.0
+
+
+def word_shift(base: list[str], tuned: list[str], vocabulary: set[str], top: int = 12) -> dict[str, list]:
+    """Domain words the tuned samples use more (`gained`) and less (`lost`) than the base's: [word, base, tuned]."""
+    from collections import Counter
+
+    before, after = Counter(content_words(base)), Counter(content_words(tuned))
+    moved = [(w, before[w], after[w]) for w in set(before) | set(after) if w in vocabulary and before[w] != after[w]]
+    gained = sorted((m for m in moved if m[2] > m[1]), key=lambda m: (m[1] - m[2], m[0]))[:top]
+    lost = sorted((m for m in moved if m[1] > m[2]), key=lambda m: (m[2] - m[1], m[0]))[:top]
+    return {"gained": [list(m) for m in gained], "lost": [list(m) for m in lost]}
+
+
+def write_samples(rows: list[dict], output_dir: Path, shift: dict | None = None) -> tuple[Path, Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / "samples.json", output_dir / "samples.md"
     json_path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
-    md_path.write_text(samples_markdown(rows, ("base_chrf", "tuned_chrf")), encoding="utf-8")
+    text = samples_markdown(rows, ("base_chrf", "tuned_chrf"))
+    if shift:
+        fmt = lambda items: ", ".join(f"{w} ({b} -> {t})" for w, b, t in items) or "none"  # noqa: E731
+        text += ("\n### Words that moved\n\nDomain words (from the fine-tuning train split) that the tuned samples "
+                 f"use more than the base's: {fmt(shift['gained'])}.\n\nLess: {fmt(shift['lost'])}.\n")
+    md_path.write_text(text, encoding="utf-8")
     return json_path, md_path
 
 
-def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: PipelineConfig, output_dir: str | Path) -> dict:
+def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: PipelineConfig, output_dir: str | Path,
+                   domain_vocabulary: set[str] | None = None) -> dict:
     """Score base vs tuned on `test` (lists `document`, `title`, `text`); write samples.
 
     Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`, `test_tokens`), `samples_json`,
     `samples_md` and `bleu_signature`. `model` is a PeftModel (its adapter is switched off for base).
+    With `domain_vocabulary` (the fine-tuning train split's words) also `domain_word_share` and,
+    in `samples_md` and `word_shift`, the domain words whose use moved.
     """
     base_scores, tuned_scores = score_both(model, tokenizer, list(test["document"]), config)
     metrics = name_metrics(base_scores, tuned_scores, CORPUS_METRICS, prefix="test_")
@@ -134,19 +167,26 @@ def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: Pipelin
     prompts = [f"{title}\n\n" for title in test["title"][:count]]
     references = [reference_continuation(tokenizer, text, config.eval.max_new_tokens) for text in test["text"][:count]]
     rows: list[dict] = []
-    signature = ""
+    signature, shift = "", None
     if prompts:
         base_out, tuned_out = generate_both(model, tokenizer, prompts, config)
         base_text, tuned_text = score_generations(base_out, references), score_generations(tuned_out, references)
         metrics.update(name_metrics(base_text, tuned_text, TEXT_METRICS))
+        if domain_vocabulary:
+            shares = [{"domain_word_share": domain_word_share(out, domain_vocabulary)} for out in (base_out, tuned_out)]
+            metrics.update(name_metrics(*shares, ("domain_word_share",)))
+            shift = word_shift(base_out, tuned_out, domain_vocabulary)
         signature = str(tuned_text.get("bleu_signature", ""))
         rows = [{"prompt": p, "reference": r, "base_output": b, "tuned_output": t, "base_chrf": bc, "tuned_chrf": tc}
                 for p, r, b, t, bc, tc in zip(prompts, references, base_out, tuned_out,
                                               chrf_per_sample(base_out, references), chrf_per_sample(tuned_out, references))]
-    json_path, md_path = write_samples(rows, Path(output_dir))
+    json_path, md_path = write_samples(rows, Path(output_dir), shift)
     log.info("test perplexity base %.2f -> tuned %.2f; bits/byte %.3f -> %.3f", metrics["base_test_perplexity"],
              metrics["test_perplexity"], metrics["base_test_bits_per_byte"], metrics["test_bits_per_byte"])
-    return {"metrics": metrics, "samples_json": str(json_path), "samples_md": str(md_path), "bleu_signature": signature}
+    if shift:
+        log.info("domain words the tuned samples use more: %s", shift["gained"])
+    return {"metrics": metrics, "samples_json": str(json_path), "samples_md": str(md_path), "bleu_signature": signature,
+            "word_shift": shift}
 
 
 def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str | Path,
@@ -158,15 +198,18 @@ def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig
     from lib.base_model import load_base_model, load_tokenizer
     from lib.dataset import load_prepared
 
+    configure_threads(config.train.threads)
     info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
-    test = load_prepared(dataset_path)["test"]
+    prepared = load_prepared(dataset_path)
+    test = prepared["test"]
     if not len(test):
         raise ValueError(f"{info['csv']}: the test split is empty; raise data.splits.test or add articles")
     tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
     model = PeftModel.from_pretrained(load_base_model(info["base"], config.model), adapter_dir)
     model.eval()
     columns = {"document": list(test["document"]), "title": list(test["title"]), "text": list(test["text"])}
-    result = evaluate_model(model, tokenizer, columns, config, output_dir)
+    vocabulary = set(content_words(list(prepared["train"]["document"])))
+    result = evaluate_model(model, tokenizer, columns, config, output_dir, vocabulary)
     if benchmark is not None:
         result["metrics"].update(benchmark_scores(model, tokenizer, benchmark, columns["document"], result["metrics"], config))
     return result
@@ -255,6 +298,7 @@ def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | 
     `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
     from lib.registry import load_registered
 
+    configure_threads(config.train.threads)
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     context = model_context_length(model, tokenizer)
     if context is not None and config.train.max_length > context:

@@ -35,6 +35,7 @@ from lib import checkpoint, distributed, faults
 from lib.base_model import load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
+from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.train")
 
@@ -179,8 +180,9 @@ def train_model(dataset_path: str, config: PipelineConfig, on_log: LogFn | None 
     group set up by `accelerate launch` / torchrun is used as it is.
     """
     rank, world = distributed.rank_and_world()
-    if world > 1:
+    if world > 1:  # the launcher's ranks share the machine: lib/train_entry.py sets their threads
         return _train_loop(dataset_path, config, on_log if rank == 0 else None, checkpoint_dir, run_id, on_resume, rank, world)
+    configure_threads(config.train.threads)  # N > 1 processes: process_group divides the cores instead
     world = config.train.num_processes
     if world == 1:
         return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume)

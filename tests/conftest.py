@@ -55,6 +55,8 @@ def tiny_overrides(cache_dir: str, **extra) -> list[str]:
         "model.tiny.max_position_embeddings": 128,
         "model.tiny.window_size": 32,
         "model.tiny.pretrain_steps": 5,
+        "model.tiny.pretrain_batch_size": 4,
+        "model.tiny.pretrain_length": 64,
         "train.max_length": 64,
         "train.max_steps": 4,
         "train.eval_every": 2,

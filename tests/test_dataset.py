@@ -57,7 +57,7 @@ def test_prepared_dataset_is_complete_leak_free_and_reused(shared_cache):
     data = load_prepared(info["path"])
     urls = {name: set(data[name]["url"]) for name in ("train", "validation", "test")}
     assert not (urls["train"] & urls["test"]) and not (urls["train"] & urls["validation"])
-    assert sum(len(u) for u in urls.values()) == 112  # every bundled article, each in one split
+    assert sum(len(u) for u in urls.values()) == 140  # every bundled article, each in one split
     stats = info["stats"]["blocks"]["train"]
     assert stats["real_tokens"] + stats["dropped_tokens"] == stats["tokens"] + stats["documents"]  # + one EOS each
     assert stats["dropped_tokens"] < 64 and stats["padding_tokens"] == 0

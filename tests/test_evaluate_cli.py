@@ -87,8 +87,9 @@ def test_evaluate_reproduces_the_registered_numbers_and_links_both_ways(prefect_
     code, _, err = run_cli("evaluate", "--model", "test-adapter", "--version", "1", "--set", "train.max_length=256")
     assert code == 2 and "train.max_length=256 exceeds the tiny model's context" in err
     assert len(evaluation_runs(client)) == 2
-    # The demo profile's window (256) fits its own tiny model (512) but not this one (128): one line, run FAILED.
-    code, _, err = run_cli("evaluate", "--model", "test-adapter", "--version", "1", "--config", str(DEFAULT_PROFILE))
+    # A window of 256 fits the demo profile's tiny model (512) but not this one (128): one line, run FAILED.
+    code, _, err = run_cli("evaluate", "--model", "test-adapter", "--version", "1", "--config", str(DEFAULT_PROFILE),
+                           "--set", "train.max_length=256")
     assert code == 2
     [err] = [line for line in err.splitlines() if line.startswith("lenta-lora")]
     assert err == ("lenta-lora: error: models:/test-adapter/1: train.max_length=256 (the scoring window) exceeds the "

@@ -31,6 +31,7 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # bounded wait on a dead server
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small downloads: bars are noise
     # Before torch loads (OpenMP reads it once): idle OpenMP threads sleep instead of spinning on a
     # core a neighbour needs; the thread count is chosen where work starts (lib/threads.py).
     from lib.threads import set_wait_policy
@@ -304,7 +305,9 @@ def _hide_user_error_tracebacks(user_errors: tuple[type[BaseException], ...]) ->
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_environment()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Progress lines for the long commands; `generate`, `models`, `promote` print their answer alone.
+    level = logging.INFO if args.command in ("run", "evaluate") or args.debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -25,8 +25,9 @@ def write_easy_corpus(path, articles: int = 60) -> str:
         for i in range(articles):
             # One pattern, a different number each: distinct articles (duplicates are removed).
             text = " ".join([f"В Москве {i} числа солнечно, ветер слабый, осадков не ожидается."] * 12)
+            # Tagged sport, the demo profile's fine-tuning topic, so that the same selection applies.
             writer.writerow([f"https://example.test/weather/{i}", f"Погода на {i % 28 + 1} число", text,
-                             "Погода", "Москва", "2020/01/01"])
+                             "Спорт", "Москва", "2020/01/01"])
     return str(path)
 
 
@@ -37,8 +38,9 @@ def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(prefect
     client = MlflowClient(tracking_uri)
     first = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache)))
     easy_csv = write_easy_corpus(tmp_path / "easy.csv")
-    easy = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        "data.source": "csv", "data.path": easy_csv})))
+    # Its base is pretrained on its own train split (the corpus has no other topic to pretrain on).
+    easy_data = {"data.source": "csv", "data.path": easy_csv, "model.tiny.pretrain_corpus": "train_split"}
+    easy = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **easy_data)))
     one, two = first["metrics"], easy["metrics"]
     print(f"\ntest bits/byte: v1 {one['test_bits_per_byte']:.4f}, v2 {two['test_bits_per_byte']:.4f} (own test splits); "
           f"benchmark bits/byte: v1 {one['benchmark_bits_per_byte']:.4f}, v2 {two['benchmark_bits_per_byte']:.4f}")
@@ -53,8 +55,7 @@ def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(prefect
 
     # A new model trained on the easy corpus but judged on the sample's test split, by choice.
     chosen = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        "data.source": "csv", "data.path": easy_csv, "registry.model_name": "judged-on-sample",
-        "registry.benchmark": str(SAMPLE_CSV)})))
+        **easy_data, "registry.model_name": "judged-on-sample", "registry.benchmark": str(SAMPLE_CSV)})))
     assert chosen["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]  # same texts, same windows
     assert "lenta-sample.csv" in client.get_registered_model("judged-on-sample").tags["benchmark.source"]
     assert chosen["metrics"]["benchmark_bits_per_byte"] == pytest.approx(two["benchmark_bits_per_byte"], rel=1e-6)

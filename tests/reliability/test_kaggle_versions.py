@@ -28,8 +28,10 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
     unchanged = finetune(config=config)  # Kaggle still says version 1: nothing to do
     assert unchanged["up_to_date"] and fake_kaggle.downloaded_versions == [1] and fake_kaggle.version_calls >= 2
 
-    # Upstream publishes version 2: the sample plus 12 more articles (new urls, new texts).
-    extra = lenta_csv(rows=12).decode().split("\n", 1)[1].replace("Текст новости номер", "Другой текст номер")
+    # Upstream publishes version 2: the sample plus 12 more sport articles (new urls, new texts; the
+    # demo profile fine-tunes on sport).
+    extra = (lenta_csv(rows=12).decode().split("\n", 1)[1].replace("Текст новости номер", "Другой текст номер")
+             .replace(",Россия,", ",Спорт,"))
     fake_kaggle.publish(SAMPLE_CSV.read_bytes() + extra.encode())
     moved = finetune(config=config)
     assert fake_kaggle.downloaded_versions == [1, 2] and not moved["up_to_date"]

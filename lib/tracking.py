@@ -101,11 +101,26 @@ def _experiment_id(client, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def _initialize_store(uri: str) -> None:
+    """Create a new sqlite store's tables under a file lock: two processes that open a brand-new
+    database at the same moment would otherwise both run MLflow's schema migrations, and one fails."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".init-lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        _client(uri).search_experiments(max_results=1)
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], config_yaml: str) -> str:
     """Create the flow's one MLflow run, log the resolved config, and return its id."""
     from mlflow.entities import Param
 
     require_reachable(uri)  # the flow's first MLflow call: a dead server fails the run in seconds
+    _initialize_store(uri)
     client = _client(uri)
     run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name,
                             tags={k: str(v) for k, v in tags.items()})
@@ -190,6 +205,14 @@ def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[
         yield
     finally:
         monitor.finish()
+        # The monitor publishes only after a whole interval: a block shorter than that (a small
+        # run) would log nothing. One last sample at the end gives every run at least one point.
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as error:  # noqa: BLE001 - system metrics never fail a training run
+            log.warning("could not log the final system metrics of run %s: %s", run_id, error)
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

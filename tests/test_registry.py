@@ -247,3 +247,17 @@ def test_loading_a_version_prints_nothing_unless_verbose(registered, tmp_path):
         printed[verbose] = done.stdout + done.stderr
     assert printed["0"] == "loaded\n"
     assert "Downloading artifacts" in printed["1"]  # asked for: shown
+
+
+@pytest.mark.slow
+def test_a_version_requirements_name_public_versions(registered):
+    """What `pip install -r requirements.txt` of a version needs: exact pins of released versions
+    (no local build tag such as `+cpu`), and bitsandbytes where the base is quantized."""
+    from packaging.requirements import Requirement
+
+    lines = (registered["model_dir"] / "requirements.txt").read_text().split()
+    pins = {Requirement(line).name: str(Requirement(line).specifier) for line in lines}
+    assert {"mlflow", "torch", "transformers", "peft", "safetensors"} <= set(pins), pins
+    assert all(spec.startswith("==") and "+" not in spec for spec in pins.values()), pins
+    assert "bitsandbytes" not in pins  # an fp32 base
+    assert any(line.startswith("bitsandbytes==") for line in registry.requirements("nf4"))

@@ -12,6 +12,8 @@ holds would train the same thing again, so the scheduled flow skips it ("up to d
         the Kaggle dataset version when the corpus came from Kaggle.
 
 Tracking, registry and evaluation settings are not in it: re-scoring or renaming changes no weight.
+
+Also `requirements`: the packages, at the versions that trained it, that a registered version needs.
 """
 
 from __future__ import annotations
@@ -77,3 +79,16 @@ def training_key(config: PipelineConfig, dataset_fingerprint: str, dataset_path:
     payload = {**payload, "code": code_version(), "base": base_identity(base, config.model.revision),
                "kaggle_version": kaggle_version}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest(), payload
+
+
+def requirements(precision: str) -> list[str]:
+    """The version's pip requirements: what loading it needs, at the versions that trained it.
+
+    A local build tag is dropped (`torch==2.13.0+cpu` is no version PyPI serves; `torch==2.13.0` is
+    the same code for any platform's wheel), and bitsandbytes is added for an int8/nf4 base."""
+    from importlib.metadata import version
+
+    packages = ["mlflow", "torch", "transformers", "peft", "safetensors"]
+    if precision in ("int8", "nf4"):
+        packages.append("bitsandbytes")
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in packages]

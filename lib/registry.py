@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lib import faults
+from lib import faults, provenance
 from lib.champion import (BENCHMARK_TAG, METRIC_TAG, VALUE_TAG, _all_pages, _all_versions, _alias_version,
                           _ensure_registered_model, _finite, _not_found, restore_champion, update_champion)
 from lib.tracking import _client, require_reachable
@@ -113,7 +113,7 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         mlflow.pyfunc.save_model(
             str(local), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
             input_example=(["Учёные обнаружили новый вид бабочек"], params),
-            pip_requirements=requirements(base.get("precision", "fp32")),
+            pip_requirements=provenance.requirements(base.get("precision", "fp32")),
         )
         # An MLflow 3 logged model ("Logged models" in the UI) made by this run; the version points at it.
         logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_PATH,
@@ -238,19 +238,6 @@ def describe_version(base: dict, tags: dict, metrics: dict, champion_metric: str
 
 def _versions_of_run(client, name: str, run_id: str) -> list:
     return sorted(_all_versions(client, name, f"run_id = '{run_id}'"), key=lambda v: int(v.version))
-
-
-def requirements(precision: str) -> list[str]:
-    """The version's pip requirements: what loading it needs, at the versions that trained it.
-
-    A local build tag is dropped (`torch==2.13.0+cpu` is no version PyPI serves; `torch==2.13.0` is
-    the same code for any platform's wheel), and bitsandbytes is added for an int8/nf4 base."""
-    from importlib.metadata import version
-
-    packages = ["mlflow", "torch", "transformers", "peft", "safetensors"]
-    if precision in ("int8", "nf4"):
-        packages.append("bitsandbytes")
-    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in packages]
 
 
 def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:

@@ -18,7 +18,7 @@ from uuid import uuid4
 import pytest
 from mlflow import MlflowClient
 
-from lib import faults, registry, tracking
+from lib import faults, provenance, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
 from tests.adapter_fixtures import CHAMPION_POLICY, NAME, git_commit, registered, trained  # noqa: F401  (fixtures)
 
@@ -260,4 +260,4 @@ def test_a_version_requirements_name_public_versions(registered):
     assert {"mlflow", "torch", "transformers", "peft", "safetensors"} <= set(pins), pins
     assert all(spec.startswith("==") and "+" not in spec for spec in pins.values()), pins
     assert "bitsandbytes" not in pins  # an fp32 base
-    assert any(line.startswith("bitsandbytes==") for line in registry.requirements("nf4"))
+    assert any(line.startswith("bitsandbytes==") for line in provenance.requirements("nf4"))

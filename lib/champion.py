@@ -164,6 +164,17 @@ def score_of(version, metric: str, fingerprint: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _scored_versions(client, name: str, metric: str, fingerprint: str) -> dict[str, float]:
+    """Version -> its `metric` on benchmark `fingerprint`, for every eligible version that has one."""
+    return {str(v.version): value for v in _all_versions(client, name)
+            if v.tags.get(ELIGIBLE_TAG, "").lower() != "false"
+            and (value := score_of(v, metric, fingerprint)) is not None}
+
+
+def _best(scored: dict[str, float]) -> str:
+    return min(scored, key=lambda v: (scored[v], int(v)))  # ties: the older version
+
+
 def gate(challenger: float, holder: float | None, min_improvement: float) -> dict:
     """Whether `challenger` beats `holder` by the relative margin (lower is better)."""
     if holder is None:
@@ -187,13 +198,11 @@ def update_champion(client, name: str, version: str | int, metric: str, fingerpr
     previous = _alias_version(client, name)
     holder, writes, failed, scored = previous, 0, None, {}
     for attempt in range(10):  # each round follows another registrant's write; 10 is far more than a few racers
-        scored = {str(v.version): value for v in _all_versions(client, name)
-                  if v.tags.get(ELIGIBLE_TAG, "").lower() != "false"
-                  and (value := score_of(v, metric, fingerprint)) is not None}
+        scored = _scored_versions(client, name, metric, fingerprint)
         holder = _alias_version(client, name)
         if not scored:
             break
-        best = min(scored, key=lambda v: (scored[v], int(v)))  # ties: the older version
+        best = _best(scored)
         if best == holder or not gate(scored[best], scored.get(holder), min_improvement)["passes"]:
             break
         try:
@@ -241,12 +250,10 @@ def restore_champion(client, name: str, metric: str) -> str | None:
     """After the holder was deleted (a retracted run): the best version scored on the model's
     benchmark takes `champion` (no holder, so no gate). Returns it, or None if none is scored."""
     fingerprint = client.get_registered_model(name).tags.get("benchmark.fingerprint")
-    scored = {str(v.version): value for v in _all_versions(client, name)
-              if v.tags.get(ELIGIBLE_TAG, "").lower() != "false"
-              and fingerprint and (value := score_of(v, metric, fingerprint)) is not None}
+    scored = _scored_versions(client, name, metric, fingerprint) if fingerprint else {}
     if not scored:
         return None
-    best = min(scored, key=lambda v: (scored[v], int(v)))
+    best = _best(scored)
     client.set_registered_model_alias(name, CHAMPION, best)
     return best
 

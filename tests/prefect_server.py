@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,14 +127,28 @@ class PrefectServer:
             stop_process(process, grace_s=5)  # one SIGTERM starts a slow graceful stop (>20 s seen here)
 
 
-def api(url: str, path: str, method: str = "GET", body=None):
-    """One call of the Prefect REST API; the decoded JSON answer (None for an empty one)."""
+RETRYABLE_STATUS = (429, 502, 503)  # what Prefect's own client retries: 503 is the server's "try again"
+
+
+def api(url: str, path: str, method: str = "GET", body=None, attempts: int = 6):
+    """One call of the Prefect REST API; the decoded JSON answer (None for an empty one).
+
+    The server answers 503 for errors it calls retryable (a sqlite "database is locked" while its
+    scheduler writes, seen in CI on a loaded machine); Prefect's client retries those with backoff,
+    and so does this helper. Any other error, or the last retryable one, is raised.
+    """
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None
+    for attempt in range(attempts):
+        request = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            if error.code not in RETRYABLE_STATUS or attempt == attempts - 1:
+                raise
+            time.sleep(min(2 ** attempt, 10))
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:

@@ -8,8 +8,8 @@ import json
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import PipelineConfig, build_config, load_config
 from tests.conftest import tiny_overrides
-from tests.prefect_server import PREFECT_CLI, log_tail, prefect_server
+from tests.prefect_server import PREFECT_CLI, api, log_tail, prefect_server
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "lenta-process"
@@ -47,11 +47,6 @@ def test_deployment_parameters_are_the_profiles_key_for_key():
     assert not found["demo"].get("schedules")
     assert [s["cron"] for s in found["lenta-nightly"]["schedules"]] == ["0 2 * * *"]
     assert found["lenta-nightly"]["schedules"][0]["timezone"] == "Europe/Moscow"
-
-
-def api(url: str, path: str):
-    with urllib.request.urlopen(f"{url}{path}", timeout=30) as response:
-        return json.loads(response.read())
 
 
 def wait_for_flow_run(url: str, flow_run_id: str, timeout_s: float) -> dict:
@@ -117,3 +112,38 @@ def test_demo_deployment_runs_on_a_process_worker(tmp_path):
     versions = client.search_model_versions(f"name='{model_name}'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", runs[0].info.run_id)]
     assert versions[0].tags["prefect.flow_run_id"] == flow_run_id
+
+
+def test_the_api_helper_retries_what_the_server_calls_retryable_and_nothing_else():
+    """The Prefect server answers 503 for a retryable error (sqlite busy under its scheduler): the
+    helper retries it as Prefect's client does (CI failed once on a single 503), but a 404 is raised."""
+    import http.server
+    import threading
+
+    answers = {"/busy": [503, 503, 200], "/missing": [404, 200]}
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen.append(self.path)
+            code = answers[self.path].pop(0)
+            body = b'{"ok": true}' if code == 200 else b'{"exception_message": "Service Unavailable"}'
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert api(url, "/busy") == {"ok": True}
+        assert seen == ["/busy"] * 3
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            api(url, "/missing")
+        assert raised.value.code == 404 and seen.count("/missing") == 1
+    finally:
+        server.shutdown()

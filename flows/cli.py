@@ -163,7 +163,6 @@ def command_promote(args) -> int:
 
 
 def command_generate(args) -> int:
-    import torch
 
     from lib.generation import generate_continuations
     from lib.registry import load_registered, model_uri
@@ -176,11 +175,13 @@ def command_generate(args) -> int:
     # tokenizer cannot encode: replace the bad bytes instead of crashing.
     args.prompt = [p.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for p in args.prompt]
     uri = resolve_tracking_uri(args.tracking_uri)
-    model, tokenizer, _ = load_registered(uri, model_uri(args.model, args.version, args.alias))
-    torch.manual_seed(args.seed)
-    outputs = generate_continuations(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+    model, tokenizer, base = load_registered(uri, model_uri(args.model, args.version, args.alias))
+    # The same function and defaults as the version's pyfunc and the evaluation samples; greedy unless
+    # --temperature (the pyfunc's default is the profile's `eval`, which may sample).
+    max_new = args.max_new_tokens or int(base.get("generation", {}).get("max_new_tokens", 64))
+    outputs = generate_continuations(model, tokenizer, args.prompt, max_new_tokens=max_new,
                                      do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
-                                     seed=args.seed, batch_size=8)
+                                     top_p=args.top_p, seed=args.seed)
     for prompt, text in zip(args.prompt, outputs):
         print(f"{prompt}\n{text}\n" if len(args.prompt) > 1 else f"{prompt} {text}")
     return 0
@@ -239,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a headline with a registered adapter")
     add_version_choice(gen)
     gen.add_argument("prompt", nargs="+")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the version's (its profile's eval)")
     gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus when sampling (default 1: off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=command_generate)
     ev = sub.add_parser("evaluate", help="re-evaluate a registered adapter (base vs tuned) in a new MLflow run")

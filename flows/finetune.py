@@ -56,7 +56,8 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
         benchmark = store_benchmark(benchmark, config, uri, run_id)
         score_champion_on_benchmark(config, benchmark, uri)
         registered = register_adapter(trained["adapter_dir"], prepared["base"], config, evaluated["metrics"],
-                                      prepared["fingerprint"], benchmark, key, force, uri, run_id, tags)
+                                      prepared["fingerprint"], benchmark, key, force, uri, run_id, tags,
+                                      next(iter(evaluated["samples"]), None))
     except BaseException:
         # Best effort: if the store is down too, the original error is the one to report, and the
         # next run's start marks this one FAILED (and retracts any version it made).

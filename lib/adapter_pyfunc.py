@@ -185,35 +185,22 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             self.model, self.tokenizer, self.base = load_adapter_from_artifacts(context.artifacts)
         self.defaults = self.base.get("generation", {})
 
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         """model_input: a list of prompts (or a DataFrame whose first column holds them); params:
-        max_new_tokens, do_sample, temperature, top_p, seed (defaults: the training profile's `eval`)."""
-        import torch
+        max_new_tokens, do_sample, temperature, top_p, seed (defaults: the training profile's `eval`).
 
-        prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+        Generation is the project's own `lib/generation.py`, stored with the version as
+        `lenta_lora_generation` (MLflow code_paths): `lenta-lora generate`, `load_registered` callers
+        and the evaluation samples run the same function, so one prompt gives one text everywhere.
+        (No type hints on model_input: MLflow would run predict at registration to check them.)"""
+        from lenta_lora_generation import generate_continuations
+
+        prompts = [str(p) for p in (model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input)]
         settings = {**GENERATION_DEFAULTS, **self.defaults, **(params or {})}
-        max_new, do_sample = int(settings["max_new_tokens"]), bool(settings["do_sample"])
-        # Sampling knobs only when sampling (transformers warns otherwise); top_k=0: nucleus alone,
-        # as in lib/generation.py.
-        sampling = {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
-                    "top_k": 0} if do_sample else {}
-        torch.manual_seed(int(settings["seed"]))
-        tok = self.tokenizer
-        # Batched decoding needs prompts aligned right; over-long prompts keep their end.
-        sides = tok.padding_side, tok.truncation_side
-        tok.padding_side = tok.truncation_side = "left"
-        try:
-            context_len = getattr(self.model.config, "max_position_embeddings", 2048)
-            limit = max(1, context_len - max_new)
-            texts = [tok.eos_token + str(p) for p in prompts]  # EOS start: empty prompts work too
-            batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=limit,
-                        add_special_tokens=False).to(self.model.device)
-            with torch.no_grad():
-                out = self.model.generate(**batch, max_new_tokens=max_new, do_sample=do_sample,
-                                          pad_token_id=tok.pad_token_id, **sampling)
-        finally:
-            tok.padding_side, tok.truncation_side = sides
-        return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+        return generate_continuations(self.model, self.tokenizer, prompts,
+                                      max_new_tokens=int(settings["max_new_tokens"]),
+                                      do_sample=bool(settings["do_sample"]), temperature=float(settings["temperature"]),
+                                      top_p=float(settings["top_p"]), seed=int(settings["seed"]))
 
 
 set_model(LoraAdapterModel())

@@ -16,32 +16,33 @@ A version records, as tags and in its `base_model.json`, sha256 checksums of its
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from lib import faults, provenance
+from lib import faults, packaging
 from lib.champion import (BENCHMARK_TAG, METRIC_TAG, VALUE_TAG, _all_pages, _all_versions, _alias_version,
                           _ensure_registered_model, _finite, _not_found, restore_champion, update_champion)
 from lib.tracking import _client, require_reachable
 
 log = logging.getLogger("lenta_lora.registry")
 
-PYFUNC_CODE = Path(__file__).with_name("adapter_pyfunc.py")
 MODEL_PATH = "adapter_model"  # the logged model's name
 
 
 def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict, generation: dict,
                      model_name: str, tags: dict[str, Any], metrics: dict[str, float], *, champion_metric: str,
-                     benchmark_fingerprint: str, min_improvement: float, training_key: str | None = None) -> dict:
+                     benchmark_fingerprint: str, min_improvement: float, training_key: str | None = None,
+                     example: dict | None = None) -> dict:
     """Log the adapter as a pyfunc model in the run, register it as a version, decide `champion`.
 
     Only the adapter is stored for hub bases (plus the hub id and revision); the offline tiny base
     has no hub to come from, so its few-MB weights travel with it. `metrics` must hold the
     `benchmark_*` scores measured on `benchmark_fingerprint`. With `training_key`, an unforced run
     whose key another version already holds (a twin that finished first) registers nothing.
+    `example` ({"prompt", "output"}, from the evaluation) is the version's input/output example:
+    nothing is loaded or generated here (lib/packaging.py).
     Returns `name`, `version`, `uri` (models:/NAME/VERSION), `champion` (whether this version
     holds the alias), `decision`, `sha256`, and `up_to_date` (True when a twin's version was kept).
     """
@@ -57,7 +58,7 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
         version = _create_version(client, run_id, adapter_dir, base, generation, model_name,
                                   {**tags, BENCHMARK_TAG: benchmark_fingerprint,
                                    **({"training_key": training_key} if training_key else {})},
-                                  metrics, champion_metric)
+                                  metrics, champion_metric, example)
     if training_key and (holder := _keep_lowest_of_key(client, model_name, training_key, version)) is not None:
         return {"name": model_name, "version": int(holder.version), "uri": f"models:/{model_name}/{holder.version}",
                 "champion": _alias_version(client, model_name) == str(holder.version), "decision": None,
@@ -93,28 +94,13 @@ def _keep_lowest_of_key(client, name: str, training_key: str, version):
     return twins[0]
 
 
-def _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics, champion_metric):
-    import mlflow.pyfunc
+def _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics, champion_metric,
+                    example):
+    from lib.adapter_pyfunc import ADAPTER_WEIGHTS, sha256_file
 
-    from lib.adapter_pyfunc import ADAPTER_WEIGHTS, GENERATION_DEFAULTS, checksum_manifest, sha256_file
-
-    artifacts = {"adapter": str(adapter_dir)}
-    params = {key: type(default)(generation.get(key, default)) for key, default in GENERATION_DEFAULTS.items()}
-    if base.get("kind") == "tiny":
-        artifacts["base_weights"] = base["path"]
-    manifest = checksum_manifest(artifacts)  # refuses pickles and a missing adapter_model.safetensors
     with tempfile.TemporaryDirectory() as tmp:
-        meta = Path(tmp) / "base_model.json"
-        meta.write_text(json.dumps({**base, "generation": generation, "sha256": manifest}, indent=2, ensure_ascii=False))
-        local = Path(tmp) / "model"
-        # (prompts, params): the params give the signature the params schema that lets
-        # `predict(..., params=...)` through (MLflow drops undeclared params), with the profile's
-        # generation settings as defaults.
-        mlflow.pyfunc.save_model(
-            str(local), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
-            input_example=(["Учёные обнаружили новый вид бабочек"], params),
-            pip_requirements=provenance.requirements(base.get("precision", "fp32")),
-        )
+        package = packaging.package_adapter(tmp, adapter_dir, base, generation, example)  # loads no model
+        local, meta, manifest = package["model_dir"], package["base_model_json"], package["manifest"]
         # An MLflow 3 logged model ("Logged models" in the UI) made by this run; the version points at it.
         logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_PATH,
                                             source_run_id=run_id, model_type="lora-adapter",
@@ -145,7 +131,7 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
     created = client.create_model_version(
         model_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
         tags={**{k: str(v) for k, v in tags.items()}, **integrity, **ranked, "logged_model_id": logged.model_id},
-        description=describe_version(base, tags, metrics, champion_metric, run_id))
+        description=packaging.describe_version(base, tags, metrics, champion_metric, run_id))
     # MLflow's HTTP client retries any method, POST included: a create whose answer was lost can
     # leave a twin. Every registrant of a run keeps the run's lowest version and drops its own other.
     twins = _versions_of_run(client, model_name, run_id)
@@ -223,17 +209,6 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
     if retracted:
         log.warning("deleted registry version(s) %s: %s", ", ".join(retracted), reason)
     return retracted
-
-
-def describe_version(base: dict, tags: dict, metrics: dict, champion_metric: str, run_id: str) -> str:
-    """The version's description: what it is and where it came from, readable in the MLflow UI."""
-    origin = base.get("name") + (f"@{base['revision']}" if base.get("revision") else "")
-    shown = [m for m in (champion_metric, "test_perplexity", "chrf") if _finite(metrics.get(m))]
-    facts = [f"{label} {tags[key]}" for key, label in (("dataset_fingerprint", "dataset"), ("git_commit", "git commit"),
-                                                       ("prefect.flow_run_id", "Prefect flow run")) if tags.get(key)]
-    return "\n".join([f"LoRA adapter on {origin} ({base.get('precision', '?')}), MLflow run {run_id}.",
-                      "Metrics: " + (", ".join(f"{m} {metrics[m]:.4g}" for m in shown) or "none") + ".",
-                      "; ".join(facts) + "." if facts else ""]).strip()
 
 
 def _versions_of_run(client, name: str, run_id: str) -> list:

@@ -27,12 +27,13 @@ def worth_retrying(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=worth_retrying)
 def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metrics: dict[str, float],
                      fingerprint: str, benchmark: Benchmark, training_key: str, force: bool, uri: str, run_id: str,
-                     extra_tags: dict[str, str]) -> dict:
+                     extra_tags: dict[str, str], example: dict | None = None) -> dict:
     """Register a version and decide `champion` on the model's benchmark, as one unit.
 
     Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, the decision,
     its checksums, and `up_to_date` (a concurrent twin registered the same training key first).
     `extra_tags` carries the provenance (Prefect flow-run id and name, git commit) onto the version.
+    `example`: an evaluation sample row (`prompt`, `tuned_output`): the version's input/output example.
     """
     described = describe_base(base, config.model)
     lora, registry_cfg = config.lora, config.registry
@@ -46,7 +47,8 @@ def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metric
     registered = registry.register_adapter(
         uri, run_id, adapter_dir, described, generation, registry_cfg.model_name, tags, metrics,
         champion_metric=registry_cfg.champion_metric, benchmark_fingerprint=benchmark.fingerprint,
-        min_improvement=registry_cfg.min_improvement, training_key=None if force else training_key)
+        min_improvement=registry_cfg.min_improvement, training_key=None if force else training_key,
+        example={"prompt": example["prompt"], "output": example["tuned_output"]} if example else None)
     logger = get_run_logger()
     if registered["up_to_date"]:
         logger.warning("a concurrent run registered the same training key first: %s holds it; nothing registered",

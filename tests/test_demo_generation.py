@@ -6,6 +6,7 @@ generation test; this one fails them when prompts, padding or seeding go wrong."
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -162,3 +163,84 @@ def test_the_pretraining_corpus_leaves_out_the_topic_and_every_evaluation_articl
     open_tiny = config.model.tiny.model_copy(update={"pretrain_exclude_topics": []})
     docs = pretraining_documents(SAMPLE_CSV, config.data, open_tiny, splits, [])
     assert not held_out & set(docs) and {join_title_and_text(a) for a in splits["train"]} <= set(docs)
+
+
+EVERY_PATH_IN_A_NEW_PROCESS = """
+import json, sys
+import mlflow, torch
+torch.set_num_threads(1)
+from lib.generation import generate_continuations
+from lib.registry import load_registered
+args = json.loads(sys.argv[1])
+uri, name, prompts, settings = args["uri"], args["name"], args["prompts"], args["settings"]
+model, tokenizer, _ = load_registered(uri, f"models:/{name}/1")
+out = {"load_registered": generate_continuations(model, tokenizer, prompts, **settings)}
+del model
+mlflow.set_tracking_uri(uri)
+pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+out["pyfunc"] = pyfunc.predict(prompts, params=settings)
+out["pyfunc_defaults"] = pyfunc.predict(prompts)
+out["signature"] = [str(pyfunc.metadata.signature.inputs), str(pyfunc.metadata.signature.outputs)]
+print("RESULT " + json.dumps(out, ensure_ascii=False))
+"""
+
+
+def parse_generate_output(stdout: str, prompts: list[str]) -> list[str]:
+    """`lenta-lora generate` with several prompts prints `PROMPT\nTEXT\n` for each, a blank line apart."""
+    texts, rest = [], stdout
+    for prompt, following in zip(prompts, [*prompts[1:], None]):
+        assert rest.startswith(prompt + "\n"), (rest[:200], prompt)
+        rest = rest[len(prompt) + 1:]
+        end = rest.index("\n\n" + following) if following else len(rest.rstrip("\n"))
+        texts.append(rest[:end].rstrip("\n"))
+        rest = rest[end + 2:]
+    return texts
+
+
+@pytest.mark.slow
+def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path):
+    """The evaluation's samples, `lenta-lora generate`, `load_registered` + generate_continuations
+    and the registered pyfunc (with its default params and with explicit ones) run one generation
+    function: the same version, prompts and seeded settings give the same text, in fresh processes.
+    (The pyfunc once prepended <|endoftext|> to every prompt and answered differently.) Seeded
+    sampling, not greedy: greedy decoding of a model this small writes newlines, which would hide
+    a difference; the three prompts fit one batch on every path, so the RNG draws are the same."""
+    from lib import registry, tracking
+    from lib.base_model import describe_base
+    from lib.evaluation import generate_both
+
+    model, tokenizer, info = demo_model["model"], demo_model["tokenizer"], demo_model["info"]
+    settings = {"max_new_tokens": 24, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 0}
+    config = demo_model["config"].model_copy(deep=True)
+    for key, value in settings.items():
+        setattr(config.eval, key, value)
+    config.eval.batch_size = 8
+    prompts = titles(info, 3)
+    base_out, evaluated = generate_both(model, tokenizer, prompts, config)  # the evaluation stage's samples
+    assert all(CYRILLIC_WORD.search(text) for text in evaluated) and evaluated != base_out, evaluated
+
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "one-path"
+    adapter = training.save_adapter(model, tokenizer, tmp_path / "trained")
+    run_id = tracking.start_run(uri, "one-path", "one-path", {}, {}, "{}\n")
+    registry.register_adapter(uri, run_id, adapter, describe_base(info["base"], config.model), settings, name, {},
+                              {"benchmark_bits_per_byte": 3.0}, champion_metric="benchmark_bits_per_byte",
+                              benchmark_fingerprint="f" * 64, min_improvement=0.002,
+                              example={"prompt": prompts[0], "output": evaluated[0]})
+    tracking.finish_run(uri, run_id)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}
+    done = subprocess.run([sys.executable, "-c", EVERY_PATH_IN_A_NEW_PROCESS,
+                           json.dumps({"uri": uri, "name": name, "prompts": prompts, "settings": settings})],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = json.loads(done.stdout.split("RESULT ", 1)[1])
+    signature = paths.pop("signature")
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--model", name, "--version", "1",
+                          "--tracking-uri", uri, "--max-new-tokens", "24", "--temperature", "0.7", "--top-p", "0.9",
+                          "--seed", "0", *prompts], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    paths["cli"] = parse_generate_output(cli.stdout, prompts)
+    print("\n", json.dumps({"evaluation": evaluated, **paths}, ensure_ascii=False, indent=1))
+    for label in ("load_registered", "pyfunc", "pyfunc_defaults", "cli"):
+        assert paths[label] == evaluated, label
+    assert "string" in signature[0] and "string" in signature[1]  # given at registration, not inferred by predict

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 from uuid import uuid4
 
 import pytest
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RELOAD = r"""
 import json, sys, tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 import mlflow, torch
 from mlflow import MlflowClient
 from peft import PeftModel
@@ -261,3 +263,34 @@ def test_a_version_requirements_name_public_versions(registered):
     assert all(spec.startswith("==") and "+" not in spec for spec in pins.values()), pins
     assert "bitsandbytes" not in pins  # an fp32 base
     assert any(line.startswith("bitsandbytes==") for line in provenance.requirements("nf4"))
+
+
+@pytest.mark.slow
+def test_registering_loads_no_model_and_keeps_the_evaluation_example(trained, tmp_path, monkeypatch, caplog):
+    """MLflow loads a pyfunc and runs `predict` on its input example unless it is given a signature
+    (at 1.3B: the base loaded a second time, 5-85 s and one more copy in memory). Here the base is
+    a hub id that cannot load offline: registration must still succeed, without MLflow trying."""
+    import logging
+
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(uri, "no-load", "no-load", {}, {}, "{}\n")
+    base = {"kind": "hub", "name": "no-such-org/no-such-model", "revision": "main", "precision": "fp32"}
+    example = {"prompt": "Заголовок\n\n", "output": "текст, который написала модель"}
+    with caplog.at_level(logging.INFO, logger="mlflow"):
+        result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, "no-load", {},
+                                           {"benchmark_bits_per_byte": 3.0}, **CHAMPION_POLICY, example=example)
+    tracking.finish_run(uri, run_id)
+    assert result["version"] == 1
+    mlflow_lines = [r.getMessage() for r in caplog.records if r.name.startswith("mlflow")]
+    assert not [line for line in mlflow_lines if "predict" in line.lower()], mlflow_lines
+    model_dir = Path(urlparse(MlflowClient(uri, uri).get_model_version_download_uri("no-load", "1")).path)
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert "string" in mlmodel["signature"]["outputs"] and "max_new_tokens" in mlmodel["signature"]["params"]
+    saved = json.loads((model_dir / "serving_input_example.json").read_text())
+    assert saved["inputs"] == [example["prompt"]] and saved["params"]["max_new_tokens"] == 8
+    # The version carries the one generation function it runs (MLflow code_paths).
+    stored = model_dir / "code" / "lenta_lora_generation.py"
+    assert stored.read_bytes() == (ROOT / "lib" / "generation.py").read_bytes()

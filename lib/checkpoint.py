@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ log = logging.getLogger("lenta_lora.checkpoint")
 
 KEEP = 2  # newest checkpoints kept: the last one, and one more in case the last is unreadable
 # `train` keys that choose what is logged or written, not what is learned: changing them still resumes.
-BOOKKEEPING = ("log_every", "eval_every", "checkpoint_every")
+BOOKKEEPING = ("log_every", "progress_interval_s", "eval_every", "checkpoint_every")
 STATE, TRAINER, ADAPTER = "state.json", "trainer.pt", "adapter"
 
 
@@ -160,7 +161,7 @@ def save(directory: str | Path, step: int, model, optimizer, scheduler, state: d
     """
     directory = Path(directory)
     final = directory / f"step-{step:08d}"
-    tmp = None
+    tmp, started = None, time.perf_counter()
     try:
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
         model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
@@ -182,7 +183,15 @@ def save(directory: str | Path, step: int, model, optimizer, scheduler, state: d
             shutil.rmtree(tmp, ignore_errors=True)
     for old in _complete(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())  # bytes on disk, this checkpoint only
+    log.info("checkpoint step %d/%s written: %s in %.1f s -> %s", step, state.get("total_steps", "?"), _size_text(size),
+             time.perf_counter() - started, final)
     return final
+
+
+def _size_text(size: int) -> str:
+    """Bytes as MB, or kB below 0.1 MB (a tiny test model's checkpoint would read 0.0 MB)."""
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
 def load(checkpoint: Checkpoint, model, optimizer, scheduler, total_steps: int) -> dict:

@@ -127,6 +127,9 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 42
     log_every: int = Field(1, gt=0)  # optimizer steps between loss logs
+    # Seconds: a step is also logged once this long has passed since the last logged one, and a
+    # step slower than this logs micro-batch heartbeats, so a 1.3B run on CPU is never silent for minutes.
+    progress_interval_s: float = Field(30.0, gt=0)
     eval_every: int | None = Field(None, gt=0)  # optimizer steps between validation losses
     checkpoint_every: int | None = Field(None, gt=0)
     num_processes: int = Field(1, gt=0)

@@ -11,10 +11,15 @@ No prefect / mlflow imports here: this module is plain library code.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 from tqdm.auto import tqdm
+
+from lib import progress
+
+log = logging.getLogger("lenta_lora.generation")
 
 
 def model_context_length(model, tokenizer=None) -> int | None:
@@ -82,6 +87,7 @@ def generate_continuations(
     seed: int = 0,
     batch_size: int = 8,
     max_prompt_tokens: int | None = None,
+    progress_interval_s: float = progress.DEFAULT_INTERVAL_S,
 ) -> list[str]:
     """Continue each prompt; return only the new text (special tokens skipped, stripped).
 
@@ -96,6 +102,8 @@ def generate_continuations(
       prompts lose their beginning (one ``UserWarning`` per call). An empty prompt starts from
       the BOS token (EOS if none). Generation stops at EOS or after ``max_new_tokens`` tokens.
     * pad_token_id is the tokenizer's pad token, or EOS when it has none (GPT-Neo).
+    * Without a terminal (the tqdm bar hidden), logs ``generate: batch i/n, s/batch, ETA`` once
+      ``progress_interval_s`` seconds have passed since the last such line.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -129,7 +137,11 @@ def generate_continuations(
     try:
         with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
             torch.manual_seed(seed)
-            for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=None):
+            starts = range(0, len(order), batch_size)
+            bar = tqdm(starts, desc="generate", disable=None)
+            # No terminal, no bar: a line every `progress_interval_s` seconds instead (Prefect's run log).
+            ticker = progress.Ticker(progress_interval_s, enabled=progress.bar_hidden(bar))
+            for done, start in enumerate(bar, 1):
                 rows = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
                 sequences = model.generate(
@@ -139,6 +151,7 @@ def generate_continuations(
                 new_tokens = sequences[:, input_ids.shape[1] :].tolist()
                 for i, ids in zip(rows, new_tokens):
                     outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                ticker.report(log, "generate", done, len(starts))
     finally:
         model.train(was_training)
     return outputs

@@ -19,6 +19,7 @@ No prefect / mlflow imports here: this module is plain library code.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -27,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
+
+from lib import progress
+
+log = logging.getLogger("lenta_lora.metrics")
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -110,6 +115,7 @@ def score_corpus(
     max_length: int,
     stride: int | None = None,
     batch_size: int = 8,
+    progress_interval_s: float = progress.DEFAULT_INTERVAL_S,
 ) -> dict[str, float]:
     """Corpus-level log-likelihood scores of a causal LM over raw documents.
 
@@ -143,6 +149,8 @@ def score_corpus(
     ``nll_sum`` (nats), ``tokens``, ``perplexity`` (token-weighted), ``bits_per_byte``,
     ``byte_perplexity``, ``bits_per_char``, ``word_perplexity``, ``bytes``, ``chars``, ``words``.
     Token perplexities of different tokenizers are not comparable; bits per byte is.
+    Without a terminal (the tqdm bar hidden), logs ``score_corpus: batch i/n, s/batch, ETA`` once
+    ``progress_interval_s`` seconds have passed since the last such line.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -172,10 +180,15 @@ def score_corpus(
     nll_sum, n_tokens = 0.0, 0
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, len(windows), batch_size), desc="score_corpus", disable=None):
+            starts = range(0, len(windows), batch_size)
+            bar = tqdm(starts, desc="score_corpus", disable=None)
+            # No terminal, no bar: a line every `progress_interval_s` seconds instead (Prefect's run log).
+            ticker = progress.Ticker(progress_interval_s, enabled=progress.bar_hidden(bar))
+            for done, start in enumerate(bar, 1):
                 nll, count = _score_batch(model, windows[start : start + batch_size], prefix, device)
                 nll_sum += nll
                 n_tokens += count
+                ticker.report(log, "score_corpus", done, len(starts))
     finally:
         model.train(was_training)
     return summarize_nll(nll_sum, n_tokens, n_bytes, n_chars, n_words)

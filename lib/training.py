@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lib import checkpoint, distributed, faults
+from lib import checkpoint, distributed, faults, progress
 from lib.base_model import load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
@@ -250,18 +250,25 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
         tokens_seen, new_tokens, started = done["tokens"], 0, time.perf_counter()
         bar = tqdm(range(done["step"] + 1, steps + 1), initial=done["step"], total=steps, desc="train", unit="step",
                    disable=None if rank == 0 else True)
+        # Seconds since the last step line (on_log), and since the last line of any kind (a step's or a heartbeat).
+        step_lines = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
+        any_line = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
         for step in bar:  # 1-based optimizer step
             chunk = order[(step - 1) * train.grad_accum : step * train.grad_accum]
             step_tokens = sum(int(all_masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step
             # Summed on the device and read once per step: a float() per micro-batch is a GPU sync each.
-            step_nll = torch.zeros((), device=model.device)
+            step_nll, step_started = torch.zeros((), device=model.device), time.perf_counter()
             try:
-                for idx in chunk:
+                for micro, idx in enumerate(chunk, 1):
                     if not idx[shard]:  # this rank's share of an epoch's short last micro-batch
                         continue
                     nll, _ = batch_nll(model, all_ids[idx[shard]].to(model.device), all_masks[idx[shard]].to(model.device))
                     (nll / step_tokens).backward()
                     step_nll += nll.detach()
+                    if micro < len(chunk) and any_line.due():  # a slow step: say where it is (not after its last)
+                        log.info("step %d/%d: micro-batch %d/%d, %.0f s into this step", step, steps, micro, len(chunk),
+                                 time.perf_counter() - step_started)
+                        any_line.mark()
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not _is_out_of_memory(error):
                     raise
@@ -287,8 +294,10 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
             history.append({"step": step, **record})
             state = {"total_steps": steps, "run_id": run_id, "tokens": tokens_seen,
                      "seconds": done["seconds"] + elapsed, "history": history}
-            if on_log and (step % train.log_every == 0 or step == steps):
+            if on_log and (step % train.log_every == 0 or step == steps or step_lines.due()):
                 eta = (steps - step) * elapsed / (step - done["step"])
+                step_lines.mark()
+                any_line.mark()
                 try:
                     on_log(step, record, Progress(step, steps, eta))
                 except BaseException:  # e.g. the tracking server went away: keep the steps done so far

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.models import set_model
 
 log = logging.getLogger("lenta_lora.adapter")
@@ -185,15 +186,17 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
             self.model, self.tokenizer, self.base = load_adapter_from_artifacts(context.artifacts)
         self.defaults = self.base.get("generation", {})
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         """model_input: a list of prompts (or a DataFrame whose first column holds them); params:
         max_new_tokens, do_sample, temperature, top_p, seed (defaults: the training profile's `eval`).
 
-        Generation is the project's own `lib/generation.py`, stored with the version as
-        `lenta_lora_generation` (MLflow code_paths): `lenta-lora generate`, `load_registered` callers
+        Generation is the project's own `lib/generation.py`, stored with the version in the package
+        `lenta_lora_runtime` (MLflow code_paths): `lenta-lora generate`, `load_registered` callers
         and the evaluation samples run the same function, so one prompt gives one text everywhere.
-        (No type hints on model_input: MLflow would run predict at registration to check them.)"""
-        from lenta_lora_generation import generate_continuations
+        The hint is DataFrame (what MLflow passes for the string-column signature), a type MLflow
+        infers no schema from: a list[str] hint would make MLflow load the model and run predict at
+        registration to check it, and no hint at all prints a warning wherever this file runs."""
+        from lenta_lora_runtime.generation import generate_continuations
 
         prompts = [str(p) for p in (model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input)]
         settings = {**GENERATION_DEFAULTS, **self.defaults, **(params or {})}

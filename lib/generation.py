@@ -17,7 +17,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from lib import progress
+from . import progress  # relative: the same file runs as lenta_lora_runtime.generation inside a version
 
 log = logging.getLogger("lenta_lora.generation")
 

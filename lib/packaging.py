@@ -12,22 +12,24 @@ The folder holds (see lib/adapter_pyfunc.py, which MLflow runs at load time):
   artifacts/base_weights  the tiny base's weights (no hub holds them); hub and local bases by reference
   artifacts/base_model    base_model.json: where the base comes from, its identity (weights sha256 or hub
                           commit), the precision it was trained in, generation defaults, file checksums
-  code/lenta_lora_generation.py   lib/generation.py: the one generation function, stored with the version
+  code/lenta_lora_runtime/  lib/generation.py and lib/progress.py: the one generation function, stored
+                            with the version (imported there as lenta_lora_runtime.generation)
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 from lib import provenance
 from lib.champion import _finite
 
 PYFUNC_CODE = Path(__file__).with_name("adapter_pyfunc.py")
-GENERATION_CODE = Path(__file__).with_name("generation.py")
-GENERATION_MODULE = "lenta_lora_generation"  # its import name inside a loaded version (MLflow code_paths)
+# The modules a version runs, copied into the package RUNTIME_PACKAGE (MLflow code_paths puts it on
+# sys.path at load time). They import nothing of the project but each other, relatively.
+RUNTIME_MODULES = ("generation.py", "progress.py")
+RUNTIME_PACKAGE = "lenta_lora_runtime"
 DEFAULT_PROMPT = "Учёные обнаружили новый вид бабочек\n\n"  # the example when the evaluation made no sample
 
 
@@ -59,9 +61,11 @@ def package_adapter(folder: str | Path, adapter_dir: str | Path, base: dict, gen
     manifest = checksum_manifest(artifacts)  # refuses pickles and a missing adapter_model.safetensors
     meta = folder / "base_model.json"
     meta.write_text(json.dumps({**base, "generation": generation, "sha256": manifest}, indent=2, ensure_ascii=False))
-    code = folder / "code"
-    code.mkdir(exist_ok=True)
-    shutil.copyfile(GENERATION_CODE, code / f"{GENERATION_MODULE}.py")
+    runtime = folder / "code" / RUNTIME_PACKAGE
+    runtime.mkdir(parents=True, exist_ok=True)
+    (runtime / "__init__.py").write_text('"""lenta-lora modules a registered version runs (copied from lib/)."""\n')
+    for name in RUNTIME_MODULES:
+        shutil.copyfile(Path(__file__).with_name(name), runtime / name)
 
     params = generation_params(generation)
     prompt = example["prompt"] if example else DEFAULT_PROMPT
@@ -69,13 +73,11 @@ def package_adapter(folder: str | Path, adapter_dir: str | Path, base: dict, gen
     # drops undeclared params); a signature given up front is what keeps MLflow from running predict.
     signature = infer_signature([prompt], [example["output"] if example else ""], params)
     model_dir = folder / "model"
-    with warnings.catch_warnings():  # its advice to type-hint predict: hints are what would make it run predict
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-        mlflow.pyfunc.save_model(
-            str(model_dir), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
-            code_paths=[str(code / f"{GENERATION_MODULE}.py")], signature=signature, input_example=([prompt], params),
-            pip_requirements=provenance.requirements(base.get("precision", "fp32")),
-        )
+    mlflow.pyfunc.save_model(
+        str(model_dir), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
+        code_paths=[str(runtime)], signature=signature, input_example=([prompt], params),
+        pip_requirements=provenance.requirements(base.get("precision", "fp32")),
+    )
     return {"model_dir": model_dir, "base_model_json": meta, "manifest": manifest}
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MLFLOW_ALLOWED = {"lib/tracking.py", "lib/registry.py", "lib/champion.py", "lib/adapter_pyfunc.py"}
+MLFLOW_ALLOWED = {"lib/tracking.py", "lib/registry.py", "lib/champion.py", "lib/adapter_pyfunc.py", "lib/packaging.py"}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -36,6 +36,16 @@ def test_only_the_tracking_module_imports_mlflow():
             rel = str(path.relative_to(ROOT))
             if rel not in MLFLOW_ALLOWED:
                 assert "mlflow" not in imported_roots(path), f"{rel} imports mlflow"
+
+
+def test_the_modules_a_version_carries_import_nothing_of_the_project():
+    """lib/packaging.py copies them into every registered version (package lenta_lora_runtime): they
+    may import each other relatively, never `lib` (absent where a version is loaded)."""
+    from lib.packaging import RUNTIME_MODULES
+
+    for name in RUNTIME_MODULES:
+        roots = imported_roots(ROOT / "lib" / name)
+        assert not roots & {"lib", "tasks", "flows", "prefect", "mlflow"}, (name, roots)
 
 
 def test_tasks_never_import_flows():

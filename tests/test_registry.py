@@ -292,5 +292,6 @@ def test_registering_loads_no_model_and_keeps_the_evaluation_example(trained, tm
     saved = json.loads((model_dir / "serving_input_example.json").read_text())
     assert saved["inputs"] == [example["prompt"]] and saved["params"]["max_new_tokens"] == 8
     # The version carries the one generation function it runs (MLflow code_paths).
-    stored = model_dir / "code" / "lenta_lora_generation.py"
-    assert stored.read_bytes() == (ROOT / "lib" / "generation.py").read_bytes()
+    stored = model_dir / "code" / "lenta_lora_runtime"
+    for name in ("generation.py", "progress.py"):
+        assert (stored / name).read_bytes() == (ROOT / "lib" / name).read_bytes()

@@ -4,8 +4,10 @@ MLflow copies this file into every logged model and runs it at load time, so it 
 from this project: a version loads in any process with torch, transformers and peft installed,
 without the training code or its config. Artifacts:
   adapter      PEFT adapter folder (adapter_config.json, adapter_model.safetensors) + tokenizer
-  base_model   JSON: where the base comes from (hub id + revision, local path, or tiny build),
-               the precision it was trained in, default generation settings, and `sha256`: the
+  base_model   JSON: where the base comes from (hub id + revision, local path, or tiny build) and
+               its `identity` (the hub commit resolved at training, or sha256 of a local folder's
+               weights: checked before loading), the precision it was trained in (resolved, never
+               `auto`) with its compute `dtype`, default generation settings, and `sha256`: the
                checksum of every file of the `adapter` and `base_weights` folders at registration
   base_weights (tiny base only) the base model folder, since no hub holds it
 
@@ -113,6 +115,30 @@ def verify_artifacts(artifacts: dict, base: dict) -> None:
                                              "corrupted: refusing to load (restore it or register again)")
 
 
+def verify_local_base(folder: str, identity: dict) -> None:
+    """The local base folder a version was trained on is still there and holds the same weights.
+
+    A moved folder would otherwise end in transformers' "Repo id must be in the form..." (it takes
+    a missing path for a hub id); different weights in the same folder would load silently."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"base model folder {folder} (recorded by this version) is missing: put the base "
+                                "back there, or register the adapter again on a base that exists")
+    recorded = identity.get("sha256")
+    if recorded is None:
+        log.warning("base model folder %s: this version records no weights checksum (registered before they "
+                    "were kept); not verified", folder)
+        return
+    for name, digest in recorded.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"base model folder {folder}: {name}, which this version was trained on, is "
+                                    "missing: restore it, or register the adapter again")
+        if sha256_file(path) != digest:
+            raise ArtifactIntegrityError(f"base model folder {folder}: {name} differs from the weights this version "
+                                         f"was trained on (sha256 {digest[:16]}...): refusing to load; restore "
+                                         "that base, or register an adapter trained on this one")
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """No progress bars or third-party notices while a version loads (a `generate` prints its answer,
@@ -157,21 +183,34 @@ def load_adapter_from_artifacts(artifacts: dict):
         raise FileNotFoundError(f"{artifacts['adapter']}: no {ADAPTER_WEIGHTS}; only safetensors adapters load")
     source = artifacts.get("base_weights") or base["name"]
     kwargs = {"trust_remote_code": False, "use_safetensors": True}
-    if base.get("kind") == "hub":
-        kwargs["revision"] = base.get("revision")
+    identity = base.get("identity") or {}
+    if base.get("kind") == "local":
+        verify_local_base(base["name"], identity)
+    if base.get("kind") == "hub":  # the commit the revision resolved to at training, where it was known
+        kwargs["revision"] = identity["commit"] if identity.get("resolved") else base.get("revision")
     precision = base.get("precision", "fp32")
     if precision in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 
+        compute = getattr(torch, base.get("dtype", "float32"))  # what training computed in
         kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if precision == "int8" else
-                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_compute_dtype=compute))
     elif precision in ("bf16", "fp16"):
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float16
     elif precision == "auto" and torch.cuda.is_available():
         kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         kwargs["dtype"] = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:  # transformers' 40-line "Repo id must be in the form..." and kin
+        if base.get("kind") != "hub":
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:240]
+        raise FileNotFoundError(f"base model {source} at revision {kwargs['revision']} (recorded by this version) "
+                                f"cannot be loaded: {first}. Make that revision reachable (network, or the "
+                                "Hugging Face cache) or register the adapter again on a base you have") from None
     model = PeftModel.from_pretrained(model, artifacts["adapter"], is_trainable=False)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(artifacts["adapter"], trust_remote_code=False)

@@ -23,6 +23,7 @@ import json
 import logging
 from pathlib import Path
 
+from lib.base_model import base_identity
 from lib.checkpoint import checkpoint_key
 from lib.config import PipelineConfig
 
@@ -31,7 +32,6 @@ log = logging.getLogger("lenta_lora.provenance")
 # The modules whose code decides the trained weights: an edit to any of them trains again.
 TRAINING_MODULES = ("training.py", "base_model.py", "dataset.py", "corpus.py", "splits.py", "distributed.py",
                     "checkpoint.py")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def code_version() -> str:
@@ -40,36 +40,6 @@ def code_version() -> str:
     for name in TRAINING_MODULES:
         digest.update(name.encode() + b"\x00" + (Path(__file__).with_name(name)).read_bytes())
     return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def base_identity(base: str, revision: str | None) -> dict:
-    """`{"kind": "files", "sha256": {file: digest}}` for a local folder (the tiny build included),
-    `{"kind": "hub", "commit": ...}` for a hub id (the commit `revision` resolves to, asked of the
-    hub, else read from the local hub cache; `resolved: false` when neither knows)."""
-    folder = Path(base)
-    if folder.is_dir():
-        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-        return {"kind": "files", "sha256": {p.name: _sha256_file(p) for p in files}}
-    wanted = revision or "main"
-    try:
-        from huggingface_hub import HfApi
-
-        return {"kind": "hub", "name": base, "commit": HfApi().model_info(base, revision=wanted, timeout=10).sha,
-                "resolved": True}
-    except Exception as error:  # noqa: BLE001 - offline, or an unknown id: try the local cache
-        log.info("hub lookup of %s@%s failed (%s); trying the local cache", base, wanted, type(error).__name__)
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(base, revision=wanted, local_files_only=True)
-        return {"kind": "hub", "name": base, "commit": Path(snapshot).name, "resolved": True}
-    except Exception:  # noqa: BLE001
-        return {"kind": "hub", "name": base, "commit": wanted, "resolved": False}
 
 
 def training_key(config: PipelineConfig, dataset_fingerprint: str, dataset_path: str, base: str,

@@ -11,7 +11,7 @@ import errno
 from prefect import get_run_logger, task
 
 from lib import registry
-from lib.base_model import describe_base
+from lib.base_model import describe_base, identity_label
 from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
 
@@ -37,7 +37,9 @@ def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metric
     """
     described = describe_base(base, config.model)
     lora, registry_cfg = config.lora, config.registry
-    tags = {"base_model": config.model.name, "precision": config.model.precision, "dataset_fingerprint": fingerprint,
+    tags = {"base_model": config.model.name, "precision": described["precision"], "dtype": described["dtype"],
+            "dataset_fingerprint": fingerprint,
+            "base_identity": identity_label(described["identity"]),
             **({"base_revision": described["revision"]} if described.get("revision") else {}),
             "lora": f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={','.join(lora.target_modules)}",
             **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics}, **extra_tags,

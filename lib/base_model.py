@@ -250,6 +250,20 @@ def identity_label(identity: dict) -> str:
     return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
+def free_memory() -> None:
+    """Collect what a stage let go of, once the caller has dropped its last reference to a model.
+
+    A k-bit (int8/nf4) PEFT model sits in a reference cycle (PEFT's input-grad hook refers back to the
+    model), which reference counting never frees; Python's cyclic collector may not run before the
+    next stage loads another copy of the base: bench/flow_rss.py measured two mappings of the base
+    file during evaluation and after it, flow peak 1.26x training's, until this ran between stages."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def describe_base(base: str, model_cfg: ModelConfig) -> dict:
     """What a registered adapter records about its base: enough to load it again without our config.
 

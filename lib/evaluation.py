@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from lib import faults
+from lib.base_model import free_memory
 from lib.benchmark import CORPUS_METRICS, Benchmark
 from lib.config import ConfigError, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
@@ -212,6 +213,8 @@ def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig
     result = evaluate_model(model, tokenizer, columns, config, output_dir, vocabulary)
     if benchmark is not None:
         result["metrics"].update(benchmark_scores(model, tokenizer, benchmark, columns["document"], result["metrics"], config))
+    del model  # nothing after evaluation needs it (registration loads no model)
+    free_memory()
     return result
 
 
@@ -241,7 +244,10 @@ def score_registered_on_benchmark(tracking_uri: str, registered_uri: str, benchm
 
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     _, documents = read_benchmark(benchmark.path)
-    return score_benchmark(model, tokenizer, benchmark, documents, batch_size, model_context_length(model, tokenizer))
+    scores = score_benchmark(model, tokenizer, benchmark, documents, batch_size, model_context_length(model, tokenizer))
+    del model
+    free_memory()
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,4 +312,6 @@ def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | 
                           f"the model's context of {context} tokens; pass --set train.max_length={context}")
     test = test_split(csv_path, config)
     result = evaluate_model(model, tokenizer, test, config, output_dir)
+    del model
+    free_memory()
     return {**result, "dataset_fingerprint": test["fingerprint"], "test_articles": len(test["document"])}

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from lib import checkpoint, distributed, faults, progress
-from lib.base_model import load_base_model, load_tokenizer
+from lib.base_model import free_memory, load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
 from lib.threads import configure_threads
@@ -164,6 +164,8 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str | P
         return result
     output_dir.mkdir(parents=True, exist_ok=True)
     result.adapter_dir = str(save_adapter(model, tokenizer, output_dir))
+    del model  # the next stage loads its own copy: this one must be gone first
+    free_memory()
     return result
 
 

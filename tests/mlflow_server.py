@@ -64,7 +64,8 @@ def running_mlflow_server(root: Path, startup_timeout: float = 180, port: int | 
     log = open(root / "server.log", "ab")
     # Own process group: teardown stops the server and the uvicorn worker it forks, nothing else.
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+                               # No huey job consumers (~10 processes for MLflow's scheduled jobs; none used here).
+                               env={**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     server = MlflowServer(uri, root, process)
     try:
         deadline = time.monotonic() + startup_timeout

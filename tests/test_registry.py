@@ -252,7 +252,7 @@ def test_loading_a_version_prints_nothing_unless_verbose(registered, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_version_requirements_name_public_versions(registered):
+def test_a_version_requirements_name_public_versions(registered, tmp_path):
     """What `pip install -r requirements.txt` of a version needs: exact pins of released versions
     (no local build tag such as `+cpu`), and bitsandbytes where the base is quantized."""
     from packaging.requirements import Requirement
@@ -263,6 +263,18 @@ def test_a_version_requirements_name_public_versions(registered):
     assert all(spec.startswith("==") and "+" not in spec for spec in pins.values()), pins
     assert "bitsandbytes" not in pins  # an fp32 base
     assert any(line.startswith("bitsandbytes==") for line in provenance.requirements("nf4"))
+    # pip itself accepts the file against the configured index (PyPI plus this machine's local wheel
+    # folders), for an nf4 version's list too: every pin names a version that exists there.
+    nf4 = tmp_path / "nf4-requirements.txt"
+    nf4.write_text("\n".join(provenance.requirements("nf4")) + "\n")
+    for path in (registered["model_dir"] / "requirements.txt", nf4):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+                               "-q", "-r", str(path), "--report", str(tmp_path / "report.json")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (path.read_text(), done.stderr[-2000:])
+        report = json.loads((tmp_path / "report.json").read_text())
+        found = {item["metadata"]["name"].lower() for item in report["install"]}
+        assert found == {Requirement(line).name.lower() for line in path.read_text().split()}, found
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@
     lenta-lora promote --model NAME --version N [--force]
     lenta-lora generate --model NAME (--version N | --alias champion) "Заголовок новости"
     lenta-lora evaluate --model NAME (--version N | --alias A) [--csv PATH] [--config PATH] [--set key=value ...]
+    lenta-lora export --model NAME (--version N | --alias A) --out DIR [--merged] [--dtype bf16|fp16|fp32]
 """
 
 from __future__ import annotations
@@ -215,6 +216,21 @@ def command_evaluate(args) -> int:
     return 0
 
 
+def command_export(args) -> int:
+    from lib.export import export_version
+    from lib.registry import model_uri
+    from lib.threads import configure_threads
+    from lib.tracking import resolve_tracking_uri
+
+    configure_threads()  # the merge multiplies every LoRA pair
+    done = export_version(resolve_tracking_uri(args.tracking_uri), model_uri(args.model, args.version, args.alias),
+                          args.out, args.merged, args.dtype)
+    form = f"merged into its base, {done['dtype']}" if done["mode"] == "merged" else "LoRA adapter"
+    print(f"exported {done['uri']} ({form}) to {done['out']}: {len(done['files'])} files, "
+          f"{sum(done['files'].values()) / 1e6:.1f} MB; see README.md there")
+    return 0
+
+
 def add_version_choice(parser: argparse.ArgumentParser) -> None:
     """`--model NAME` plus exactly one of `--version N` / `--alias A`."""
     parser.add_argument("--model", required=True)
@@ -259,7 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relative margin over the holder (default: %(default)s)")
     promo.add_argument("--metric", default=RegistryConfig().champion_metric)
     promo.set_defaults(func=command_promote)
-    for p in (models, gen, ev, promo):
+    exp = sub.add_parser("export", help="write a version as a PEFT adapter folder, or merged into its base")
+    add_version_choice(exp)
+    exp.add_argument("--out", required=True, help="folder to create (refused if it holds anything)")
+    exp.add_argument("--merged", action="store_true", help="base + adapter in one model: transformers loads it alone")
+    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="merged weights (default: the version's "
+                     "precision; fp32 for an int8/nf4 version)")
+    exp.set_defaults(func=command_export)
+    for p in (models, gen, ev, promo, exp):
         p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     return parser
 
@@ -270,11 +293,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lib.checkpoint import CheckpointError, StorageError
     from lib.config import ConfigError
     from lib.corpus import CorpusError
+    from lib.export import ExportError
     from lib.kaggle_source import KaggleError
     from lib.training import OutOfMemory, TrainingDiverged
 
     return (ConfigError, CorpusError, KaggleError, TrainingDiverged, OutOfMemory, CheckpointError, StorageError,
-            ArtifactIntegrityError, LookupError, FileNotFoundError, ConnectionError)
+            ArtifactIntegrityError, LookupError, FileNotFoundError, ConnectionError, ExportError)
 
 
 class _NoUserErrorTracebacks(logging.Filter):
@@ -308,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_environment()
     # Progress lines for the long commands; `generate`, `models`, `promote` print their answer alone.
-    level = logging.INFO if args.command in ("run", "evaluate") or args.debug else logging.WARNING
+    level = logging.INFO if args.command in ("run", "evaluate", "export") or args.debug else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
         logging.getLogger(noisy).setLevel(logging.ERROR)

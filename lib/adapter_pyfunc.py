@@ -170,8 +170,11 @@ def quiet_loading() -> Iterator[None]:
                 os.environ.pop(name, None)
 
 
-def load_adapter_from_artifacts(artifacts: dict):
-    """Return (model, tokenizer, base_info) from an MLflow model's artifact paths (verified first)."""
+def load_adapter_from_artifacts(artifacts: dict, precision: str | None = None):
+    """Return (model, tokenizer, base_info) from an MLflow model's artifact paths (verified first).
+
+    `precision` (bf16/fp16/fp32) loads the base in that instead of the precision it was trained in:
+    an export merges into the base's full-precision weights (lib/export.py)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,7 +191,7 @@ def load_adapter_from_artifacts(artifacts: dict):
         verify_local_base(base["name"], identity)
     if base.get("kind") == "hub":  # the commit the revision resolved to at training, where it was known
         kwargs["revision"] = identity["commit"] if identity.get("resolved") else base.get("revision")
-    precision = base.get("precision", "fp32")
+    precision = precision or base.get("precision", "fp32")
     if precision in ("int8", "nf4"):
         from transformers import BitsAndBytesConfig
 

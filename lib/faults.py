@@ -15,6 +15,8 @@ Points (in pipeline order; tests/reliability/test_kill_points.py kills at each o
     register.after-artifacts      the model is logged in the run's artifacts, no version yet
     register.after-version        a version exists, `champion` not yet decided
     register.after-champion       registration complete; the flow has not closed its run
+    export.before-rename          `lenta-lora export` wrote its hidden sibling folder, not yet renamed to --out
+                                  (tests/test_export.py raises here; a kill there leaves only that sibling)
 """
 
 from __future__ import annotations

@@ -302,6 +302,29 @@ def _load_registered(uri: str, registered_uri: str):
             raise type(error)(f"{where}: {error}") from None
 
 
+def download_registered(uri: str, registered_uri: str, dst: str | Path) -> dict:
+    """A version's files downloaded into `dst`, without loading any model (lib/export.py copies or
+    merges them). Checked as `load_registered` checks them before it loads: the server answers, the
+    version exists (LookupError), its files are in the store (FileNotFoundError) and base_model.json
+    is the one registered (ArtifactIntegrityError); the weights' checksums are the caller's to verify
+    (lib/adapter_pyfunc.py). Returns `name`, `version`, `run_id`, `tags`, `where` (the version in
+    words, for errors) and `artifacts` ({name: local path}: `adapter`, `base_model`, `base_weights`).
+    """
+    from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
+
+    require_reachable(uri)
+    client = _client(uri)
+    found = resolve_version(client, uri, registered_uri)
+    where = f"{registered_uri} (version {found.version} of {found.name!r}, run {found.run_id})"
+    artifacts = _download_model(client.get_model_version_download_uri(found.name, found.version), str(dst), uri, where)
+    expected = found.tags.get("base_model_json_sha256")
+    if expected and sha256_file(artifacts["base_model"]) != expected:
+        raise ArtifactIntegrityError(f"{where}: base_model.json differs from the one registered (tag "
+                                     "base_model_json_sha256): restore the artifacts or register the adapter again")
+    return {"name": found.name, "version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags),
+            "where": where, "artifacts": artifacts}
+
+
 def _download_model(source: str, tmp: str, uri: str, where: str) -> dict[str, str]:
     import mlflow.artifacts
     import yaml

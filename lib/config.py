@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TINY_MODEL = "tiny"  # `model.name` value that builds the small offline GPT-Neo instead of loading one
 SAMPLE_CSV = Path(__file__).resolve().parent.parent / "data" / "sample" / "lenta-sample.csv"
@@ -109,11 +109,45 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 
+TARGET_SHORTHANDS = ("auto", "all-linear")
+# `lora.init_weights` values that move part of the base weights into the adapter at init (lib/lora.py
+# converts such an adapter back to a plain LoRA of twice the rank when it is saved).
+BASE_MUTATING_INITS = ("pissa", "olora")
+
+
 class LoraConfig(_Strict):
     r: int = Field(8, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    # "auto": PEFT's default targets for the base's architecture (its config.json `model_type`), or
+    # every linear layer but the output head where PEFT has none; "all-linear": the latter always.
+    target_modules: Literal["auto", "all-linear"] | list[str] = "auto"
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude vector per targeted layer
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    # PEFT's `init_lora_weights` values that train and reload exactly: true is Microsoft's (B = 0, a
+    # no-op before training). eva/corda/loftq/lora_ga need data or a quantizer the pipeline does not pass.
+    init_weights: Literal[True, "gaussian", "orthogonal", "pissa", "olora"] = True
+    # LoRA+: B matrices learn at train.learning_rate x this ratio (the paper suggests ~16); None = plain AdamW.
+    plus_lr_ratio: float | None = Field(None, ge=1)
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in TARGET_SHORTHANDS:
+            raise ValueError("lora.target_modules must be 'auto', 'all-linear' or a list of module names")
+        if isinstance(value, list) and not value:
+            raise ValueError("lora.target_modules is an empty list: name at least one module, or use 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _variants_combine(self) -> LoraConfig:
+        if self.init_weights in BASE_MUTATING_INITS and self.use_dora:
+            # The save-time conversion back to plain LoRA (lib/lora.py) concatenates A and B only;
+            # a DoRA magnitude vector has no such form, so the reloaded model would differ.
+            raise ValueError(f"lora.init_weights={self.init_weights!r} cannot be combined with lora.use_dora=true")
+        if self.init_weights == "orthogonal" and self.r % 2:
+            raise ValueError(f"lora.init_weights='orthogonal' needs an even lora.r, got {self.r}")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -185,6 +219,10 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _fits_context(self) -> PipelineConfig:
+        if self.lora.init_weights in BASE_MUTATING_INITS and self.model.precision in ("int8", "nf4"):
+            # PiSSA/OLoRA rewrite the base weights; a quantized base cannot hold the residual exactly.
+            raise ValueError(f"lora.init_weights={self.lora.init_weights!r} needs an unquantized base, "
+                             f"got model.precision={self.model.precision!r}")
         if self.model.name == TINY_MODEL and self.train.max_length > self.model.tiny.max_position_embeddings:
             raise ValueError(
                 f"train.max_length={self.train.max_length} exceeds the tiny model's context "

@@ -4,7 +4,8 @@ The saved DatasetDict holds the raw splits (`train`, `validation`, `test`: one a
 `document` = title + text, the string every metric is computed on) and the training views
 (`train_blocks`, `validation_blocks`: `input_ids` + `attention_mask` of length `max_length`).
 
-Packing (default) concatenates tokenized documents, each followed by EOS, and cuts fixed blocks, so
+Packing (default) concatenates tokenized documents, each followed by EOS (and preceded by BOS for a
+tokenizer that adds one itself, see `document_prefix`), and cuts fixed blocks, so
 no compute goes to padding and long articles are used in full; only the final partial block is
 dropped, and counted. `packing: false` is the seed recipe: each document truncated to `max_length`
 and right-padded, padding masked out of the loss by the attention mask.
@@ -35,24 +36,38 @@ log = logging.getLogger("lenta_lora.dataset")
 SPLITS = ("train", "validation", "test")
 
 
-def pack_documents(token_lists: list[list[int]], eos_id: int, block: int) -> tuple[np.ndarray, int]:
-    """Concatenate documents (each + EOS) and cut `block`-token rows; return rows and dropped tokens.
+def document_prefix(tokenizer) -> list[int]:
+    """What starts every training document: `[BOS]` for a tokenizer that adds BOS to its encodings by
+    itself (Llama's `<s>`: the model was pretrained, and lib/metrics.py scores, with it in front),
+    else nothing (GPT-2/Neo: the EOS that ends the previous document is the separator, as in
+    pretraining; Qwen2 has no BOS). Documents are tokenized with `add_special_tokens=False`, so
+    this is the only BOS, and no chat template is ever applied to training text."""
+    bos = tokenizer.bos_token_id
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and bos != tokenizer.eos_token_id and bos in added else []
+
+
+def pack_documents(token_lists: list[list[int]], eos_id: int, block: int,
+                   prefix: list[int] = ()) -> tuple[np.ndarray, int]:
+    """Concatenate documents (each `prefix` + tokens + EOS: one EOS between two documents) and cut
+    `block`-token rows; return rows and dropped tokens.
 
     Only the final partial block is dropped (fewer than `block` tokens in all), and counted.
     """
-    lengths = [len(ids) + 1 for ids in token_lists]
+    lengths = [len(prefix) + len(ids) + 1 for ids in token_lists]
     stream = np.empty(sum(lengths), dtype=np.int64)
     position = 0
     for ids, length in zip(token_lists, lengths):
-        stream[position : position + length - 1] = ids
-        stream[position + length - 1] = eos_id
+        stream[position : position + length] = [*prefix, *ids, eos_id]
         position += length
     usable = len(stream) - len(stream) % block
     return stream[:usable].reshape(-1, block), len(stream) - usable
 
 
-def pad_documents(token_lists: list[list[int]], pad_id: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The seed recipe exactly: `tokenizer(text, truncation=True, max_length=block, padding="max_length")`.
+def pad_documents(token_lists: list[list[int]], pad_id: int, block: int,
+                  prefix: list[int] = ()) -> tuple[np.ndarray, np.ndarray, int]:
+    """The seed recipe exactly: `tokenizer(text, truncation=True, max_length=block, padding="max_length")`
+    (whose special tokens are the `prefix`: a Llama's BOS, nothing for GPT-Neo).
 
     No EOS is appended (the seed did not), tokens past `block` are dropped and counted; padding is
     masked by the attention mask. Returns ids, masks, dropped tokens.
@@ -61,6 +76,7 @@ def pad_documents(token_lists: list[list[int]], pad_id: int, block: int) -> tupl
     masks = np.zeros((len(token_lists), block), dtype=np.int64)
     dropped = 0
     for row, ids in enumerate(token_lists):
+        ids = [*prefix, *ids]
         kept = ids[:block]
         dropped += len(ids) - len(kept)
         ids_out[row, : len(kept)] = kept
@@ -104,11 +120,12 @@ def _block_dataset(tokenizer, documents: list[str], block: int, packing: bool, n
     from datasets import Dataset
 
     token_lists = tokenize_documents(tokenizer, documents, num_proc)
+    prefix = document_prefix(tokenizer)
     if packing:
-        blocks, dropped = pack_documents(token_lists, tokenizer.eos_token_id, block)
+        blocks, dropped = pack_documents(token_lists, tokenizer.eos_token_id, block, prefix)
         masks = np.ones_like(blocks)
     else:
-        blocks, masks, dropped = pad_documents(token_lists, tokenizer.pad_token_id, block)
+        blocks, masks, dropped = pad_documents(token_lists, tokenizer.pad_token_id, block, prefix)
     stats = {"documents": len(documents), "tokens": sum(map(len, token_lists)), "blocks": len(blocks),
              "real_tokens": int(masks.sum()), "padding_tokens": int(masks.size - masks.sum()), "dropped_tokens": dropped}
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": masks}), stats

@@ -35,6 +35,7 @@ from lib import checkpoint, distributed, faults, progress
 from lib.base_model import free_memory, load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
+from lib.lora import make_optimizer, save_pretrained, wrap_with_lora
 from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.train")
@@ -69,21 +70,7 @@ class TrainResult:
     validation_loss: float | None
     history: list[dict] = field(default_factory=list)  # every step, including those before a resume
     resumed_from_step: int | None = None
-
-
-def wrap_with_lora(model, config: PipelineConfig):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if config.model.precision in ("int8", "nf4"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.model.gradient_checkpointing)
-    elif config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules), task_type="CAUSAL_LM", bias="none",
-    )
-    return get_peft_model(model, lora)
+    lora_targets: list[str] = field(default_factory=list)  # module names the adapter was put on (lib/lora.py)
 
 
 def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +128,7 @@ def save_adapter(model, tokenizer, output_dir: Path) -> Path:
     tmp = output_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained(model, tmp)  # PiSSA/OLoRA: converted to a plain LoRA on the untouched base
         tokenizer.save_pretrained(tmp)
     except Exception as error:  # disk full: OSError, or safetensors' own error type
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,7 +203,8 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
         for p in trainable:
             torch.distributed.broadcast(p.data, src=0)
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
-    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = make_optimizer(model, config)  # LoRA+ (lora.plus_lr_ratio): B at a higher rate than A
+    targets = sorted(model.peft_config["default"].target_modules)
     steps = count_steps(len(blocks), config, world)
     # Linear warmup then linear decay to zero: the usual schedule for short LoRA runs.
     warmup = train.warmup_steps
@@ -278,7 +266,7 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
             if world > 1:
                 step_nll = distributed.all_reduce_gradients(trainable, step_nll)
             loss_value = float(step_nll) / step_tokens
-            lr = schedule.get_last_lr()[0]  # the rate this step's update uses
+            lr = schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged_message(loss_value, step, steps, lr, config, history))
             optimizer.step()
@@ -322,7 +310,7 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     model.eval()
     final_loss = history[-1]["train_loss"] if history else float("nan")
     return model, tokenizer, TrainResult("", steps, tokens_seen, seconds, final_loss, val, history,
-                                         resumed_from_step=resume.step if resume else None)
+                                         resumed_from_step=resume.step if resume else None, lora_targets=targets)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -10,7 +10,7 @@ import errno
 
 from prefect import get_run_logger, task
 
-from lib import registry
+from lib import lora, registry
 from lib.base_model import describe_base, identity_label
 from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
@@ -36,12 +36,13 @@ def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metric
     `example`: an evaluation sample row (`prompt`, `tuned_output`): the version's input/output example.
     """
     described = describe_base(base, config.model)
-    lora, registry_cfg = config.lora, config.registry
+    registry_cfg = config.registry
+    targets = lora.targets_for_base(config.lora, base, config.model)  # "auto" resolved as training did, from config.json
     tags = {"base_model": config.model.name, "precision": described["precision"], "dtype": described["dtype"],
             "dataset_fingerprint": fingerprint,
             "base_identity": identity_label(described["identity"]),
             **({"base_revision": described["revision"]} if described.get("revision") else {}),
-            "lora": f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={','.join(lora.target_modules)}",
+            "lora": lora.describe(config.lora, targets),
             **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics}, **extra_tags,
             **({"forced": "true"} if force else {})}
     generation = {"max_new_tokens": config.eval.max_new_tokens, "do_sample": config.eval.do_sample,

@@ -72,6 +72,8 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, ur
     with tracking.system_metrics(uri, run_id):  # this process only: rank 0 under data parallelism
         result = training.train_adapter(dataset_path, config, output_dir, on_log=on_log, checkpoint_dir=checkpoint_dir,
                                         run_id=run_id, on_resume=on_resume)
+    # The modules `lora.target_modules` (say "auto") resolved to on this base, as trained.
+    tracking.set_tags(uri, run_id, {"lora_target_modules": ",".join(result.lora_targets)})
     plot = plots.plot_loss(result.history, Path(output_dir) / "loss_curve.png")
     tracking.log_artifact(uri, run_id, plot, "plots")
     tracking.log_metrics(uri, run_id, {"train_steps": result.steps, "train_tokens": result.tokens,

@@ -43,7 +43,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 def test_flatten_gives_dotted_scalars():
     flat = flatten_config(PipelineConfig())
-    assert flat["lora.r"] == 8 and flat["lora.target_modules"] == "q_proj,v_proj"
+    assert flat["lora.r"] == 8 and flat["lora.target_modules"] == "auto"
+    assert flatten_config(build_config({}, ["lora.target_modules=[q_proj, v_proj]"]))["lora.target_modules"] == "q_proj,v_proj"
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
 
 
@@ -54,3 +55,24 @@ def test_a_mistyped_key_names_the_valid_keys_and_the_closest_one():
     assert "train.max_step: unknown key; did you mean train.max_steps? (valid keys here: max_length," in text
     assert "model.tiny.hiden_size: unknown key; did you mean model.tiny.hidden_size?" in text
     assert "nosuch: unknown key (valid keys here: data, model, lora, train, eval, registry, tracking)" in text
+
+
+def test_lora_variants_validate_with_errors_naming_the_field():
+    lora = build_config({}).lora
+    assert (lora.target_modules, lora.use_dora, lora.use_rslora, lora.init_weights, lora.plus_lr_ratio) == \
+        ("auto", False, False, True, None)
+    c = build_config({}, ["lora.use_dora=true", "lora.use_rslora=true", "lora.init_weights=gaussian",
+                          "lora.plus_lr_ratio=16", "lora.target_modules=all-linear"])
+    assert (c.lora.use_dora, c.lora.use_rslora, c.lora.init_weights, c.lora.plus_lr_ratio) == (True, True, "gaussian", 16)
+    for overrides, fragment in [
+        (["lora.target_modules=q_proj"], "lora.target_modules must be 'auto', 'all-linear' or a list"),
+        (["lora.target_modules=[]"], "lora.target_modules is an empty list"),
+        (["lora.init_weights=eva"], "lora.init_weights: Input should be True, 'gaussian', 'orthogonal', 'pissa' or"),
+        (["lora.init_weights=pissa", "lora.use_dora=true"], "lora.init_weights='pissa' cannot be combined with lora.use_dora"),
+        (["lora.init_weights=olora", "model.precision=nf4"], "lora.init_weights='olora' needs an unquantized base"),
+        (["lora.init_weights=orthogonal", "lora.r=5"], "needs an even lora.r, got 5"),
+        (["lora.plus_lr_ratio=0.5"], "lora.plus_lr_ratio: Input should be greater than or equal to 1"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            build_config({}, overrides)
+        assert fragment in str(error.value), (overrides, str(error.value))

@@ -81,12 +81,18 @@ def crash_at(step_to_crash: int):
     return on_log
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_path, dropout):
+@pytest.mark.parametrize("dropout, variant", [
+    (0.0, {}), (0.1, {}),
+    # PiSSA rewrites the base at init (a resumed run redoes it) and LoRA+ has two learning rates in its optimizer state.
+    (0.0, {"lora.init_weights": "pissa", "lora.plus_lr_ratio": 4, "lora.use_rslora": True}),
+    (0.0, {"lora.use_dora": True}),  # a trained magnitude vector per layer
+], ids=["plain", "dropout", "pissa-loraplus-rslora", "dora"])
+def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_path, dropout, variant):
     """10 steps straight vs 7 steps (checkpoints at 2, 4, 6), a crash while logging step 7 (which
     saves step 7 first: logging failed, training did not), resume from 7 to 10. With dropout the
     RNG states in the checkpoint must put the same masks on steps 8-10."""
-    config = tiny(shared_cache, **{"train.max_steps": 10, "train.checkpoint_every": 2, "lora.dropout": dropout})
+    config = tiny(shared_cache, **{"train.max_steps": 10, "train.checkpoint_every": 2, "lora.dropout": dropout,
+                                   **variant})
     straight, _, expected = training.train_model(prepared, config)  # no checkpoint_dir: no checkpoints
 
     folder = tmp_path / "checkpoints"

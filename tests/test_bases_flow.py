@@ -1,0 +1,95 @@
+"""The whole `finetune` flow on tiny random GPT-2, Llama and Qwen2 bases built offline
+(tests/family_models.py), given as `model.name=<folder>`: train, evaluate, register, and load the
+version in a fresh process with the trained model's logits. `lora.target_modules: auto` resolves
+per architecture and the run and version record the resolved list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import DEFAULT_PROFILE
+from lib import dataset, training
+from lib.config import load_config
+from tests.adapter_fixtures import PROMPT
+from tests.conftest import tiny_overrides
+from tests.family_models import FAMILIES, build_family
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {"gpt2": "c_attn", "llama": "q_proj,v_proj", "qwen2": "q_proj,v_proj"}  # PEFT's defaults
+
+RELOAD = r"""
+import json, sys
+import torch
+from safetensors.torch import load_file
+from lib.generation import generate_continuations
+from lib.registry import load_registered
+
+args = json.loads(sys.argv[1])
+ref = load_file(args["reference"])
+model, tokenizer, base = load_registered(args["uri"], args["target"])
+with torch.no_grad():
+    logits = model(input_ids=ref["input_ids"]).logits
+text = generate_continuations(model, tokenizer, ["Сборная"], max_new_tokens=4)
+print("RESULT " + json.dumps({"dtype": str(logits.dtype), "diff": float((logits - ref["logits"]).abs().max()),
+                              "kind": base["kind"], "name": base["name"], "text": text}))
+"""
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {family: build_family(family, root / family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flow_trains_registers_and_reloads_each_family(family, bases, prefect_server, shared_cache, tracking_uri,
+                                                       tmp_path):
+    import torch
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from flows.finetune import finetune
+
+    name = f"family-{family}"
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
+        "model.name": str(bases[family]), "lora.target_modules": "auto", "registry.model_name": name}))
+    summary = finetune(config=config)
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version(name, "1")
+    assert f"targets={TARGETS[family]} " in version.tags["lora"], version.tags["lora"]
+    assert client.get_run(summary["run_id"]).data.tags["lora_target_modules"] == TARGETS[family]
+    assert version.tags["base_model"] == str(bases[family])
+    metrics = summary["metrics"]
+    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
+                                   config.train.max_length, f"{shared_cache}/datasets")  # the flow's, reused
+    print(f"\n{family}: train {summary['train']['seconds']:.2f} s, test bits/byte {metrics['test_bits_per_byte']:.3f} "
+          f"(base {metrics['base_test_bits_per_byte']:.3f}), tokens/char {info['stats']['tokens_per_char']:.3f}")
+    assert 0 < metrics["test_bits_per_byte"] < 100
+
+    # The trained model in memory: training is seeded, so it is the flow's adapter bit for bit.
+    model, tokenizer, _ = training.train_model(info["path"], config)
+    flow_adapter = load_file(str(Path(summary["train"]["adapter_dir"]) / "adapter_model.safetensors"))
+    ours = get_peft_model_state_dict(model)
+    assert flow_adapter.keys() == ours.keys() and all(torch.equal(flow_adapter[k], ours[k]) for k in ours)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"][:, :32]  # with the family's own BOS, if any
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(tmp_path / "reference.safetensors"))
+
+    args = {"uri": tracking_uri, "target": f"models:/{name}/1", "reference": str(tmp_path / "reference.safetensors")}
+    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(args)], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("RESULT ", 1)[1])
+    print(f"{family}: max |logits difference| registered vs trained {report['diff']:.2e}")
+    assert report["kind"] == "local" and report["name"] == str(bases[family].resolve())
+    assert report["dtype"] == "torch.float32" and report["diff"] < 1e-4, report
+    assert isinstance(report["text"], list) and len(report["text"]) == 1

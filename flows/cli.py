@@ -90,7 +90,7 @@ def command_run(args) -> int:
 
 def command_models(args) -> int:
     from lib.registry import list_versions
-    from lib.tracking import resolve_tracking_uri
+    from lib.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     rows = list_versions(uri, args.model)
@@ -119,8 +119,8 @@ def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
 
     from lib import champion
     from lib.evaluation import score_registered_on_benchmark
-    from lib.registry import resolve_version
-    from lib.tracking import _client
+    from lib.loading import resolve_version
+    from lib.store import client as _client
 
     with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:
         benchmark = champion.fetch_benchmark(uri, name, tmp)
@@ -142,7 +142,7 @@ def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
 
 def command_promote(args) -> int:
     from lib.champion import promote
-    from lib.tracking import resolve_tracking_uri
+    from lib.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     _score_unscored(uri, args.model, args.version, args.metric)
@@ -166,9 +166,9 @@ def command_promote(args) -> int:
 def command_generate(args) -> int:
 
     from lib.generation import generate_continuations
-    from lib.registry import load_registered, model_uri
+    from lib.loading import load_registered, model_uri
     from lib.threads import configure_threads
-    from lib.tracking import resolve_tracking_uri
+    from lib.store import resolve_tracking_uri
 
     configure_threads()  # OMP_NUM_THREADS wins, else chosen for this machine (lib/threads.py)
 
@@ -190,8 +190,10 @@ def command_generate(args) -> int:
 
 def command_evaluate(args) -> int:
     from lib.evaluation import evaluation_config
-    from lib.registry import model_uri, registered_version
-    from lib.tracking import resolve_tracking_uri, run_link
+    from lib.registry import registered_version
+    from lib.loading import model_uri
+    from lib.store import resolve_tracking_uri
+    from lib.reports import run_link
 
     if args.csv and not Path(args.csv).expanduser().is_file():
         raise FileNotFoundError(f"--csv {args.csv}: no such file; pass a Kaggle-format CSV (url,title,text,topic,tags,date)")
@@ -218,9 +220,9 @@ def command_evaluate(args) -> int:
 
 def command_export(args) -> int:
     from lib.export import export_version
-    from lib.registry import model_uri
+    from lib.loading import model_uri
     from lib.threads import configure_threads
-    from lib.tracking import resolve_tracking_uri
+    from lib.store import resolve_tracking_uri
 
     configure_threads()  # the merge multiplies every LoRA pair
     done = export_version(resolve_tracking_uri(args.tracking_uri), model_uri(args.model, args.version, args.alias),

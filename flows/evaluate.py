@@ -7,9 +7,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from lib.config import PipelineConfig
 from lib.evaluation import evaluation_config
-from lib.registry import model_uri
+from lib.loading import model_uri
 from lib.reports import render_evaluation
-from lib.tracking import resolve_tracking_uri
+from lib.store import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, result_storage_for
 from tasks.evaluate import evaluate_registered_adapter, link_evaluation, resolve_registered
 from tasks.tracking import finish_run, provenance_tags, start_run

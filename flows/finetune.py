@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from lib.checkpoint import checkpoint_dir
 from lib.config import PipelineConfig, build_config
 from lib.reports import render_summary
-from lib.tracking import resolve_tracking_uri
+from lib.store import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, corpus_version, result_storage_for
 from tasks.benchmark import resolve_benchmark, score_champion_on_benchmark, store_benchmark
 from tasks.evaluate import evaluate_adapter

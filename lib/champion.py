@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from lib.benchmark import FILE_NAME, Benchmark, read_benchmark, write_benchmark
-from lib.tracking import _client, _experiment_id, log_dataset_input
+from lib.store import client as _client
+from lib.tracking import experiment_id, log_dataset_input
 
 log = logging.getLogger("lenta_lora.champion")
 
@@ -88,7 +89,7 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     if existing:
         return _as_stored(existing, benchmark)
     # An experiment of their own: the training experiment lists training runs only.
-    run = client.create_run(_experiment_id(client, uri, f"{experiment}-benchmarks"), run_name=f"benchmark-{name}",
+    run = client.create_run(experiment_id(client, uri, f"{experiment}-benchmarks"), run_name=f"benchmark-{name}",
                             tags={"lenta_lora.kind": "benchmark", "benchmark.for_model": name,
                                   "mlflow.note.content": f"The benchmark of registered model `{name}`: "
                                                          f"{benchmark.texts} texts, {benchmark.source}"})

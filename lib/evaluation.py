@@ -240,7 +240,7 @@ def score_registered_on_benchmark(tracking_uri: str, registered_uri: str, benchm
                                   batch_size: int) -> dict[str, float]:
     """`benchmark_<m>` of a registered version (one registered before benchmarks, say)."""
     from lib.benchmark import read_benchmark, score_benchmark
-    from lib.registry import load_registered
+    from lib.loading import load_registered
 
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     _, documents = read_benchmark(benchmark.path)
@@ -302,7 +302,7 @@ def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | 
                         output_dir: str | Path) -> dict:
     """Re-evaluate `models:/NAME/VERSION` on the test split of `csv_path`; same result keys as
     `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
-    from lib.registry import load_registered
+    from lib.loading import load_registered
 
     configure_threads(config.train.threads)
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)

@@ -61,7 +61,7 @@ def export_version(uri: str, registered_uri: str, out: str | Path, merged: bool 
     or, for a merge, the base missing), ArtifactIntegrityError (changed files), StorageError (disk).
     """
     from lib.adapter_pyfunc import quiet_loading
-    from lib.registry import download_registered
+    from lib.loading import download_registered
 
     if dtype is not None and not merged:
         raise ExportError(f"--dtype {dtype}: an adapter is exported as it was saved; --dtype applies to --merged")

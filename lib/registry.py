@@ -24,7 +24,8 @@ from typing import Any
 from lib import faults, packaging
 from lib.champion import (BENCHMARK_TAG, METRIC_TAG, VALUE_TAG, _all_pages, _all_versions, _alias_version,
                           _ensure_registered_model, _finite, _not_found, restore_champion, update_champion)
-from lib.tracking import _client, require_reachable
+from lib.loading import _registered_model, resolve_version
+from lib.store import client as _client, require_reachable
 
 log = logging.getLogger("lenta_lora.registry")
 
@@ -213,135 +214,6 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
 
 def _versions_of_run(client, name: str, run_id: str) -> list:
     return sorted(_all_versions(client, name, f"run_id = '{run_id}'"), key=lambda v: int(v.version))
-
-
-def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
-    if (version is None) == (alias is None):
-        raise ValueError("give exactly one of version or alias")
-    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
-
-
-def parse_model_uri(registered_uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@ALIAS` -> (name, version, alias)."""
-    body = registered_uri.removeprefix("models:/") if registered_uri.startswith("models:/") else ""
-    name, version, alias = body, None, None
-    if "/" in body:
-        name, _, version = body.partition("/")
-    elif "@" in body:
-        name, _, alias = body.rpartition("@")
-    if not name or not (version or alias):
-        raise ValueError(f"{registered_uri!r} is not a registered-model URI: use models:/NAME/VERSION, "
-                         "models:/NAME/latest or models:/NAME@ALIAS")
-    return name, version, alias
-
-
-def resolve_version(client, uri: str, registered_uri: str):
-    """The ModelVersion a registry URI names, or LookupError naming what exists (before any download)."""
-    from mlflow.exceptions import MlflowException
-
-    name, version, alias = parse_model_uri(registered_uri)
-    model = _registered_model(client, uri, name)
-    numbers = sorted(int(v.version) for v in _all_versions(client, name))
-    if version == "latest" and numbers:  # MLflow reserves the alias `latest`; the URI form means newest
-        version = str(numbers[-1])
-    try:
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as error:
-        if not _not_found(error):
-            raise
-    what = f"alias {alias!r}" if alias else f"version {version!r}"
-    raise LookupError(f"model {name!r} has no {what} in {uri}; versions: {numbers}, aliases: "
-                      f"{dict(sorted(model.aliases.items())) or 'none'}") from None
-
-
-def _registered_model(client, uri: str, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as error:
-        if not _not_found(error):
-            raise
-    known = sorted(m.name for m in client.search_registered_models())
-    raise LookupError(f"no registered model {name!r} in {uri}; known: {', '.join(known) or 'none'} "
-                      "(list them with `lenta-lora models`)")
-
-
-def load_registered(uri: str, registered_uri: str):
-    """`models:/NAME/VERSION|latest` or `models:/NAME@ALIAS` -> (model, tokenizer, base_info).
-
-    Checks, each a one-line error naming the version: the server answers (ConnectionError), the
-    model/version/alias exists (LookupError), its files are still in the artifact store
-    (FileNotFoundError), and they match the checksums recorded at registration (ArtifactIntegrityError).
-    """
-    from lib.adapter_pyfunc import quiet_loading
-
-    with quiet_loading():  # no download bars or third-party notices (LENTA_LORA_VERBOSE=1 shows them)
-        return _load_registered(uri, registered_uri)
-
-
-def _load_registered(uri: str, registered_uri: str):
-    from lib.adapter_pyfunc import ArtifactIntegrityError, load_adapter_from_artifacts, sha256_file
-
-    require_reachable(uri)
-    client = _client(uri)
-    found = resolve_version(client, uri, registered_uri)
-    where = f"{registered_uri} (version {found.version} of {found.name!r}, run {found.run_id})"
-    source = client.get_model_version_download_uri(found.name, found.version)
-    # Loaded weights live in memory, so the download is removed once loaded: no temp dir per call.
-    with tempfile.TemporaryDirectory(prefix="lenta-lora-model-", ignore_cleanup_errors=True) as tmp:
-        artifacts = _download_model(source, tmp, uri, where)
-        expected = found.tags.get("base_model_json_sha256")
-        if expected and sha256_file(artifacts["base_model"]) != expected:
-            raise ArtifactIntegrityError(f"{where}: base_model.json (which lists the checksums of the weights) differs "
-                                         "from the one registered (tag base_model_json_sha256); refusing to load: "
-                                         "restore the artifacts or register the adapter again")
-        try:
-            return load_adapter_from_artifacts(artifacts)
-        except (ArtifactIntegrityError, FileNotFoundError) as error:
-            raise type(error)(f"{where}: {error}") from None
-
-
-def download_registered(uri: str, registered_uri: str, dst: str | Path) -> dict:
-    """A version's files downloaded into `dst`, without loading any model (lib/export.py copies or
-    merges them). Checked as `load_registered` checks them before it loads: the server answers, the
-    version exists (LookupError), its files are in the store (FileNotFoundError) and base_model.json
-    is the one registered (ArtifactIntegrityError); the weights' checksums are the caller's to verify
-    (lib/adapter_pyfunc.py). Returns `name`, `version`, `run_id`, `tags`, `where` (the version in
-    words, for errors) and `artifacts` ({name: local path}: `adapter`, `base_model`, `base_weights`).
-    """
-    from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
-
-    require_reachable(uri)
-    client = _client(uri)
-    found = resolve_version(client, uri, registered_uri)
-    where = f"{registered_uri} (version {found.version} of {found.name!r}, run {found.run_id})"
-    artifacts = _download_model(client.get_model_version_download_uri(found.name, found.version), str(dst), uri, where)
-    expected = found.tags.get("base_model_json_sha256")
-    if expected and sha256_file(artifacts["base_model"]) != expected:
-        raise ArtifactIntegrityError(f"{where}: base_model.json differs from the one registered (tag "
-                                     "base_model_json_sha256): restore the artifacts or register the adapter again")
-    return {"name": found.name, "version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags),
-            "where": where, "artifacts": artifacts}
-
-
-def _download_model(source: str, tmp: str, uri: str, where: str) -> dict[str, str]:
-    import mlflow.artifacts
-    import yaml
-    from mlflow.exceptions import MlflowException
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
-        spec = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
-        artifacts = {name: str(local / entry["path"]) for name, entry in spec.items()}
-    except (OSError, MlflowException, KeyError, TypeError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise FileNotFoundError(f"{where}: its files are not in the artifact store at {source} ({reason}); "
-                                "they were deleted or moved: register the adapter again or load another version") from None
-    missing = sorted({"adapter", "base_model"} - set(artifacts))
-    if missing:
-        raise FileNotFoundError(f"{where}: not a lenta-lora adapter model (no {missing} in {source})")
-    return artifacts
 
 
 def list_versions(uri: str, name: str | None = None) -> list[dict]:

@@ -1,10 +1,14 @@
-"""The Markdown a person reads in Prefect's UI (the runs' summary artifacts): where the MLflow run
-is, base vs tuned metrics, the champion decision, a few samples."""
+"""What a person reads and follows: the Markdown of Prefect's summary artifacts (where the MLflow
+run is, base vs tuned metrics, the champion decision, a few samples) and links to MLflow runs."""
 
 from __future__ import annotations
 
+import logging
+
 from lib.evaluation import metrics_markdown, samples_markdown
-from lib.tracking import run_link
+from lib import store
+
+log = logging.getLogger("lenta_lora.reports")
 
 
 def render_summary(summary: dict) -> str:
@@ -37,3 +41,23 @@ def render_evaluation(summary: dict) -> str:
     return render_summary({**summary, "model": {**target, "champion": None},
                            "title": f"re-evaluation of {target['uri']} (trained in run `{target['run_id']}`) "
                                     f"on `{summary['csv']}`"})
+
+
+def run_link(uri: str, run_id: str) -> dict:
+    """Where a person finds a run: `url` for an MLflow server, else `command` to start the UI.
+
+    `url` is `<uri>/#/experiments/<exp>/runs/<run>` for http(s) stores; for a database or file
+    store, `command` is the `mlflow ui` line and `url` the page it will serve. A store that cannot
+    be reached still gets a usable link: the UI's `#/runs/<run>` route redirects to the run.
+    """
+    base = uri.rstrip("/")
+    served = base if base.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    try:
+        store.require_reachable(uri)  # a down server: one 5 s probe instead of MLflow's minutes of retries
+        experiment = store.client(uri).get_run(run_id).info.experiment_id
+        url = f"{served}/#/experiments/{experiment}/runs/{run_id}"
+    except Exception as error:  # a dead server must not fail a flow whose work is already logged
+        log.warning("could not look up run %s in %s: %s", run_id, uri, error)
+        experiment, url = None, f"{served}/#/runs/{run_id}"
+    command = None if base.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    return {"url": url, "command": command, "experiment_id": experiment, "run_id": run_id}

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from lib import distributed, training
+    from lib import distributed, store, training
     from lib.config import load_config
 
     config = load_config(args.config, [*args.set, "train.num_processes=1"])
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and args.run_id:
         from lib import tracking
 
-        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        uri = store.resolve_tracking_uri(args.tracking_uri)
         on_log = lambda step, record, progress: tracking.log_metrics(uri, args.run_id, record, step=step)  # noqa: E731
     try:
         result = training.train_adapter(args.dataset, config, args.output, on_log=on_log,

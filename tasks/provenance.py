@@ -13,7 +13,7 @@ import json
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from lib import provenance, registry, tracking
+from lib import provenance, registry, reports, tracking
 from lib.config import PipelineConfig
 
 
@@ -43,7 +43,7 @@ def record_up_to_date(uri: str, run_id: str, holder: dict, key: str) -> str:
                "nothing trained or registered. Pass force (CLI: --force) to train anyway.")
     tracking.set_tags(uri, run_id, {"up_to_date_version": holder["version"], "lenta_lora.outcome": "up_to_date",
                                     "mlflow.note.content": message})
-    link = tracking.run_link(uri, run_id)
+    link = reports.run_link(uri, run_id)
     create_markdown_artifact(key="finetune-summary", description="lenta-lora run: up to date", markdown=(
         f"## lenta-lora: up to date\n\n{message}\n\n**MLflow run** `{run_id}`: {link['url']}\n\n"
         f"Same dataset, training config, code and base as the run `{holder['run_id']}` that trained "

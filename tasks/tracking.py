@@ -9,7 +9,7 @@ import yaml
 from prefect import task
 from prefect.artifacts import create_link_artifact
 
-from lib import registry, tracking
+from lib import registry, reports, tracking
 from lib.config import PipelineConfig, flatten_config
 
 
@@ -46,7 +46,7 @@ def start_run(config: PipelineConfig, uri: str, tags: dict[str, str]) -> str:
     name = f"{config.registry.model_name}-{tags.get('prefect.flow_run_name', 'local')}"
     run_id = tracking.start_run(uri, config.tracking.experiment, name, flatten_config(config), tags, config_yaml)
     sweep_stale_runs(uri, run_id)
-    link = tracking.run_link(uri, run_id)
+    link = reports.run_link(uri, run_id)
     create_link_artifact(key="mlflow-run", link=link["url"], link_text=f"MLflow run {run_id}",
                          description=f"Start the UI first: `{link['command']}`" if link["command"] else "MLflow run")
     return run_id

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import registry, tracking
+from lib import loading, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
 from lib.base_model import describe_base, identity_label
 from tests.adapter_fixtures import CHAMPION_POLICY, flip_last_byte, trained  # noqa: F401  (fixtures)
@@ -74,20 +74,20 @@ def test_a_version_records_its_base_weights_and_resolved_precision(trained, loca
 def test_a_changed_or_missing_local_base_is_one_clear_line(trained, local_base, tmp_path):
     uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "local-base"
     register(uri, name, trained["adapter"], describe_base(str(local_base), trained["config"].model))
-    model, _, base = registry.load_registered(uri, f"models:/{name}/1")  # intact: loads
+    model, _, base = loading.load_registered(uri, f"models:/{name}/1")  # intact: loads
     assert base["identity"]["sha256"]["model.safetensors"] == sha256_file(local_base / "model.safetensors")
     del model
 
     weights = local_base / "model.safetensors"
     original = flip_last_byte(weights)  # other weights in the same folder
     with pytest.raises(ArtifactIntegrityError, match="differs from the weights this version was trained on"):
-        registry.load_registered(uri, f"models:/{name}/1")
+        loading.load_registered(uri, f"models:/{name}/1")
     assert_one_line_error(generate_cli(uri, name), str(local_base), "model.safetensors", "refusing to load")
     weights.write_bytes(original)
 
     local_base.rename(tmp_path / "moved-away")
     with pytest.raises(FileNotFoundError, match="is missing"):
-        registry.load_registered(uri, f"models:/{name}/1")
+        loading.load_registered(uri, f"models:/{name}/1")
     assert_one_line_error(generate_cli(uri, name), str(local_base), "is missing")
 
 

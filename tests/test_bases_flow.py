@@ -30,7 +30,7 @@ import json, sys
 import torch
 from safetensors.torch import load_file
 from lib.generation import generate_continuations
-from lib.registry import load_registered
+from lib.loading import load_registered
 
 args = json.loads(sys.argv[1])
 ref = load_file(args["reference"])

@@ -170,7 +170,7 @@ import json, sys
 import mlflow, torch
 torch.set_num_threads(1)
 from lib.generation import generate_continuations
-from lib.registry import load_registered
+from lib.loading import load_registered
 args = json.loads(sys.argv[1])
 uri, name, prompts, settings = args["uri"], args["name"], args["prompts"], args["settings"]
 model, tokenizer, _ = load_registered(uri, f"models:/{name}/1")

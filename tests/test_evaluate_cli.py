@@ -109,7 +109,8 @@ def test_evaluate_unknown_version_is_one_clear_line(tracking_uri):
 
 def test_run_link_on_a_tracking_server_names_the_experiment(tmp_path):
     from lib.reports import render_summary
-    from lib.tracking import run_link, start_run
+    from lib.tracking import start_run
+    from lib.reports import run_link
     from tests.mlflow_server import running_mlflow_server
 
     with running_mlflow_server(tmp_path / "server") as server:

@@ -157,7 +157,7 @@ def test_run_summary_links_the_run_and_shows_samples(tracking_uri):
 
 
 def test_run_link_for_a_server_that_cannot_be_reached():
-    from lib.tracking import run_link
+    from lib.reports import run_link
 
     link = run_link("http://127.0.0.1:9/", "abc123")  # port 9 (discard): connection refused
     assert link == {"url": "http://127.0.0.1:9/#/runs/abc123", "command": None, "experiment_id": None, "run_id": "abc123"}

@@ -39,7 +39,7 @@ import json, sys
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from lib.registry import load_registered
+from lib.loading import load_registered
 
 args = json.loads(sys.argv[1])
 ref = load_file(args["reference"])

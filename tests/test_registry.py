@@ -19,7 +19,7 @@ from uuid import uuid4
 import pytest
 from mlflow import MlflowClient
 
-from lib import faults, provenance, registry, tracking
+from lib import faults, loading, provenance, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
 from tests.adapter_fixtures import CHAMPION_POLICY, NAME, git_commit, registered, trained  # noqa: F401  (fixtures)
 
@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from lib.registry import load_registered
+from lib.loading import load_registered
 
 args = json.loads(sys.argv[1])
 uri, name, ref = args["uri"], args["name"], load_file(args["reference"])
@@ -154,7 +154,7 @@ def test_deleted_artifacts_are_a_clear_file_not_found(registered):
     model_dir.rename(moved)
     try:
         with pytest.raises(FileNotFoundError, match=rf"models:/{NAME}/1 \(version 1 .*not in the artifact store"):
-            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
+            loading.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
     finally:
         moved.rename(model_dir)
     adapter = model_dir / "artifacts" / "adapter" / "adapter_config.json"
@@ -162,7 +162,7 @@ def test_deleted_artifacts_are_a_clear_file_not_found(registered):
     adapter.unlink()  # one file lost
     try:
         with pytest.raises(FileNotFoundError, match=r"\['adapter_config\.json'\] recorded at registration are missing"):
-            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
+            loading.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
     finally:
         adapter.write_bytes(saved)
 
@@ -192,13 +192,13 @@ def test_unknown_model_version_and_alias_are_one_line_lookup_errors(store):
              f"models:/{name}@gold": rf"model '{name}' has no alias 'gold' in sqlite:"}
     for target, message in cases.items():
         with pytest.raises(LookupError, match=message) as caught:
-            registry.load_registered(uri, target)
+            loading.load_registered(uri, target)
         assert "\n" not in str(caught.value)
     for bad in (f"models:/{name}", "runs:/abc/model", f"{name}/1"):
         with pytest.raises(ValueError, match="models:/NAME/VERSION"):
-            registry.load_registered(uri, bad)
+            loading.load_registered(uri, bad)
     # `latest` is the newest version (MLflow reserves the alias name, the URI form works).
-    assert str(registry.resolve_version(client, uri, f"models:/{name}/latest").version) == "2"
+    assert str(loading.resolve_version(client, uri, f"models:/{name}/latest").version) == "2"
 
 
 def test_version_whose_files_are_gone_is_a_file_not_found(store):
@@ -206,7 +206,7 @@ def test_version_whose_files_are_gone_is_a_file_not_found(store):
     name = model_with_versions(client, {"a": 1.0})
     with pytest.raises(FileNotFoundError, match=rf"models:/{name}/1 \(version 1 of '{name}', run None\): its files "
                                                 r"are not in the artifact store at file:///nonexistent/a"):
-        registry.load_registered(uri, f"models:/{name}/1")
+        loading.load_registered(uri, f"models:/{name}/1")
 
 
 def test_pickle_weights_are_never_registered(store, tmp_path):
@@ -235,7 +235,7 @@ def test_listing_reads_past_the_first_page_of_registered_models(tmp_path):
 @pytest.mark.slow
 def test_loading_a_version_prints_nothing_unless_verbose(registered, tmp_path):
     """No download bars, weight-loading bars or third-party notices around a loaded version."""
-    code = ("import sys; from lib.registry import load_registered; "
+    code = ("import sys; from lib.loading import load_registered; "
             "load_registered(sys.argv[1], sys.argv[2]); print('loaded')")
     printed = {}
     # As a user's own process: none of the settings the CLI (run in-process by other tests) puts in

@@ -30,7 +30,7 @@ LOAD_OVER_HTTP = r"""
 import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from lib.registry import load_registered
+from lib.loading import load_registered
 
 uri, target, adapter_dir = sys.argv[1:4]
 model, tokenizer, base = load_registered(uri, target)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from lib import registry
+from lib import loading
 from lib.adapter_pyfunc import ArtifactIntegrityError
 from lib.base_model import load_base_model, load_tokenizer
 from lib.config import ModelConfig
@@ -70,13 +70,13 @@ def test_tampered_adapter_weights_are_refused_by_both_loaders(registered):
     original = flip_last_byte(weights)
     try:
         with pytest.raises(ArtifactIntegrityError, match=rf"models:/{NAME}/1 .*adapter_model\.safetensors: sha256"):
-            registry.load_registered(uri, f"models:/{NAME}/1")
+            loading.load_registered(uri, f"models:/{NAME}/1")
         mlflow.set_tracking_uri(uri)
         with pytest.raises(Exception, match=r"adapter_model\.safetensors: sha256 .* differs"):
             mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     finally:
         weights.write_bytes(original)
-    registry.load_registered(uri, f"models:/{NAME}/1")  # restored: loads again
+    loading.load_registered(uri, f"models:/{NAME}/1")  # restored: loads again
 
 
 @pytest.mark.slow
@@ -86,7 +86,7 @@ def test_tampered_base_weights_and_extra_pickles_are_refused(registered):
     original = flip_last_byte(base_weights)
     try:
         with pytest.raises(ArtifactIntegrityError, match=r"model\.safetensors: sha256 .* differs"):
-            registry.load_registered(uri, f"models:/{NAME}@champion")
+            loading.load_registered(uri, f"models:/{NAME}@champion")
     finally:
         base_weights.write_bytes(original)
     # A pickle dropped next to the adapter is never loaded (PEFT would fall back to it).
@@ -94,7 +94,7 @@ def test_tampered_base_weights_and_extra_pickles_are_refused(registered):
     pickle.write_bytes(b"not a checkpoint")
     try:
         with pytest.raises(ArtifactIntegrityError, match=r"unexpected files \['adapter_model\.bin'\]"):
-            registry.load_registered(uri, f"models:/{NAME}/1")
+            loading.load_registered(uri, f"models:/{NAME}/1")
     finally:
         pickle.unlink()
 
@@ -107,6 +107,6 @@ def test_rewritten_checksum_list_is_caught_by_the_registry_tag(registered):
     meta.write_text(original.replace('"max_new_tokens": 8', '"max_new_tokens": 9'))
     try:
         with pytest.raises(ArtifactIntegrityError, match=rf"models:/{NAME}/1 .*base_model\.json .*differs"):
-            registry.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
+            loading.load_registered(registered["tracking_uri"], f"models:/{NAME}/1")
     finally:
         meta.write_text(original)

@@ -15,7 +15,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from lib import checkpoint, registry, tracking
+from lib import checkpoint, loading, registry, store, tracking
 from tests.mlflow_server import free_port, running_mlflow_server, stop
 from tests.reliability.harness import ROOT, all_runs, child_env, flow_command, run_flow
 
@@ -24,7 +24,7 @@ STEPS, EVERY = 40, 10
 
 def test_dead_tracking_server_fails_fast_naming_the_uri():
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    for call in (lambda: registry.load_registered(uri, "models:/m/1"), lambda: registry.list_versions(uri),
+    for call in (lambda: loading.load_registered(uri, "models:/m/1"), lambda: registry.list_versions(uri),
                  lambda: tracking.start_run(uri, "e", "r", {}, {}, "")):
         started = time.monotonic()
         with pytest.raises(ConnectionError, match=rf"MLflow tracking server {uri} is not reachable"):
@@ -42,7 +42,7 @@ def test_hung_tracking_server_fails_after_the_probe_timeout():
         uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
         started = time.monotonic()
         with pytest.raises(ConnectionError, match=rf"{uri} is not reachable \(ReadTimeout\)"):
-            tracking.require_reachable(uri, timeout=1)
+            store.require_reachable(uri, timeout=1)
         assert time.monotonic() - started < 3
 
 

@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint bench clean ui
+.PHONY: install run test test-fast lint bench clean ui deployments
 
 # Re-install when the dependency spec or the lock changes. requirements.lock pins what CI tested
 # (torch 2.13.0 CPU build; on a GPU machine install the CUDA torch first, then `make install`).
@@ -29,6 +29,9 @@ lint: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+deployments: install  # prefect.yaml's config parameters from configs/ (lib/deployments.py)
+	$(BIN)/python -m lib.deployments
 
 bench: install
 	$(BIN)/python -m bench.train_throughput

@@ -36,8 +36,21 @@ def profile(name: str) -> dict:
     return yaml.safe_load((ROOT / "configs" / name).read_text(encoding="utf-8"))
 
 
-def test_deployment_parameters_are_the_profiles_key_for_key():
-    """prefect.yaml repeats the profiles (YAML cannot include a file): catch drift."""
+def test_deployment_parameters_are_generated_from_the_profiles(tmp_path):
+    """configs/ is the one source: prefect.yaml's config blocks are what lib/deployments.py writes
+    from the profiles (`make deployments`), and they load as the profiles do."""
+    from lib.deployments import generate
+
+    text = (ROOT / "prefect.yaml").read_text(encoding="utf-8")
+    assert generate(text) == text, "prefect.yaml is out of date with configs/: run `make deployments`"
+    # A hand edit inside a block is overwritten from the profile; an edit of the profile reaches it.
+    assert generate(text.replace("max_new_tokens: 48", "max_new_tokens: 7")) == text
+    (tmp_path / "configs").mkdir()
+    for name in ("demo.yaml", "gpt-neo-1.3b.yaml"):
+        edited = (ROOT / "configs" / name).read_text(encoding="utf-8").replace("max_new_tokens: 48", "max_new_tokens: 7")
+        (tmp_path / "configs" / name).write_text(edited, encoding="utf-8")
+    regenerated = generate(text, tmp_path)
+    assert regenerated != text and regenerated == text.replace("max_new_tokens: 48", "max_new_tokens: 7", 1)
     found = deployments()
     assert found["demo"]["parameters"]["config"] == profile("demo.yaml")
     assert found["lenta-nightly"]["parameters"]["config"] == profile("gpt-neo-1.3b.yaml")

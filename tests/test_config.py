@@ -8,7 +8,17 @@ CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob
 
 
 def test_there_are_shipped_profiles():
-    assert {"demo.yaml", "gpt-neo-1.3b.yaml"} <= {p.name for p in CONFIGS}
+    assert {"demo.yaml", "gpt-neo-1.3b.yaml", "gpt-neo-1.3b-fast.yaml", "rugpt3small.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_the_russian_native_profile_differs_from_the_fast_one_only_in_its_base():
+    """Same data, windows, LoRA and training: a comparison of the two bases varies the base alone."""
+    root = Path(__file__).resolve().parent.parent / "configs"
+    fast, russian = load_config(root / "gpt-neo-1.3b-fast.yaml"), load_config(root / "rugpt3small.yaml")
+    assert russian.model.name == "ai-forever/rugpt3small_based_on_gpt2" and russian.lora.target_modules == "auto"
+    for section in ("data", "train", "eval"):
+        assert getattr(russian, section) == getattr(fast, section), section
+    assert (russian.lora.r, russian.lora.alpha, russian.lora.dropout) == (fast.lora.r, fast.lora.alpha, fast.lora.dropout)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,9 +1,6 @@
 """LoRA training: one plain loop you can read in one sitting.
 
-Loss convention: every optimizer step minimises the mean NLL over all *real* tokens of its
-`grad_accum` micro-batches (each micro-batch's summed loss is divided by the step's total token
-count), so the step's gradient does not depend on how the tokens were split into micro-batches.
-Padding (attention_mask == 0) is never scored.
+The loss each step minimises, the run's plan and the failure messages: lib/steps.py.
 
 Resume: the micro-batch order of the whole run is a function of `train.seed`, and a checkpoint
 (lib/checkpoint.py) holds the adapter, optimizer, LR schedule and RNG states after step k, so a run
@@ -36,6 +33,8 @@ from lib.base_model import free_memory, load_base_model, load_tokenizer
 from lib.config import PipelineConfig
 from lib.dataset import load_prepared
 from lib.lora import make_optimizer, save_pretrained, wrap_with_lora
+from lib.steps import (batch_nll, count_steps, diverged_message, is_out_of_memory, micro_batch_order, oom_message,
+                       validation_loss)
 from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.train")
@@ -71,55 +70,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # every step, including those before a resume
     resumed_from_step: int | None = None
     lora_targets: list[str] = field(default_factory=list)  # module names the adapter was put on (lib/lora.py)
-
-
-def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL (nats) over real tokens, and how many tokens were scored (a tensor:
-    reading it is a GPU sync, which the training loop avoids).
-
-    The targets are shifted, not the logits: slicing `logits[:, :-1]` copies the largest tensor of
-    the step (batch x length x vocab) for nothing.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # no-op in fp32
-    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # last position: nothing to predict
-    scored = torch.nn.functional.pad(attention_mask[:, 1:], (0, 1)).bool()
-    targets = targets.masked_fill(~scored, -100)
-    nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
-                                            reduction="sum")
-    return nll, scored.sum()
-
-
-@torch.no_grad()
-def validation_loss(model, blocks, batch_size: int) -> float | None:
-    if not len(blocks):
-        return None
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        rows = blocks[start : start + batch_size]
-        device = model.device
-        nll, n = batch_nll(model, torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["attention_mask"], device=device))
-        total, count = total + float(nll), count + int(n)
-    model.train()
-    return total / max(count, 1)
-
-
-def count_steps(num_blocks: int, config: PipelineConfig, world: int = 1) -> int:
-    """Optimizer steps: `train.max_steps` if set, else epochs over the (all-rank) micro-batches."""
-    if config.train.max_steps:
-        return config.train.max_steps
-    micro_batches = math.ceil(num_blocks / (config.train.batch_size * world))
-    return max(1, math.ceil(config.train.epochs * micro_batches / config.train.grad_accum))
-
-
-def micro_batch_order(num_blocks: int, batch_size: int, seed: int, needed: int) -> list[list[int]]:
-    """Block indices of each micro-batch, reshuffled every epoch from a seeded generator."""
-    order: list[list[int]] = []
-    generator = torch.Generator().manual_seed(seed)
-    while len(order) < needed:
-        perm = torch.randperm(num_blocks, generator=generator).tolist()
-        order += [perm[i : i + batch_size] for i in range(0, num_blocks, batch_size)]
-    return order[:needed]
 
 
 def save_adapter(model, tokenizer, output_dir: Path) -> Path:
@@ -205,7 +155,7 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
     optimizer = make_optimizer(model, config)  # LoRA+ (lora.plus_lr_ratio): B at a higher rate than A
     targets = sorted(model.peft_config["default"].target_modules)
-    steps = count_steps(len(blocks), config, world)
+    steps = count_steps(len(blocks), train, world)
     # Linear warmup then linear decay to zero: the usual schedule for short LoRA runs.
     warmup = train.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -260,15 +210,15 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
                                  time.perf_counter() - step_started)
                         any_line.mark()
             except (torch.OutOfMemoryError, RuntimeError) as error:
-                if not _is_out_of_memory(error):
+                if not is_out_of_memory(error):
                     raise
-                raise OutOfMemory(_oom_message(error, step, config)) from None
+                raise OutOfMemory(oom_message(error, step, train, config.model)) from None
             if world > 1:
                 step_nll = distributed.all_reduce_gradients(trainable, step_nll)
             loss_value = float(step_nll) / step_tokens
             lr = schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(_diverged_message(loss_value, step, steps, lr, config, history))
+                raise TrainingDiverged(diverged_message(loss_value, step, steps, lr, train, history))
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -311,32 +261,3 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     final_loss = history[-1]["train_loss"] if history else float("nan")
     return model, tokenizer, TrainResult("", steps, tokens_seen, seconds, final_loss, val, history,
                                          resumed_from_step=resume.step if resume else None, lora_targets=targets)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def _oom_message(error: BaseException, step: int, config: PipelineConfig) -> str:
-    train, model = config.train, config.model
-    first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
-    advice = [f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
-              f"batch of {train.batch_size * train.grad_accum}"]
-    if not model.gradient_checkpointing:
-        advice.append("set model.gradient_checkpointing: true")
-    on_gpu = isinstance(error, torch.OutOfMemoryError)  # CUDA's (accelerators') allocator; the CPU's raises RuntimeError
-    if model.precision not in ("int8", "nf4") and on_gpu:
-        advice.append("use model.precision: int8 or nf4 (quantized base weights)")
-    advice.append(f"or lower train.max_length (now {train.max_length})")
-    where = "GPU" if on_gpu else "CPU (RAM)"
-    return (f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
-            f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
-            f"[{first}]")
-
-
-def _diverged_message(loss: float, step: int, steps: int, lr: float, config: PipelineConfig, history: list[dict]) -> str:
-    last = f"; last finite loss {history[-1]['train_loss']:.4g} at step {history[-1]['step']}" if history else ""
-    return (f"training loss is {loss} at optimizer step {step} of {steps} (learning rate {lr:.3g}, "
-            f"train.learning_rate={config.train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
-            f"or raise train.warmup_steps, and check the data; no adapter was saved")

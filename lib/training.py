@@ -86,9 +86,8 @@ class Run:
     trainable: list[torch.nn.Parameter]
     info: dict  # the prepared dataset's lenta_lora_dataset.json
     val_blocks: Any  # a `datasets` table
-    # The whole training set as two tensors: indexing a `datasets` table per step costs more than a tiny model's step.
-    ids: torch.Tensor
-    masks: torch.Tensor
+    ids: torch.Tensor  # the training blocks: two tensors index faster than a `datasets` table (per step:
+    masks: torch.Tensor  # that indexing cost more than a tiny model's whole step)
     order: list[list[int]]  # block indices of every micro-batch of the run (all ranks')
     shard: slice  # this rank's part of a micro-batch
     steps: int
@@ -214,6 +213,8 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
 
 def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> Run:
     """The data as tensors; the base with its LoRA adapter; the optimizer, LR schedule and micro-batch order."""
+    from transformers import get_linear_schedule_with_warmup
+
     info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
     data = load_prepared(dataset_path)
     blocks, train = data["train_blocks"], config.train
@@ -228,10 +229,9 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
     optimizer = make_optimizer(model, config)  # LoRA+ (lora.plus_lr_ratio): B at a higher rate than A
     steps = count_steps(len(blocks), train, world)
-    # Linear warmup then linear decay to zero: the usual schedule for short LoRA runs.
-    warmup = train.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 max(0.0, (steps - s) / max(1, steps - warmup)))
+    # transformers' linear warmup from 0 then decay to 0 (HF Trainer's): with warmup_steps w > 0 the first update runs
+    # at lr 0 (it only fills AdamW's moments), the full rate comes at update w + 1; w = 0 decays from the full rate.
+    schedule = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, steps)
     # The whole run's micro-batch order, fixed by the seed: a resumed run skips the consumed part.
     # With N ranks a micro-batch is N x batch_size blocks; rank r trains on its r-th slice.
     order = micro_batch_order(len(blocks), train.batch_size * world, train.seed, steps * train.grad_accum)

@@ -30,7 +30,7 @@ from lib.config import PipelineConfig
 log = logging.getLogger("lenta_lora.provenance")
 
 # The modules whose code decides the trained weights: an edit to any of them trains again.
-TRAINING_MODULES = ("training.py", "lora.py", "base_model.py", "dataset.py", "corpus.py", "splits.py",
+TRAINING_MODULES = ("training.py", "steps.py", "lora.py", "base_model.py", "dataset.py", "corpus.py", "splits.py",
                     "distributed.py", "checkpoint.py")
 
 

@@ -1,9 +1,9 @@
-"""LoRA training: one plain loop you can read in one sitting.
+"""LoRA training: one plain loop in named phases; `_train_loop` reads as their table of contents.
 
-Loss convention: every optimizer step minimises the mean NLL over all *real* tokens of its
-`grad_accum` micro-batches (each micro-batch's summed loss is divided by the step's total token
-count), so the step's gradient does not depend on how the tokens were split into micro-batches.
-Padding (attention_mask == 0) is never scored.
+    setup       the data as tensors, the base with its LoRA adapter, optimizer, LR schedule, micro-batch order
+    resume      from the newest checkpoint, if any (rank 0 holds the folder's lock: `_checkpoint_folders`)
+    train_step  one optimizer step over its micro-batches (lib/steps.py: the loss, the failure messages)
+    report      a step's metrics to `on_log`; then `save_checkpoint`, and at the end `final_validation`
 
 Resume: the micro-batch order of the whole run is a function of `train.seed`, and a checkpoint
 (lib/checkpoint.py) holds the adapter, optimizer, LR schedule and RNG states after step k, so a run
@@ -25,17 +25,20 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lib import checkpoint, distributed, faults, progress
 from lib.base_model import free_memory, load_base_model, load_tokenizer
-from lib.config import PipelineConfig
+from lib.config import ModelConfig, PipelineConfig, TrainConfig
 from lib.dataset import load_prepared
 from lib.lora import make_optimizer, save_pretrained, wrap_with_lora
+from lib.steps import (batch_nll, count_steps, diverged_message, is_out_of_memory, micro_batch_order, oom_message,
+                       validation_loss)
 from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.train")
@@ -73,53 +76,38 @@ class TrainResult:
     lora_targets: list[str] = field(default_factory=list)  # module names the adapter was put on (lib/lora.py)
 
 
-def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL (nats) over real tokens, and how many tokens were scored (a tensor:
-    reading it is a GPU sync, which the training loop avoids).
-
-    The targets are shifted, not the logits: slicing `logits[:, :-1]` copies the largest tensor of
-    the step (batch x length x vocab) for nothing.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # no-op in fp32
-    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # last position: nothing to predict
-    scored = torch.nn.functional.pad(attention_mask[:, 1:], (0, 1)).bool()
-    targets = targets.masked_fill(~scored, -100)
-    nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
-                                            reduction="sum")
-    return nll, scored.sum()
-
-
-@torch.no_grad()
-def validation_loss(model, blocks, batch_size: int) -> float | None:
-    if not len(blocks):
-        return None
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        rows = blocks[start : start + batch_size]
-        device = model.device
-        nll, n = batch_nll(model, torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["attention_mask"], device=device))
-        total, count = total + float(nll), count + int(n)
-    model.train()
-    return total / max(count, 1)
+@dataclass
+class Run:
+    """What `setup` makes once per process; fixed for the whole run."""
+    model: Any  # the PEFT model
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    trainable: list[torch.nn.Parameter]
+    info: dict  # the prepared dataset's lenta_lora_dataset.json
+    val_blocks: Any  # a `datasets` table
+    ids: torch.Tensor  # the training blocks: two tensors index faster than a `datasets` table (per step:
+    masks: torch.Tensor  # that indexing cost more than a tiny model's whole step)
+    order: list[list[int]]  # block indices of every micro-batch of the run (all ranks')
+    shard: slice  # this rank's part of a micro-batch
+    steps: int
+    world: int
 
 
-def count_steps(num_blocks: int, config: PipelineConfig, world: int = 1) -> int:
-    """Optimizer steps: `train.max_steps` if set, else epochs over the (all-rank) micro-batches."""
-    if config.train.max_steps:
-        return config.train.max_steps
-    micro_batches = math.ceil(num_blocks / (config.train.batch_size * world))
-    return max(1, math.ceil(config.train.epochs * micro_batches / config.train.grad_accum))
+@dataclass
+class LoopState:
+    """How far training is: what a checkpoint carries over (step, tokens, seconds, history), and this process's share."""
+    step: int = 0  # optimizer steps done, counting those of a run this one resumed
+    tokens: int = 0  # real tokens trained on, likewise
+    seconds: float = 0.0  # training time of the processes before this one
+    history: list[dict] = field(default_factory=list)  # one record per step
+    start_step: int = 0  # the step this process resumed after
+    new_tokens: int = 0  # this process's
+    started: float = field(default_factory=time.perf_counter)
 
-
-def micro_batch_order(num_blocks: int, batch_size: int, seed: int, needed: int) -> list[list[int]]:
-    """Block indices of each micro-batch, reshuffled every epoch from a seeded generator."""
-    order: list[list[int]] = []
-    generator = torch.Generator().manual_seed(seed)
-    while len(order) < needed:
-        perm = torch.randperm(num_blocks, generator=generator).tolist()
-        order += [perm[i : i + batch_size] for i in range(0, num_blocks, batch_size)]
-    return order[:needed]
+    def elapsed(self) -> float:
+        """Seconds this process has trained: its rates and ETA exclude earlier ones."""
+        return time.perf_counter() - self.started
 
 
 def save_adapter(model, tokenizer, output_dir: Path) -> Path:
@@ -189,12 +177,48 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
                 rank: int = 0, world: int = 1):
     from tqdm.auto import tqdm
 
+    train = config.train
+    run = setup(dataset_path, config, rank, world)
+    with _checkpoint_folders(checkpoint_dir, rank, world) as (folder, writer):
+        found, state = resume(run, folder, writer, config, dataset_path, on_resume)
+        bar = tqdm(range(state.step + 1, run.steps + 1), initial=state.step, total=run.steps, desc="train", unit="step",
+                   disable=None if rank == 0 else True)
+        # Seconds since the last step line (on_log), and since the last line of any kind (a step's or a heartbeat).
+        step_lines = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
+        any_line = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
+        for step in bar:  # 1-based optimizer step
+            record = train_step(run, state, step, train, config.model, any_line)
+            if rank == 0 and train.eval_every and step % train.eval_every == 0 and step < run.steps:
+                record["validation_loss"] = validation_loss(run.model, run.val_blocks, config.eval.batch_size)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
+            state.history.append({"step": step, **record})
+            if on_log and (step % train.log_every == 0 or step == run.steps or step_lines.due()):
+                step_lines.mark()
+                any_line.mark()
+                report(on_log, record, run, state, writer if train.checkpoint_every else None, run_id)
+            # After on_log: a kill between the two re-trains (and re-logs) a few steps rather than losing a point.
+            if writer and train.checkpoint_every and (step % train.checkpoint_every == 0 or step == run.steps):
+                save_checkpoint(writer, run, state, run_id)
+            faults.reach(f"train.step-{step}")
+        bar.close()
+    seconds = state.seconds + state.elapsed()
+    val = final_validation(run, state, on_log, config.eval.batch_size) if rank == 0 else None
+    run.model.eval()
+    final_loss = state.history[-1]["train_loss"] if state.history else float("nan")
+    return run.model, run.tokenizer, TrainResult(
+        "", run.steps, state.tokens, seconds, final_loss, val, state.history,
+        resumed_from_step=found.step if found else None,
+        lora_targets=sorted(run.model.peft_config["default"].target_modules))
+
+
+def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> Run:
+    """The data as tensors; the base with its LoRA adapter; the optimizer, LR schedule and micro-batch order."""
+    from transformers import get_linear_schedule_with_warmup
+
     info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
     data = load_prepared(dataset_path)
-    blocks, val_blocks = data["train_blocks"], data["validation_blocks"]
+    blocks, train = data["train_blocks"], config.train
     tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
-    train = config.train
-
     torch.manual_seed(train.seed)
     model = wrap_with_lora(load_base_model(info["base"], config.model), config)
     model.train()
@@ -204,139 +228,123 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
             torch.distributed.broadcast(p.data, src=0)
     log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
     optimizer = make_optimizer(model, config)  # LoRA+ (lora.plus_lr_ratio): B at a higher rate than A
-    targets = sorted(model.peft_config["default"].target_modules)
-    steps = count_steps(len(blocks), config, world)
-    # Linear warmup then linear decay to zero: the usual schedule for short LoRA runs.
-    warmup = train.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
+    steps = count_steps(len(blocks), train, world)
+    # transformers' linear warmup from 0 then decay to 0 (HF Trainer's): with warmup_steps w > 0 the first update runs
+    # at lr 0 (it only fills AdamW's moments), the full rate comes at update w + 1; w = 0 decays from the full rate.
+    schedule = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, steps)
     # The whole run's micro-batch order, fixed by the seed: a resumed run skips the consumed part.
     # With N ranks a micro-batch is N x batch_size blocks; rank r trains on its r-th slice.
     order = micro_batch_order(len(blocks), train.batch_size * world, train.seed, steps * train.grad_accum)
-    shard = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
-    # Whole training set as two tensors: indexing a `datasets` table per step costs more than a tiny model's step.
-    all_ids, all_masks = torch.tensor(blocks["input_ids"]), torch.tensor(blocks["attention_mask"])
+    return Run(model, tokenizer, optimizer, schedule, trainable, info, data["validation_blocks"],
+               torch.tensor(blocks["input_ids"]), torch.tensor(blocks["attention_mask"]), order,
+               slice(rank * train.batch_size, (rank + 1) * train.batch_size), steps, world)
 
-    writer = checkpoint_dir if rank == 0 else None  # rank 0 alone holds the lock and writes
-    # A single process whose twin (same dataset and config) is training right now trains without
-    # checkpoints rather than failing: the twin's checkpoints already cover this work if either dies.
-    with checkpoint.exclusive(writer, busy_ok=world == 1) if writer else contextlib.nullcontext() as held:
-        if writer and held is None:
+
+@contextlib.contextmanager
+def _checkpoint_folders(checkpoint_dir: str | Path | None, rank: int, world: int) -> Iterator[tuple]:
+    """(the folder to resume from, the folder to write to): rank 0 alone holds the lock and writes.
+
+    A single process whose twin (same dataset and config) is training right now gets (None, None) and
+    trains without checkpoints rather than failing: the twin's cover this work if either dies."""
+    if checkpoint_dir is None or rank != 0:
+        yield checkpoint_dir, None
+        return
+    with checkpoint.exclusive(checkpoint_dir, busy_ok=world == 1) as held:
+        if held is None:
             log.warning("another live process is training with %s (same dataset and config): this run trains "
                         "without checkpoints", checkpoint_dir)
-            writer = checkpoint_dir = None
-        done = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}  # what earlier processes trained
-        resume = checkpoint.latest(checkpoint_dir)
-        if resume:
-            done = checkpoint.load(resume, model, optimizer, schedule, steps)
-            log.info("resuming at step %d of %d from %s (written by MLflow run %s)", resume.step, steps, resume.path, resume.run_id)
-            if on_resume:
-                on_resume(resume)
-        elif writer:
-            checkpoint.describe(checkpoint_dir, checkpoint.checkpoint_key(config, info["fingerprint"], dataset_path)[1])
+        yield (checkpoint_dir, checkpoint_dir) if held else (None, None)
 
-        history: list[dict] = list(done["history"])
-        tokens_seen, new_tokens, started = done["tokens"], 0, time.perf_counter()
-        bar = tqdm(range(done["step"] + 1, steps + 1), initial=done["step"], total=steps, desc="train", unit="step",
-                   disable=None if rank == 0 else True)
-        # Seconds since the last step line (on_log), and since the last line of any kind (a step's or a heartbeat).
-        step_lines = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
-        any_line = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
-        for step in bar:  # 1-based optimizer step
-            chunk = order[(step - 1) * train.grad_accum : step * train.grad_accum]
-            step_tokens = sum(int(all_masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step
-            # Summed on the device and read once per step: a float() per micro-batch is a GPU sync each.
-            step_nll, step_started = torch.zeros((), device=model.device), time.perf_counter()
-            try:
-                for micro, idx in enumerate(chunk, 1):
-                    if not idx[shard]:  # this rank's share of an epoch's short last micro-batch
-                        continue
-                    nll, _ = batch_nll(model, all_ids[idx[shard]].to(model.device), all_masks[idx[shard]].to(model.device))
-                    (nll / step_tokens).backward()
-                    step_nll += nll.detach()
-                    if micro < len(chunk) and any_line.due():  # a slow step: say where it is (not after its last)
-                        log.info("step %d/%d: micro-batch %d/%d, %.0f s into this step", step, steps, micro, len(chunk),
-                                 time.perf_counter() - step_started)
-                        any_line.mark()
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                if not _is_out_of_memory(error):
-                    raise
-                raise OutOfMemory(_oom_message(error, step, config)) from None
-            if world > 1:
-                step_nll = distributed.all_reduce_gradients(trainable, step_nll)
-            loss_value = float(step_nll) / step_tokens
-            lr = schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(_diverged_message(loss_value, step, steps, lr, config, history))
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
 
-            batch_tokens = sum(int(all_masks[idx].sum()) for idx in chunk)
-            tokens_seen, new_tokens = tokens_seen + batch_tokens, new_tokens + batch_tokens
-            elapsed = time.perf_counter() - started  # this process only: rates and ETA exclude earlier ones
-            record = {"train_loss": loss_value, "learning_rate": lr, "tokens_per_second": new_tokens / elapsed,
-                      "epoch": step * train.grad_accum * train.batch_size * world / len(blocks)}
-            if rank == 0 and train.eval_every and step % train.eval_every == 0 and step < steps:
-                record["validation_loss"] = validation_loss(model, val_blocks, config.eval.batch_size)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
-            history.append({"step": step, **record})
-            state = {"total_steps": steps, "run_id": run_id, "tokens": tokens_seen,
-                     "seconds": done["seconds"] + elapsed, "history": history}
-            if on_log and (step % train.log_every == 0 or step == steps or step_lines.due()):
-                eta = (steps - step) * elapsed / (step - done["step"])
-                step_lines.mark()
-                any_line.mark()
-                try:
-                    on_log(step, record, Progress(step, steps, eta))
-                except BaseException:  # e.g. the tracking server went away: keep the steps done so far
-                    if writer and train.checkpoint_every:
-                        checkpoint.save(checkpoint_dir, step, model, optimizer, schedule, state)
-                        log.warning("logging step %d failed: saved a checkpoint there to resume from", step)
-                    raise
-            # After on_log: a kill between the two re-trains (and re-logs) a few steps rather than losing a point.
-            if writer and train.checkpoint_every and (step % train.checkpoint_every == 0 or step == steps):
-                checkpoint.save(checkpoint_dir, step, model, optimizer, schedule, state)
-            faults.reach(f"train.step-{step}")
-        bar.close()
-    seconds = done["seconds"] + time.perf_counter() - started
+def resume(run: Run, folder: str | Path | None, writer: str | Path | None, config: PipelineConfig, dataset_path: str,
+           on_resume: Callable[[checkpoint.Checkpoint], None] | None) -> tuple[checkpoint.Checkpoint | None, LoopState]:
+    """Put the newest checkpoint in `folder` back into the model, optimizer, schedule and RNGs; or start afresh."""
+    found = checkpoint.latest(folder)
+    if not found:
+        if writer:
+            checkpoint.describe(writer, checkpoint.checkpoint_key(config, run.info["fingerprint"], dataset_path)[1])
+        return None, LoopState()
+    done = checkpoint.load(found, run.model, run.optimizer, run.schedule, run.steps)
+    log.info("resuming at step %d of %d from %s (written by MLflow run %s)", found.step, run.steps, found.path, found.run_id)
+    if on_resume:
+        on_resume(found)
+    return found, LoopState(done["step"], done["tokens"], done["seconds"], list(done["history"]), start_step=done["step"])
 
-    val = validation_loss(model, val_blocks, config.eval.batch_size) if rank == 0 else None
-    if history and val is not None:
-        history[-1]["validation_loss"] = val  # the loss plot's validation line reaches the last step
+
+def train_step(run: Run, state: LoopState, step: int, train: TrainConfig, model_cfg: ModelConfig,
+               heartbeat: progress.Ticker) -> dict[str, float]:
+    """Optimizer step `step` (1-based): advances `state` and returns the step's metrics. Raises OutOfMemory
+    with the settings to lower, or TrainingDiverged on a non-finite loss, before any weight changed."""
+    chunk = run.order[(step - 1) * train.grad_accum : step * train.grad_accum]
+    try:
+        step_nll, step_tokens = _accumulate_gradients(run, chunk, step, heartbeat)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise OutOfMemory(oom_message(error, step, train, model_cfg)) from None
+    if run.world > 1:
+        step_nll = distributed.all_reduce_gradients(run.trainable, step_nll)
+    loss = float(step_nll) / step_tokens
+    lr = run.schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
+    if not math.isfinite(loss):
+        raise TrainingDiverged(diverged_message(loss, step, run.steps, lr, train, state.history))
+    run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(run.masks[idx].sum()) for idx in chunk)
+    state.step, state.tokens, state.new_tokens = step, state.tokens + tokens, state.new_tokens + tokens
+    return {"train_loss": loss, "learning_rate": lr, "tokens_per_second": state.new_tokens / state.elapsed(),
+            "epoch": step * train.grad_accum * train.batch_size * run.world / len(run.ids)}
+
+
+def _accumulate_gradients(run: Run, chunk: list[list[int]], step: int, heartbeat: progress.Ticker) -> tuple[torch.Tensor, int]:
+    """Backward over this rank's share of the step's micro-batches: (summed NLL, the whole step's scored tokens).
+
+    The NLL is summed on the device and read once per step: a float() per micro-batch is a GPU sync each."""
+    step_tokens = sum(int(run.masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step, all ranks'
+    device, started = run.model.device, time.perf_counter()
+    step_nll = torch.zeros((), device=device)
+    for micro, idx in enumerate(chunk, 1):
+        rows = idx[run.shard]
+        if not rows:  # this rank's share of an epoch's short last micro-batch
+            continue
+        nll, _ = batch_nll(run.model, run.ids[rows].to(device), run.masks[rows].to(device))
+        (nll / step_tokens).backward()
+        step_nll += nll.detach()
+        if micro < len(chunk) and heartbeat.due():  # a slow step: say where it is (not after its last)
+            log.info("step %d/%d: micro-batch %d/%d, %.0f s into this step", step, run.steps, micro, len(chunk),
+                     time.perf_counter() - started)
+            heartbeat.mark()
+    return step_nll, step_tokens
+
+
+def report(on_log: LogFn, record: dict[str, float], run: Run, state: LoopState, writer: str | Path | None,
+           run_id: str | None) -> None:
+    """Send step `state.step`'s metrics to on_log. If that fails (say the tracking server went away),
+    checkpoint the step into `writer` first: the steps done so far are kept."""
+    eta = (run.steps - state.step) * state.elapsed() / (state.step - state.start_step)
+    try:
+        on_log(state.step, record, Progress(state.step, run.steps, eta))
+    except BaseException:
+        if writer:
+            save_checkpoint(writer, run, state, run_id)
+            log.warning("logging step %d failed: saved a checkpoint there to resume from", state.step)
+        raise
+
+
+def save_checkpoint(folder: str | Path, run: Run, state: LoopState, run_id: str | None) -> None:
+    """Checkpoint after step `state.step`, recording `run_id` (the MLflow run) and what LoopState carries over."""
+    checkpoint.save(folder, state.step, run.model, run.optimizer, run.schedule,
+                    {"total_steps": run.steps, "run_id": run_id, "tokens": state.tokens,
+                     "seconds": state.seconds + state.elapsed(), "history": state.history})
+
+
+def final_validation(run: Run, state: LoopState, on_log: LogFn | None, batch_size: int) -> float | None:
+    """The trained adapter's validation loss, also put on the last step's record (the loss plot's
+    validation line reaches it) and sent to on_log."""
+    val = validation_loss(run.model, run.val_blocks, batch_size)
+    if state.history and val is not None:
+        state.history[-1]["validation_loss"] = val
     if on_log and val is not None:
-        on_log(steps, {"validation_loss": val}, None)
-    model.eval()
-    final_loss = history[-1]["train_loss"] if history else float("nan")
-    return model, tokenizer, TrainResult("", steps, tokens_seen, seconds, final_loss, val, history,
-                                         resumed_from_step=resume.step if resume else None, lora_targets=targets)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def _oom_message(error: BaseException, step: int, config: PipelineConfig) -> str:
-    train, model = config.train, config.model
-    first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
-    advice = [f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
-              f"batch of {train.batch_size * train.grad_accum}"]
-    if not model.gradient_checkpointing:
-        advice.append("set model.gradient_checkpointing: true")
-    on_gpu = isinstance(error, torch.OutOfMemoryError)  # CUDA's (accelerators') allocator; the CPU's raises RuntimeError
-    if model.precision not in ("int8", "nf4") and on_gpu:
-        advice.append("use model.precision: int8 or nf4 (quantized base weights)")
-    advice.append(f"or lower train.max_length (now {train.max_length})")
-    where = "GPU" if on_gpu else "CPU (RAM)"
-    return (f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
-            f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
-            f"[{first}]")
-
-
-def _diverged_message(loss: float, step: int, steps: int, lr: float, config: PipelineConfig, history: list[dict]) -> str:
-    last = f"; last finite loss {history[-1]['train_loss']:.4g} at step {history[-1]['step']}" if history else ""
-    return (f"training loss is {loss} at optimizer step {step} of {steps} (learning rate {lr:.3g}, "
-            f"train.learning_rate={config.train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
-            f"or raise train.warmup_steps, and check the data; no adapter was saved")
+        on_log(run.steps, {"validation_loss": val}, None)
+    return val

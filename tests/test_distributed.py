@@ -68,8 +68,8 @@ def test_two_processes_train_an_adapter_that_loads(prepared, shared_cache, tmp_p
 def test_an_epoch_is_shared_by_the_processes(shared_cache):
     config = tiny(shared_cache, **{"train.max_steps": "null", "train.epochs": 1, "train.batch_size": 4, "train.grad_accum": 2})
     # 100 blocks: 25 micro-batches of 4 -> 13 steps alone; 13 global micro-batches of 2 x 4 -> 7 steps with 2 ranks
-    assert training.count_steps(100, config) == 13
-    assert training.count_steps(100, config, world=2) == 7
+    assert training.count_steps(100, config.train) == 13
+    assert training.count_steps(100, config.train, world=2) == 7
 
 
 class Crash(Exception):

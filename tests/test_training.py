@@ -70,6 +70,14 @@ def test_grad_accumulation_does_not_change_the_update(prepared, shared_cache):
     assert max_difference(weights4, weights1) < 1e-5
 
 
+def test_learning_rate_warms_up_from_zero_then_decays_linearly_to_zero(prepared, shared_cache):
+    """transformers' get_linear_schedule_with_warmup: step s (0-based) updates at lr x s / warmup during
+    the warm-up, then at lr x (steps - s) / (steps - warmup)."""
+    config = tiny(shared_cache, **{"train.max_steps": 5, "train.warmup_steps": 2, "train.learning_rate": 0.01})
+    _, _, result = training.train_model(prepared, config)
+    assert [h["learning_rate"] for h in result.history] == pytest.approx([0.0, 0.005, 0.01, 0.01 * 2 / 3, 0.01 / 3])
+
+
 class Crash(Exception):
     """Stands in for the process dying between two checkpoints."""
 
@@ -83,8 +91,9 @@ def crash_at(step_to_crash: int):
 
 @pytest.mark.parametrize("dropout, variant", [
     (0.0, {}), (0.1, {}),
-    # PiSSA rewrites the base at init (a resumed run redoes it) and LoRA+ has two learning rates in its optimizer state.
-    (0.0, {"lora.init_weights": "pissa", "lora.plus_lr_ratio": 4, "lora.use_rslora": True}),
+    # PiSSA rewrites the base at init (a resumed run redoes it) and LoRA+ has two learning rates in its optimizer
+    # state; warm-up to step 8 puts the resume (after step 7) inside the warm-up.
+    (0.0, {"lora.init_weights": "pissa", "lora.plus_lr_ratio": 4, "lora.use_rslora": True, "train.warmup_steps": 8}),
     (0.0, {"lora.use_dora": True}),  # a trained magnitude vector per layer
 ], ids=["plain", "dropout", "pissa-loraplus-rslora", "dora"])
 def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_path, dropout, variant):

@@ -41,13 +41,14 @@ def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_c
     from flows.finetune import finetune
 
     config = tiny(shared_cache, **{"train.max_steps": 20, "train.learning_rate": 1e6, "registry.model_name": "nan"})
-    with pytest.raises(training.TrainingDiverged, match="at optimizer step 3 of 20.*no adapter was saved"):
+    # demo.yaml warms up over 10 steps from lr 0: steps 2-3 run at 1e5 and 2e5, step 4's 3e5 gives a NaN loss.
+    with pytest.raises(training.TrainingDiverged, match="at optimizer step 4 of 20.*no adapter was saved"):
         finetune(config=config)
     client = MlflowClient(tracking_uri)
     [run] = all_runs(client)
     assert run.info.status == "FAILED"
     assert client.search_model_versions("name='nan'") == []
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
     assert not list(client.search_logged_models([run.info.experiment_id],
                                                 filter_string=f"source_run_id = '{run.info.run_id}'"))
 

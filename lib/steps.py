@@ -1,0 +1,96 @@
+"""The pieces of an optimizer step, for the loop in lib/training.py: the loss a step minimises (and
+the validation loss, the same measure on held-out blocks), the run's plan (how many steps, which
+blocks each micro-batch takes), and what a step that fails says.
+
+Loss convention: every optimizer step minimises the mean NLL over all *real* tokens of its
+`grad_accum` micro-batches (each micro-batch's summed loss is divided by the step's total token
+count), so the step's gradient does not depend on how the tokens were split into micro-batches.
+Padding (attention_mask == 0) is never scored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lib.config import ModelConfig, TrainConfig
+
+
+def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (nats) over real tokens, and how many tokens were scored (a tensor:
+    reading it is a GPU sync, which the training loop avoids).
+
+    The targets are shifted, not the logits: slicing `logits[:, :-1]` copies the largest tensor of
+    the step (batch x length x vocab) for nothing.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # no-op in fp32
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # last position: nothing to predict
+    scored = torch.nn.functional.pad(attention_mask[:, 1:], (0, 1)).bool()
+    targets = targets.masked_fill(~scored, -100)
+    nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
+                                            reduction="sum")
+    return nll, scored.sum()
+
+
+@torch.no_grad()
+def validation_loss(model, blocks, batch_size: int) -> float | None:
+    """Mean NLL per real token over `blocks` (None when there are none); leaves the model in train mode."""
+    if not len(blocks):
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        rows = blocks[start : start + batch_size]
+        device = model.device
+        nll, n = batch_nll(model, torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["attention_mask"], device=device))
+        total, count = total + float(nll), count + int(n)
+    model.train()
+    return total / max(count, 1)
+
+
+def count_steps(num_blocks: int, train: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps: `train.max_steps` if set, else epochs over the (all-rank) micro-batches."""
+    if train.max_steps:
+        return train.max_steps
+    micro_batches = math.ceil(num_blocks / (train.batch_size * world))
+    return max(1, math.ceil(train.epochs * micro_batches / train.grad_accum))
+
+
+def micro_batch_order(num_blocks: int, batch_size: int, seed: int, needed: int) -> list[list[int]]:
+    """Block indices of each micro-batch, reshuffled every epoch from a seeded generator."""
+    order: list[list[int]] = []
+    generator = torch.Generator().manual_seed(seed)
+    while len(order) < needed:
+        perm = torch.randperm(num_blocks, generator=generator).tolist()
+        order += [perm[i : i + batch_size] for i in range(0, num_blocks, batch_size)]
+    return order[:needed]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def oom_message(error: BaseException, step: int, train: TrainConfig, model: ModelConfig) -> str:
+    """What ran out (GPU or RAM), in which step, and the settings to lower, most effective first."""
+    first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
+    advice = [f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
+              f"batch of {train.batch_size * train.grad_accum}"]
+    if not model.gradient_checkpointing:
+        advice.append("set model.gradient_checkpointing: true")
+    on_gpu = isinstance(error, torch.OutOfMemoryError)  # CUDA's (accelerators') allocator; the CPU's raises RuntimeError
+    if model.precision not in ("int8", "nf4") and on_gpu:
+        advice.append("use model.precision: int8 or nf4 (quantized base weights)")
+    advice.append(f"or lower train.max_length (now {train.max_length})")
+    where = "GPU" if on_gpu else "CPU (RAM)"
+    return (f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
+            f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
+            f"[{first}]")
+
+
+def diverged_message(loss: float, step: int, steps: int, lr: float, train: TrainConfig, history: list[dict]) -> str:
+    last = f"; last finite loss {history[-1]['train_loss']:.4g} at step {history[-1]['step']}" if history else ""
+    return (f"training loss is {loss} at optimizer step {step} of {steps} (learning rate {lr:.3g}, "
+            f"train.learning_rate={train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
+            f"or raise train.warmup_steps, and check the data; no adapter was saved")

@@ -17,9 +17,9 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib import dataset, training
 from lib.config import load_config
-from tests.adapter_fixtures import PROMPT
+from tests.support.adapter_fixtures import PROMPT
 from tests.conftest import tiny_overrides
-from tests.family_models import FAMILIES, build_family
+from tests.support.family_models import FAMILIES, build_family
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

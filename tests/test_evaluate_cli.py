@@ -111,7 +111,7 @@ def test_run_link_on_a_tracking_server_names_the_experiment(tmp_path):
     from lib.reports import render_summary
     from lib.tracking import start_run
     from lib.reports import run_link
-    from tests.mlflow_server import running_mlflow_server
+    from tests.support.mlflow_server import running_mlflow_server
 
     with running_mlflow_server(tmp_path / "server") as server:
         run_id = start_run(server.uri, "link-test", "r", {}, {}, "a: 1\n")

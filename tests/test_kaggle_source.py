@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lib.kaggle_source import KaggleError, download_kaggle_file
-from tests.kaggle_server import SIGNATURE, FakeKaggle, lenta_csv
+from tests.support.kaggle_server import SIGNATURE, FakeKaggle, lenta_csv
 
 DATASET = "yutkin/corpus-of-russian-news-articles-from-lenta"
 FILE = "lenta-ru-news.csv"

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 from lib import champion
 from tests.conftest import tiny_overrides
-from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
+from tests.support.mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

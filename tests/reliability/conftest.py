@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lib.config import SAMPLE_CSV
-from tests.kaggle_server import FakeKaggle
+from tests.support.kaggle_server import FakeKaggle
 
 SECRET = "kGl-SeCrEt-4e1f9a77c0d2"
 

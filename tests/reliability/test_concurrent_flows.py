@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from tests.reliability.harness import (ROOT, all_runs, assert_cache_consistent, assert_versions_have_their_files,
+from tests.support.harness import (ROOT, all_runs, assert_cache_consistent, assert_versions_have_their_files,
                                        child_env, flow_command)
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import SAMPLE_CSV, load_config
 from tests.conftest import tiny_overrides
-from tests.kaggle_server import lenta_csv
+from tests.support.kaggle_server import lenta_csv
 
 pytestmark = pytest.mark.slow
 

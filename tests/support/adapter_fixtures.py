@@ -2,7 +2,7 @@
 tests and the reliability tests that tamper with it or prompt it (session-scoped: training and
 registering cost seconds). A test that changes a stored file puts it back before it ends.
 
-    from tests.adapter_fixtures import NAME, registered, trained  # noqa: F401  (fixtures)
+    from tests.support.adapter_fixtures import NAME, registered, trained  # noqa: F401  (fixtures)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from lib import registry, tracking
 from tests.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "registry-test"
 PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
 # How these tests register: the default champion metric, on a benchmark named by a made-up fingerprint.

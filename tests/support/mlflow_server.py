@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support.net import free_port
 
 
 @dataclass
@@ -33,12 +34,6 @@ class MlflowServer:
     def log_tail(self, lines: int = 30) -> str:
         text = (self.root / "server.log").read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _healthy(uri: str) -> bool:

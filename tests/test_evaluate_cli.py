@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE, main
 from lib.config import SAMPLE_CSV, load_config
 from tests.conftest import tiny_overrides
-from tests.test_flow_e2e import artifact_paths
+from tests.support.artifacts import artifact_paths
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import pytest
 from lib import registry, tracking
 from lib.adapter_pyfunc import sha256_file
 from lib.export import ExportError, export_version
-from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME, registered, trained  # noqa: F401  (fixtures)
+from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 FP32_TOLERANCE = 1e-4  # max |logit difference|, merged fp32 vs the adapter on its base

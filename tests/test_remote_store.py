@@ -18,7 +18,6 @@ from mlflow import MlflowClient
 from lib import champion
 from tests.conftest import tiny_overrides
 from tests.support.env import child_env
-from tests.support.mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

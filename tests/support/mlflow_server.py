@@ -1,9 +1,7 @@
 """A real `mlflow server` on 127.0.0.1 for tests: sqlite backend store, artifacts served (proxied)
 by the server itself, so clients talk only HTTP, as they would to a team's tracking server.
 
-    from tests.support.mlflow_server import mlflow_server  # noqa: F401  (registers the fixture)
-
-    def test_x(mlflow_server):
+    def test_x(mlflow_server):  # the fixture is registered for every test by tests/conftest.py
         uri = mlflow_server.uri   # http://127.0.0.1:<free port>
 """
 

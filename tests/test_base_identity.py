@@ -23,7 +23,7 @@ from lib.base_model import describe_base, identity_label
 from tests.support.adapter_fixtures import CHAMPION_POLICY, flip_last_byte
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow  # the shared trained adapter (tests/adapter_fixtures.py)
+pytestmark = pytest.mark.slow  # the shared trained adapter (tests/support/adapter_fixtures.py)
 
 
 def register(uri: str, name: str, adapter: Path, base: dict) -> None:

@@ -1,5 +1,5 @@
 """The whole `finetune` flow on tiny random GPT-2, Llama and Qwen2 bases built offline
-(tests/family_models.py), given as `model.name=<folder>`: train, evaluate, register, and load the
+(tests/support/family_models.py), given as `model.name=<folder>`: train, evaluate, register, and load the
 version in a fresh process with the trained model's logits. `lora.target_modules: auto` resolves
 per architecture and the run and version record the resolved list."""
 

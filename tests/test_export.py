@@ -2,7 +2,7 @@
 into its base, loadable without this project; occupied output folders, a missing base and failed
 writes leave nothing behind.
 
-Tests marked slow use the shared tiny adapter (tests/adapter_fixtures.py: trained once per session).
+Tests marked slow use the shared tiny adapter (tests/support/adapter_fixtures.py: trained once per session).
 """
 
 from __future__ import annotations

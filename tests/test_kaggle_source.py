@@ -1,4 +1,4 @@
-"""Tests for lib.kaggle_source against a fake Kaggle API (tests/kaggle_server.py).
+"""Tests for lib.kaggle_source against a fake Kaggle API (tests/support/kaggle_server.py).
 
 The official kagglesdk client runs unmodified: it is pointed at the fake server only through
 the environment (KAGGLE_API_ENVIRONMENT=TEST plus http_proxy), and HOME / KAGGLE_CONFIG_DIR /

@@ -1,6 +1,6 @@
 """The nightly on a Kaggle corpus: an unchanged upstream version trains nothing; a new version is
 downloaded, trains, and registers a version judged on the model's first benchmark. The official
-client asks the loopback fake Kaggle (tests/kaggle_server.py), which serves two versions."""
+client asks the loopback fake Kaggle (tests/support/kaggle_server.py), which serves two versions."""
 
 from __future__ import annotations
 

@@ -20,6 +20,15 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # measured 60x slower per forward pass than 1 thread once the other core was busy.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Fixtures defined in tests/support/, available to every test without an import. (Allowed here
+# only: this is the top conftest, loaded before the session starts; pyproject's testpaths.)
+pytest_plugins = [
+    "tests.support.adapter_fixtures",  # trained, registered
+    "tests.support.mlflow_server",  # mlflow_server
+    "tests.support.toy_lm",  # tokenizer, model
+    "tests.support.training",  # prepared, one_thread
+]
+
 
 @pytest.fixture(scope="session")
 def prefect_server():

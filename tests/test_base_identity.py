@@ -20,10 +20,10 @@ import pytest
 from lib import loading, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
 from lib.base_model import describe_base, identity_label
-from tests.adapter_fixtures import CHAMPION_POLICY, flip_last_byte, trained  # noqa: F401  (fixtures)
+from tests.support.adapter_fixtures import CHAMPION_POLICY, flip_last_byte
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow  # the shared trained adapter (tests/adapter_fixtures.py)
+pytestmark = pytest.mark.slow  # the shared trained adapter (tests/support/adapter_fixtures.py)
 
 
 def register(uri: str, name: str, adapter: Path, base: dict) -> None:

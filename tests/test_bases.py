@@ -12,7 +12,7 @@ from lib.config import build_config
 from lib.dataset import document_prefix, pack_documents
 from lib.generation import _encode_prompts
 from lib.metrics import prefix_token_id
-from tests.family_models import CONTEXT, build_tokenizer, sample_texts
+from tests.support.family_models import CONTEXT, build_tokenizer, sample_texts
 
 # The default vocabulary of each config (its pad/eos ids must fit): the meta device allocates nothing.
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

@@ -1,5 +1,5 @@
 """The whole `finetune` flow on tiny random GPT-2, Llama and Qwen2 bases built offline
-(tests/family_models.py), given as `model.name=<folder>`: train, evaluate, register, and load the
+(tests/support/family_models.py), given as `model.name=<folder>`: train, evaluate, register, and load the
 version in a fresh process with the trained model's logits. `lora.target_modules: auto` resolves
 per architecture and the run and version record the resolved list."""
 
@@ -17,9 +17,9 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib import dataset, training
 from lib.config import load_config
-from tests.adapter_fixtures import PROMPT
+from tests.support.adapter_fixtures import PROMPT
 from tests.conftest import tiny_overrides
-from tests.family_models import FAMILIES, build_family
+from tests.support.family_models import FAMILIES, build_family
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import PipelineConfig, build_config, load_config
 from tests.conftest import tiny_overrides
-from tests.prefect_server import PREFECT_CLI, api, log_tail, prefect_server
+from tests.support.prefect_server import PREFECT_CLI, api, log_tail, prefect_server
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "lenta-process"

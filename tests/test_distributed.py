@@ -17,7 +17,7 @@ import torch
 from lib import checkpoint, dataset, training
 # The same tiny settings and prepared dataset as the single-process training tests.
 from tests.conftest import tiny_overrides
-from tests.test_training import prepared, tiny  # noqa: F401  (pytest fixture + helper)
+from tests.support.training import tiny  # and the `prepared` fixture (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 

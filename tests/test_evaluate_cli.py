@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE, main
 from lib.config import SAMPLE_CSV, load_config
 from tests.conftest import tiny_overrides
-from tests.test_flow_e2e import artifact_paths
+from tests.support.artifacts import artifact_paths
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_run_link_on_a_tracking_server_names_the_experiment(tmp_path):
     from lib.reports import render_summary
     from lib.tracking import start_run
     from lib.reports import run_link
-    from tests.mlflow_server import running_mlflow_server
+    from tests.support.mlflow_server import running_mlflow_server
 
     with running_mlflow_server(tmp_path / "server") as server:
         run_id = start_run(server.uri, "link-test", "r", {}, {}, "a: 1\n")

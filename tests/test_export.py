@@ -2,7 +2,7 @@
 into its base, loadable without this project; occupied output folders, a missing base and failed
 writes leave nothing behind.
 
-Tests marked slow use the shared tiny adapter (tests/adapter_fixtures.py: trained once per session).
+Tests marked slow use the shared tiny adapter (tests/support/adapter_fixtures.py: trained once per session).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from lib import registry, tracking
 from lib.adapter_pyfunc import sha256_file
 from lib.export import ExportError, export_version
-from tests.adapter_fixtures import CHAMPION_POLICY, NAME, registered, trained  # noqa: F401  (fixtures)
+from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 FP32_TOLERANCE = 1e-4  # max |logit difference|, merged fp32 vs the adapter on its base

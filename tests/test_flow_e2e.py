@@ -13,15 +13,9 @@ from mlflow import MlflowClient
 from lib.config import load_config
 from flows.cli import DEFAULT_PROFILE
 from tests.conftest import tiny_overrides
+from tests.support.artifacts import artifact_paths
 
 pytestmark = pytest.mark.slow
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_config, tracking_uri, monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests for lib.kaggle_source against a fake Kaggle API (tests/kaggle_server.py).
+"""Tests for lib.kaggle_source against a fake Kaggle API (tests/support/kaggle_server.py).
 
 The official kagglesdk client runs unmodified: it is pointed at the fake server only through
 the environment (KAGGLE_API_ENVIRONMENT=TEST plus http_proxy), and HOME / KAGGLE_CONFIG_DIR /
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lib.kaggle_source import KaggleError, download_kaggle_file
-from tests.kaggle_server import SIGNATURE, FakeKaggle, lenta_csv
+from tests.support.kaggle_server import SIGNATURE, FakeKaggle, lenta_csv
 
 DATASET = "yutkin/corpus-of-russian-news-articles-from-lenta"
 FILE = "lenta-ru-news.csv"

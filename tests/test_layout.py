@@ -1,5 +1,6 @@
 """House rules the code base keeps: imports go flows -> tasks -> lib; lib never imports Prefect;
-only the tracking module (and the MLflow model-from-code file it logs) imports MLflow."""
+only the tracking module (and the MLflow model-from-code file it logs) imports MLflow; what tests
+share lives in tests/support/, and no test module imports another."""
 
 import ast
 import subprocess
@@ -110,3 +111,53 @@ def test_no_import_cycles_among_flows_tasks_and_lib():
         if node not in state:
             visit(node)
     assert not cycles, cycles
+
+
+# ---------------------------------------------------------------- the tests themselves
+
+TESTS = ROOT / "tests"
+SUPPORT = "tests.support"  # fakes, servers, shared fixtures and helpers; registered by tests/conftest.py
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute name a file imports, a function's lazy import too; `from M import x` gives M
+    and M.x (x may be a submodule), relative imports resolved."""
+    package = module_name(path).split(".")[:-1]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_helpers_live_in_tests_support():
+    """Outside tests/support/ there are only test modules, conftests and package markers; inside it
+    no test module (pytest would collect it)."""
+    for path in sorted(TESTS.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[1] == "support":
+            assert not path.name.startswith("test_"), f"{rel}: a test module in tests/support/"
+        else:
+            assert path.name.startswith("test_") or path.name in ("conftest.py", "__init__.py"), \
+                f"{rel}: a helper outside tests/support/"
+
+
+def test_no_test_module_imports_another_and_tests_import_only_support_and_conftest():
+    test_modules = {module_name(p) for p in TESTS.rglob("test_*.py")}
+    for path in sorted(TESTS.rglob("*.py")):
+        rel, imported = path.relative_to(ROOT), imported_modules(path)
+        other_tests = {n for n in imported for m in test_modules if n == m or n.startswith(m + ".")}
+        assert not other_tests, f"{rel} imports test modules {sorted(other_tests)}"
+        if path.name.startswith("test_"):
+            bad = {n for n in imported if n.startswith("tests.") and not n.startswith((f"{SUPPORT}.", "tests.conftest."))
+                   and n not in (SUPPORT, "tests.conftest")}
+            assert not bad, f"{rel} imports {sorted(bad)}: tests may import tests.support.* and tests.conftest only"

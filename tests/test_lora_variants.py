@@ -17,7 +17,7 @@ from flows.cli import DEFAULT_PROFILE
 from lib import dataset, registry, tracking, training
 from lib.base_model import describe_base
 from lib.config import load_config
-from tests.adapter_fixtures import CHAMPION_POLICY, PROMPT
+from tests.support.adapter_fixtures import CHAMPION_POLICY, PROMPT
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow

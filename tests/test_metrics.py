@@ -7,8 +7,6 @@ import math
 import pytest
 import torch
 from rouge_score import rouge_scorer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
 
 from lib.metrics import (
     chrf_per_sample,
@@ -19,44 +17,9 @@ from lib.metrics import (
     summarize_nll,
     text_units,
 )
+from tests.support.toy_lm import CORPUS  # and the `model` and `tokenizer` fixtures (tests/conftest.py)
 
-CORPUS = [
-    "Президент подписал закон о бюджете на следующий год.",
-    "В Москве прошел снег, движение на дорогах затруднено.",
-    "The quick brown fox jumps over the lazy dog.",
-    "Курс рубля к доллару вырос на торгах Московской биржи.",
-]
 LONG_TEXT = " ".join(CORPUS * 3)  # well over 100 tokens: many windows when max_length is small
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    # GPT-2 style: one <|endoftext|> serves as BOS, EOS, and no pad token.
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = GPTNeoConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=128,
-        window_size=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return GPTNeoForCausalLM(config).eval()
 
 
 def _brute_force(model, tokenizer, text: str, context_start) -> tuple[float, int]:

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
-from tests.prefect_server import api, log_tail, prefect_server
+from tests.support.prefect_server import api, log_tail, prefect_server
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,10 @@ import pytest
 from lib import progress, training
 from lib.generation import generate_continuations
 from lib.metrics import score_corpus
-from tests.test_metrics import CORPUS, model, tokenizer  # noqa: F401  (pytest fixtures)
-from tests.test_training import one_thread, prepared, tiny  # noqa: F401  (pytest fixtures + helper)
+from tests.support.toy_lm import CORPUS
+from tests.support.training import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeClock:

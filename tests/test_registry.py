@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from lib import faults, loading, provenance, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
-from tests.adapter_fixtures import CHAMPION_POLICY, NAME, git_commit, registered, trained  # noqa: F401  (fixtures)
+from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME, git_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 

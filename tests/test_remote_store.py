@@ -6,7 +6,6 @@ concurrent flow runs each get their own version, and `champion` ends on the best
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -18,11 +17,9 @@ from mlflow import MlflowClient
 
 from lib import champion
 from tests.conftest import tiny_overrides
-from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture)
+from tests.support.env import child_env
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # A fresh interpreter loads the version through the server and checks it against the adapter
 # folder the flow trained (the local files, loaded with plain PEFT: no registry involved).
@@ -41,13 +38,6 @@ with torch.no_grad():
     diff = float((model(input_ids=ids).logits - local(input_ids=ids).logits).abs().max())
 print("RESULT " + json.dumps({"max_abs_diff": diff, "kind": base["kind"]}))
 """
-
-
-def child_env(uri: str) -> dict[str, str]:
-    from prefect.settings import PREFECT_API_URL
-
-    # The children report to the session's Prefect test server instead of each starting its own.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
 def test_flow_over_http_registers_a_version_another_process_loads(prefect_server, mlflow_server, shared_cache, tmp_path):
@@ -77,7 +67,8 @@ def test_flow_over_http_registers_a_version_another_process_loads(prefect_server
     assert len(stored) == 1, stored
 
     done = subprocess.run([sys.executable, "-c", LOAD_OVER_HTTP, uri, "models:/remote-adapter@champion",
-                           summary["train"]["adapter_dir"]], cwd=tmp_path, env=child_env(uri),
+                           summary["train"]["adapter_dir"]], cwd=tmp_path,
+                          env=child_env(tracking_uri=uri, pythonpath=True),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
@@ -94,8 +85,8 @@ def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(prefect_
                                                     "train.seed": seed})
         command = [sys.executable, "-m", "flows.cli", "run"] + [a for o in overrides for a in ("--set", o)]
         log = open(tmp_path / f"flow-{seed}.log", "w")
-        children.append((subprocess.Popen(command, cwd=tmp_path, env=child_env(uri), stdout=log,
-                                          stderr=subprocess.STDOUT), log))
+        env = child_env(tracking_uri=uri, pythonpath=True)
+        children.append((subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for child, log in children:
         child.wait(timeout=900)
         log.close()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.adapter_fixtures import NAME, registered, trained  # noqa: F401  (fixtures)
-from tests.prefect_server import free_port, log_tail, start_process, stop_process
+from tests.support.adapter_fixtures import NAME
+from tests.support.net import free_port
+from tests.support.prefect_server import log_tail, start_process, stop_process
 
 pytestmark = pytest.mark.slow
 

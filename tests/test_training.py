@@ -6,34 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flows.cli import DEFAULT_PROFILE
 from lib import checkpoint, dataset, training
-from lib.config import load_config
-from tests.conftest import tiny_overrides
+from tests.support.training import tiny  # and the `prepared` fixture (tests/conftest.py)
 
 
-def tiny(cache: str, **extra):
-    """The shared tiny settings; dropout 0 so that runs can be compared weight for weight."""
-    return load_config(DEFAULT_PROFILE, tiny_overrides(cache, **{
-        "lora.dropout": 0.0, "train.eval_every": "null", "train.warmup_steps": 0, **extra}))
-
-
-@pytest.fixture(scope="module")
-def prepared(shared_cache) -> str:
-    config = tiny(shared_cache)
-    info = dataset.prepare_dataset(dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length,
-                                   f"{shared_cache}/datasets")
-    return info["path"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A 0.1M-parameter model: two threads cost more in synchronisation than they save, and on a
-    shared 2-core machine they made each step ~10x slower (measured). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_weights(model) -> dict[str, torch.Tensor]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lib.config import SAMPLE_CSV
-from tests.kaggle_server import FakeKaggle
-
-SECRET = "kGl-SeCrEt-4e1f9a77c0d2"
+from tests.support.kaggle_server import SECRET, FakeKaggle
 
 
 @pytest.fixture

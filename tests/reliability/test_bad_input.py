@@ -100,7 +100,8 @@ def test_a_user_error_prints_one_line_and_no_traceback_unless_debug(prefect_serv
     one-line messages, without the traceback; `--debug` shows it."""
     import subprocess
 
-    from tests.reliability.harness import ROOT, child_env, flow_command
+    from tests.support.env import ROOT, child_env
+    from tests.support.harness import flow_command
 
     bad = write(tmp_path / "bad.csv", "url,title\nhttps://x/1,Заголовок\n")
     command = flow_command(tmp_path / "cache", **{"data.source": "csv", "data.path": str(bad)})

@@ -14,8 +14,8 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from tests.reliability.harness import (ROOT, all_runs, assert_cache_consistent, assert_versions_have_their_files,
-                                       child_env, flow_command)
+from tests.support.env import ROOT, child_env
+from tests.support.harness import all_runs, assert_cache_consistent, assert_versions_have_their_files, flow_command
 
 pytestmark = pytest.mark.slow
 

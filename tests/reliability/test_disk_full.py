@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
-from tests.reliability.harness import all_runs, flow_command, run_flow
+from tests.support.harness import all_runs, flow_command, run_flow
 
 pytestmark = pytest.mark.slow
 

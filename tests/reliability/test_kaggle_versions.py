@@ -1,6 +1,6 @@
 """The nightly on a Kaggle corpus: an unchanged upstream version trains nothing; a new version is
 downloaded, trains, and registers a version judged on the model's first benchmark. The official
-client asks the loopback fake Kaggle (tests/kaggle_server.py), which serves two versions."""
+client asks the loopback fake Kaggle (tests/support/kaggle_server.py), which serves two versions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import SAMPLE_CSV, load_config
 from tests.conftest import tiny_overrides
-from tests.kaggle_server import lenta_csv
+from tests.support.kaggle_server import lenta_csv
 
 pytestmark = pytest.mark.slow
 

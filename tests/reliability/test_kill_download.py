@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.reliability.harness import ROOT, all_runs, child_env, flow_command, run_flow
+from tests.support.env import ROOT, child_env
+from tests.support.harness import all_runs, flow_command, run_flow
 
 pytestmark = pytest.mark.slow
 

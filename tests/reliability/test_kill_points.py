@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from lib.config import load_config
 from flows.cli import DEFAULT_PROFILE
 from tests.conftest import tiny_overrides
-from tests.reliability.harness import (all_runs, assert_cache_consistent, assert_versions_have_their_files,
+from tests.support.harness import (all_runs, assert_cache_consistent, assert_versions_have_their_files,
                                        flow_command, run_flow)
 
 pytestmark = pytest.mark.slow

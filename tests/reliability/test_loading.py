@@ -16,7 +16,7 @@ from lib import loading
 from lib.adapter_pyfunc import ArtifactIntegrityError
 from lib.base_model import load_base_model, load_tokenizer
 from lib.config import ModelConfig
-from tests.adapter_fixtures import NAME, flip_last_byte, registered, trained  # noqa: F401  (fixtures)
+from tests.support.adapter_fixtures import NAME, flip_last_byte
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.adapter_fixtures import NAME, ROOT, registered, trained  # noqa: F401  (fixtures)
+from tests.support.adapter_fixtures import NAME, ROOT
 
 pytestmark = pytest.mark.slow
 

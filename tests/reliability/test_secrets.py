@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.reliability.conftest import SECRET
+from tests.support.kaggle_server import SECRET
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,10 @@ import pytest
 from mlflow import MlflowClient
 
 from lib import checkpoint, loading, registry, store, tracking
-from tests.mlflow_server import free_port, running_mlflow_server, stop
-from tests.reliability.harness import ROOT, all_runs, child_env, flow_command, run_flow
+from tests.support.env import ROOT, child_env
+from tests.support.harness import all_runs, flow_command, run_flow
+from tests.support.mlflow_server import running_mlflow_server, stop
+from tests.support.net import free_port
 
 STEPS, EVERY = 40, 10
 

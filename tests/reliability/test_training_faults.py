@@ -22,7 +22,7 @@ from flows.cli import DEFAULT_PROFILE
 from lib import dataset, training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.reliability.harness import ROOT, all_runs
+from tests.support.harness import ROOT, all_runs
 
 
 def tiny(cache: str, **extra):

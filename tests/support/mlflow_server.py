@@ -1,9 +1,7 @@
 """A real `mlflow server` on 127.0.0.1 for tests: sqlite backend store, artifacts served (proxied)
 by the server itself, so clients talk only HTTP, as they would to a team's tracking server.
 
-    from tests.mlflow_server import mlflow_server  # noqa: F401  (registers the fixture)
-
-    def test_x(mlflow_server):
+    def test_x(mlflow_server):  # the fixture is registered for every test by tests/conftest.py
         uri = mlflow_server.uri   # http://127.0.0.1:<free port>
 """
 
@@ -12,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.support.net import free_port
 
 
 @dataclass
@@ -33,12 +32,6 @@ class MlflowServer:
     def log_tail(self, lines: int = 30) -> str:
         text = (self.root / "server.log").read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _healthy(uri: str) -> bool:

@@ -1,8 +1,8 @@
 """One tiny adapter trained with lib and registered as version 1 of NAME, shared by the registry
 tests and the reliability tests that tamper with it or prompt it (session-scoped: training and
 registering cost seconds). A test that changes a stored file puts it back before it ends.
-
-    from tests.adapter_fixtures import NAME, registered, trained  # noqa: F401  (fixtures)
+The fixtures `trained` and `registered` are registered for every test by tests/conftest.py (so
+what they need is imported when one is used, not when the session starts).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from urllib.parse import urlparse
 from uuid import uuid4
 
 import pytest
-from mlflow import MlflowClient
 
-from lib import registry, tracking
 from tests.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "registry-test"
 PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
 # How these tests register: the default champion metric, on a benchmark named by a made-up fingerprint.
@@ -57,6 +55,9 @@ def trained(shared_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def registered(trained, tmp_path_factory):
     """The trained adapter registered as version 1 of NAME in a session-wide sqlite store."""
+    from mlflow import MlflowClient
+
+    from lib import registry, tracking
     from lib.base_model import describe_base
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,34 +25,10 @@ from typing import Iterator
 
 import psutil  # installed with accelerate and mlflow
 
+from tests.support.env import child_env
+from tests.support.net import free_port
+
 PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))  # the CLI of the interpreter running the tests
-
-
-def free_port() -> int:
-    """A port nobody listens on now (the OS picks it; a tiny race with other processes remains)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(home: Path, api_url: str) -> dict[str, str]:
-    """The environment of every child: the test's own Prefect settings (the session harness's
-    temporary server, a profile in ~/.prefect) must not leak in, so PREFECT_* is rebuilt."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MLFLOW_TRACKING_URI"}
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # telemetry logs a traceback offline
-        "DO_NOT_TRACK": "1",
-        "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",  # nobody looks at it; saves startup time
-        "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10 s between polls: runs start sooner
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "lenta_lora",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    })
-    return env
 
 
 def start_process(args: list[str], env: dict[str, str], log_path: Path, cwd: str | Path) -> subprocess.Popen:
@@ -174,7 +149,7 @@ def prefect_server(home: Path, startup_timeout_s: float = 120,
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**child_env(home, url), **(extra_env or {})}
+    env = child_env(prefect_home=home, prefect_api=url, **(extra_env or {}))
     log = home / "server.log"
     process = start_process([PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port),
                              "--no-ui", "--analytics-off"], env, log, home)

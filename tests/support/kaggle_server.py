@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 STORAGE_HOST = "storage.kaggle.test"
 SIGNATURE = "fake-signature-0123456789"  # stands in for a GCS signed-URL signature
+SECRET = "kGl-SeCrEt-4e1f9a77c0d2"  # the API key of the reliability tests' `fake_kaggle`: no file may keep it
 LENTA_HEADER = ["url", "title", "text", "topic", "tags", "date"]
 
 

@@ -4,7 +4,6 @@ fault point, see lib/faults.py), and check that what a crash left behind is cons
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,12 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.env import ROOT, child_env
 
 
 def flow_command(cache: str | Path, **extra) -> list[str]:
     return [sys.executable, "-m", "flows.cli", "run", "--config", "configs/demo.yaml",
             *(f"--set={o}" for o in tiny_overrides(str(cache), **extra))]
-
-
-def child_env(fault: str | None = None, **extra: str) -> dict[str, str]:
-    """The test session's Prefect server for the child; one torch thread (see tests/conftest.py)."""
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1", **extra}
-    env.pop("LENTA_LORA_FAULT", None)
-    if fault:
-        env["LENTA_LORA_FAULT"] = fault
-    return env
 
 
 def run_flow(command: list[str], log: Path, fault: str | None = None, timeout: float = 600, **env) -> int:

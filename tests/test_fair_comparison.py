@@ -1,7 +1,7 @@
 """Two bases with different tokenizers, registered under one model, are judged on the same texts.
 
 Version 1 is the tiny GPT-Neo with its own BPE; version 2 a GPT-2-architecture base with another
-BPE (tests/family_models.py). The model's benchmark was fixed by version 1: both versions carry
+BPE (tests/support/family_models.py). The model's benchmark was fixed by version 1: both versions carry
 scores on its fingerprint (same texts, same windows), counted in different numbers of tokens, and the
 champion decision compares bits per byte, which divides by the texts' UTF-8 bytes, not by tokens.
 """
@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.family_models import build_family
+from tests.support.family_models import build_family
 
 pytestmark = pytest.mark.slow
 

@@ -119,7 +119,9 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer_dir: Path, cache_dir: Path
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # The tokenizer folder name already hashes the texts it was trained on, i.e. the train split.
-    key = _digest({"tiny": tiny.model_dump(), "tokenizer": Path(tokenizer_dir).name, "vocab": len(tokenizer)})
+    # What the BPE learnt from is in the tokenizer's name; leaving the switch out keeps existing keys.
+    key = _digest({"tiny": tiny.model_dump(exclude={"tokenizer_includes_train_split"}),
+                   "tokenizer": Path(tokenizer_dir).name, "vocab": len(tokenizer)})
     final = Path(cache_dir) / "models" / f"tiny-gpt-neo-{key}"
     if (final / "config.json").is_file():
         return final
@@ -156,11 +158,14 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer_dir: Path, cache_dir: Path
     return _publish(tmp, final)
 
 
-def resolve_base(model_cfg: ModelConfig, train_texts: list[str], cache_dir: str | Path) -> str:
-    """Return what `from_pretrained` should load: a hub id, a local folder, or the tiny build."""
+def resolve_base(model_cfg: ModelConfig, train_texts: list[str], cache_dir: str | Path,
+                 tokenizer_texts: list[str] | None = None) -> str:
+    """Return what `from_pretrained` should load: a hub id, a local folder, or the tiny build
+    (pretrained on `train_texts`, its BPE trained on `tokenizer_texts`, by default the same)."""
     if model_cfg.name != TINY_MODEL:
         return model_cfg.name
-    tokenizer_dir = build_tiny_tokenizer(train_texts, model_cfg.tiny.vocab_size, Path(cache_dir))
+    tokenizer_dir = build_tiny_tokenizer(train_texts if tokenizer_texts is None else tokenizer_texts,
+                                         model_cfg.tiny.vocab_size, Path(cache_dir))
     return str(build_tiny_model(model_cfg.tiny, tokenizer_dir, Path(cache_dir), train_texts))
 
 

@@ -87,6 +87,10 @@ class TinyModelConfig(_Strict):
     pretrain_corpus: Literal["train_split", "corpus"] = "train_split"
     pretrain_exclude_topics: list[str] = Field(default_factory=list)
     pretrain_max_articles: int | None = Field(None, gt=0)  # `corpus` only: seeded subset of a big CSV
+    # The BPE also learns from the fine-tuning train split (the model still pretrains on the corpus
+    # above only): the held-out domain's words get tokens of their own instead of being spelt from
+    # fragments, which the base never learns and the adapter can then learn to write.
+    tokenizer_includes_train_split: bool = False
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:

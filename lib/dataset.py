@@ -182,7 +182,12 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
 
     pretrain = (pretraining_documents(csv_path, data, model_cfg.tiny, splits, documents["train"])
                 if model_cfg.name == TINY_MODEL else documents["train"])
-    base = resolve_base(model_cfg, pretrain, data.cache_dir)
+    tiny = model_cfg.tiny
+    bpe_texts = None
+    if model_cfg.name == TINY_MODEL and tiny.tokenizer_includes_train_split:
+        seen = set(pretrain)
+        bpe_texts = pretrain + [d for d in documents["train"] if d not in seen]
+    base = resolve_base(model_cfg, pretrain, data.cache_dir, bpe_texts)
     tokenizer = load_tokenizer(base, model_cfg)
     # Keyed by the rows (fingerprint) and the tokenizer's identity (base + revision) and block settings.
     tokenizer_id = hashlib.sha256(f"{base}@{model_cfg.revision}".encode()).hexdigest()[:8]

@@ -187,8 +187,23 @@ def _merged_model(version: dict, dtype: str):
                     version["where"], base["precision"])
     log.info("loaded in %.0f s (%.1fM parameters); merging the LoRA weights into the base",
              time.monotonic() - began, sum(p.numel() for p in model.parameters()) / 1e6)
+    _untie_adapted_head(model)
     merged = model.merge_and_unload()
     return merged.to(getattr(torch, DTYPES[dtype])), tokenizer
+
+
+def _untie_adapted_head(model) -> None:
+    """An adapter on an output head that shares its weight with the input embeddings (GPT-Neo ties
+    them) would be merged into both: the head gets its own copy first (PEFT's advice, issue 2777),
+    and the merged model is saved untied."""
+    import torch
+
+    inner = model.get_base_model()
+    head, embeddings = inner.get_output_embeddings(), inner.get_input_embeddings()
+    layer = getattr(head, "base_layer", None)  # a LoRA wrapper's original layer: only an adapted head has one
+    if layer is not None and embeddings is not None and layer.weight is embeddings.weight:
+        layer.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
+        inner.config.tie_word_embeddings = False
 
 
 def _save_merged(model, tokenizer, folder: Path, dtype: str) -> None:

@@ -267,3 +267,32 @@ def test_readme_of_a_hub_version_pins_the_commit_and_its_snippet_is_python():
     merged = readme(version, base, lora, "fp32")
     ast.parse(python_block(merged))
     assert "an nf4-quantized base" in merged and "peft" not in python_block(merged).replace("no peft needed", "")
+
+
+def test_an_adapted_tied_output_head_is_merged_into_an_untied_copy(tmp_path):
+    """GPT-Neo ties lm_head to the input embeddings (the demo adapts lm_head): merging into the shared
+    weight would change the embeddings too (measured: max |logit difference| ~30). The merged model
+    reproduces the adapter's logits, also after a save and a plain transformers load."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+
+    from lib.export import _untie_adapted_head
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64,
+                          attention_types=[[["global", "local"], 1]], window_size=16, bos_token_id=0, eos_token_id=0)
+    model = get_peft_model(GPTNeoForCausalLM(config).eval(),
+                           LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights="gaussian"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.5)  # B = 0 at init would make the adapter a no-op
+    ids = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        _untie_adapted_head(model)
+        merged = model.merge_and_unload()
+        assert float((merged(input_ids=ids).logits - adapted).abs().max()) < FP32_TOLERANCE
+        merged.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert float((reloaded(input_ids=ids).logits - adapted).abs().max()) < FP32_TOLERANCE

@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast lint bench clean ui deployments
+.PHONY: install run test test-fast lint format bench clean ui deployments
 
 # Re-install when the dependency spec or the lock changes. requirements.lock pins what CI tested
 # (torch 2.13.0 CPU build; on a GPU machine install the CUDA torch first, then `make install`).
@@ -26,6 +26,11 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix --select I .
+	$(BIN)/ruff format .
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -11,6 +11,7 @@ and prints one JSON line. peak_rss_mb is ru_maxrss of the reading process;
 base_rss_mb is the same just before reading (interpreter + imports), so
 peak - base is what reading itself cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,39 @@ from pathlib import Path
 
 HEADER = ["", "url", "title", "text", "topic", "tags", "date"]  # pandas-style index column
 TOPICS = ["Россия", "Мир", "Экономика", "Спорт", "Культура", "Наука и техника", "Интернет и СМИ", ""]
-SYLLABLES = ["ра", "но", "ве", "ст", "ко", "ли", "пре", "зи", "дент", "мо", "сква", "ми", "нис", "тр", "го",
-             "су", "дар", "ство", "эко", "но", "ми", "ка", "вы", "бо", "ры", "па", "ла", "та", "де", "пу", "тат"]
+SYLLABLES = [
+    "ра",
+    "но",
+    "ве",
+    "ст",
+    "ко",
+    "ли",
+    "пре",
+    "зи",
+    "дент",
+    "мо",
+    "сква",
+    "ми",
+    "нис",
+    "тр",
+    "го",
+    "су",
+    "дар",
+    "ство",
+    "эко",
+    "но",
+    "ми",
+    "ка",
+    "вы",
+    "бо",
+    "ры",
+    "па",
+    "ла",
+    "та",
+    "де",
+    "пу",
+    "тат",
+]
 
 
 def peak_rss_mb() -> float:
@@ -79,8 +111,9 @@ def generate_csv(path: Path, target_bytes: int, seed: int = 0) -> int:
             title = "" if rng.random() < 0.02 else rng.choice(sentences)[:-1]
             if rng.random() < 0.01:
                 day = rng.choice(["", "2019/02/30", "вчера"])
-            writer.writerow([rows, f"https://lenta.ru/news/{day}/n{rows}/", title, text,
-                             rng.choice(TOPICS), "Все", day])
+            writer.writerow(
+                [rows, f"https://lenta.ru/news/{day}/n{rows}/", title, text, rng.choice(TOPICS), "Все", day]
+            )
             rows += 1
     return rows
 
@@ -96,8 +129,14 @@ def read_streaming(path: Path, max_articles: int) -> dict:
     start = time.perf_counter()
     selected = select_articles(iter_articles(path, stats=stats), max_articles=max_articles, stats=stats)
     seconds = time.perf_counter() - start
-    return {"rows": stats["rows"], "selected": len(selected), "duplicates": stats["duplicates"],
-            "seconds": seconds, "base_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "rows": stats["rows"],
+        "selected": len(selected),
+        "duplicates": stats["duplicates"],
+        "seconds": seconds,
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def read_pandas(path: Path) -> dict:
@@ -107,13 +146,27 @@ def read_pandas(path: Path) -> dict:
     start = time.perf_counter()
     frame = pandas.read_csv(path)
     seconds = time.perf_counter() - start
-    return {"rows": len(frame), "seconds": seconds, "base_rss_mb": base, "peak_rss_mb": peak_rss_mb(),
-            "pandas": pandas.__version__}
+    return {
+        "rows": len(frame),
+        "seconds": seconds,
+        "base_rss_mb": base,
+        "peak_rss_mb": peak_rss_mb(),
+        "pandas": pandas.__version__,
+    }
 
 
 def measure_in_subprocess(mode: str, path: Path, max_articles: int) -> dict:
-    command = [sys.executable, "-m", "bench.corpus_rss", "--read", str(path), "--mode", mode,
-               "--max-articles", str(max_articles)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.corpus_rss",
+        "--read",
+        str(path),
+        "--mode",
+        mode,
+        "--max-articles",
+        str(max_articles),
+    ]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench/corpus_rss.py: {mode} reader failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -143,13 +196,24 @@ def main() -> None:
         generated_s = time.perf_counter() - start
         stream = measure_in_subprocess("stream", path, args.max_articles)
         whole = measure_in_subprocess("pandas", path, args.max_articles)
-        print(json.dumps({
-            "file_mb": round(path.stat().st_size / 2**20, 1), "rows_written": rows,
-            "generate_s": round(generated_s, 1), "stream": stream, "pandas_read_csv": whole,
-            "peak_rss_ratio": round(whole["peak_rss_mb"] / stream["peak_rss_mb"], 2),
-            "read_cost_ratio": round((whole["peak_rss_mb"] - whole["base_rss_mb"])
-                                     / max(stream["peak_rss_mb"] - stream["base_rss_mb"], 1e-9), 2),
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "file_mb": round(path.stat().st_size / 2**20, 1),
+                    "rows_written": rows,
+                    "generate_s": round(generated_s, 1),
+                    "stream": stream,
+                    "pandas_read_csv": whole,
+                    "peak_rss_ratio": round(whole["peak_rss_mb"] / stream["peak_rss_mb"], 2),
+                    "read_cost_ratio": round(
+                        (whole["peak_rss_mb"] - whole["base_rss_mb"])
+                        / max(stream["peak_rss_mb"] - stream["base_rss_mb"], 1e-9),
+                        2,
+                    ),
+                },
+                ensure_ascii=False,
+            )
+        )
 
 
 if __name__ == "__main__":

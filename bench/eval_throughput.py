@@ -37,8 +37,13 @@ def load_model_and_texts(config):
     from lib.dataset import corpus_path, load_prepared, prepare_dataset
     from lib.training import wrap_with_lora
 
-    info = prepare_dataset(corpus_path(config.data), config.data, config.model, config.train.max_length,
-                           f"{config.data.cache_dir}/datasets")
+    info = prepare_dataset(
+        corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
+    )
     tokenizer = load_tokenizer(str(Path(info["path"]) / "tokenizer"), config.model)
     model = wrap_with_lora(load_base_model(info["base"], config.model), config).eval()
     test = load_prepared(info["path"])["test"]
@@ -96,28 +101,49 @@ def main(argv: list[str] | None = None) -> int:
     window = {"max_length": config.train.max_length, "stride": config.eval.stride}
     batch, new_tokens = config.eval.batch_size, config.eval.max_new_tokens
 
-    ppl_batched, t_ppl_batched = timed(lambda: score_corpus(model, tokenizer, texts, batch_size=batch, **window), args.repeats)
-    ppl_single, t_ppl_single = timed(lambda: score_corpus(model, tokenizer, texts, batch_size=1, **window), args.repeats)
+    ppl_batched, t_ppl_batched = timed(
+        lambda: score_corpus(model, tokenizer, texts, batch_size=batch, **window), args.repeats
+    )
+    ppl_single, t_ppl_single = timed(
+        lambda: score_corpus(model, tokenizer, texts, batch_size=1, **window), args.repeats
+    )
     gen = {"max_new_tokens": new_tokens}
-    out_batched, t_gen_batched = timed(lambda: generate_continuations(model, tokenizer, prompts, batch_size=batch, **gen),
-                                       args.repeats)
-    out_single, t_gen_single = timed(lambda: generate_continuations(model, tokenizer, prompts, batch_size=1, **gen),
-                                     args.repeats)
+    out_batched, t_gen_batched = timed(
+        lambda: generate_continuations(model, tokenizer, prompts, batch_size=batch, **gen), args.repeats
+    )
+    out_single, t_gen_single = timed(
+        lambda: generate_continuations(model, tokenizer, prompts, batch_size=1, **gen), args.repeats
+    )
     out_naive, t_gen_naive = timed(lambda: naive_greedy(model, tokenizer, prompts, new_tokens), args.repeats)
 
     # Greedy outputs of all three paths should agree, so they share one token count.
     generated = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in out_naive)
     scored = ppl_batched["tokens"]
     report = {
-        "bench": "eval_throughput", "config": Path(args.config).name, "overrides": args.set,
-        "model_parameters": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads(),
-        "texts": len(texts), "scored_tokens": int(scored), "max_length": config.train.max_length,
-        "stride": config.eval.stride, "batch_size": batch, "prompts": len(prompts), "max_new_tokens": new_tokens,
-        "generated_tokens": generated, "repeats": args.repeats,
+        "bench": "eval_throughput",
+        "config": Path(args.config).name,
+        "overrides": args.set,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+        "texts": len(texts),
+        "scored_tokens": int(scored),
+        "max_length": config.train.max_length,
+        "stride": config.eval.stride,
+        "batch_size": batch,
+        "prompts": len(prompts),
+        "max_new_tokens": new_tokens,
+        "generated_tokens": generated,
+        "repeats": args.repeats,
         "perplexity_batched": {"texts_per_s": len(texts) / t_ppl_batched, "tokens_per_s": scored / t_ppl_batched},
         "perplexity_one_window": {"texts_per_s": len(texts) / t_ppl_single, "tokens_per_s": scored / t_ppl_single},
-        "generation_batched_cache": {"texts_per_s": len(prompts) / t_gen_batched, "tokens_per_s": generated / t_gen_batched},
-        "generation_one_prompt_cache": {"texts_per_s": len(prompts) / t_gen_single, "tokens_per_s": generated / t_gen_single},
+        "generation_batched_cache": {
+            "texts_per_s": len(prompts) / t_gen_batched,
+            "tokens_per_s": generated / t_gen_batched,
+        },
+        "generation_one_prompt_cache": {
+            "texts_per_s": len(prompts) / t_gen_single,
+            "tokens_per_s": generated / t_gen_single,
+        },
         "generation_naive": {"texts_per_s": len(prompts) / t_gen_naive, "tokens_per_s": generated / t_gen_naive},
         "ratio_perplexity_batched_vs_one_window": t_ppl_single / t_ppl_batched,
         "ratio_generation_batched_vs_naive": t_gen_naive / t_gen_batched,
@@ -125,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_generation_one_prompt_cache_vs_naive": t_gen_naive / t_gen_single,
         "perplexity_equal": abs(ppl_batched["nll_sum"] - ppl_single["nll_sum"]) <= 1e-4 * ppl_single["nll_sum"],
         "generations_equal": out_batched == out_single == out_naive,
-        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(report, ensure_ascii=False))
     return 0

@@ -29,8 +29,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"lib.dataset": "prepare_dataset", "lib.training": "train_adapter", "lib.evaluation": "evaluate_adapter",
-          "lib.registry": "register_adapter"}
+STAGES = {
+    "lib.dataset": "prepare_dataset",
+    "lib.training": "train_adapter",
+    "lib.evaluation": "evaluate_adapter",
+    "lib.registry": "register_adapter",
+}
 
 
 def build_base(folder: Path, hidden: int, layers: int, vocab: int, cache: Path) -> Path:
@@ -44,9 +48,17 @@ def build_base(folder: Path, hidden: int, layers: int, vocab: int, cache: Path) 
 
     texts = [join_title_and_text(a) for a in iter_articles(SAMPLE_CSV)]
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(texts, 4096, cache))
-    config = GPTNeoConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=16,
-                          attention_types=[[["global", "local"], layers // 2]], max_position_embeddings=2048,
-                          window_size=256, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPTNeoConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=16,
+        attention_types=[[["global", "local"], layers // 2]],
+        max_position_embeddings=2048,
+        window_size=256,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     model = GPTNeoForCausalLM(config)
     model.save_pretrained(folder)
@@ -82,6 +94,7 @@ def child(args: argparse.Namespace) -> None:
                 return fn(*a, **k)
             finally:
                 current[0] = f"after {name}"
+
         return run
 
     for module, name in STAGES.items():
@@ -91,10 +104,20 @@ def child(args: argparse.Namespace) -> None:
     thread.start()
     from flows.cli import main
 
-    overrides = [f"model.name={args.base}", f"model.precision={args.child}", f"data.cache_dir={args.cache}",
-                 f"tracking.uri=sqlite:///{args.cache}/mlflow.db", "train.max_steps=3", "train.batch_size=2",
-                 "train.max_length=128", "train.eval_every=1000", "eval.num_samples=2", "eval.max_new_tokens=8",
-                 "lora.target_modules=[q_proj,v_proj]", f"registry.model_name=rss-{args.child}"]
+    overrides = [
+        f"model.name={args.base}",
+        f"model.precision={args.child}",
+        f"data.cache_dir={args.cache}",
+        f"tracking.uri=sqlite:///{args.cache}/mlflow.db",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.max_length=128",
+        "train.eval_every=1000",
+        "eval.num_samples=2",
+        "eval.max_new_tokens=8",
+        "lora.target_modules=[q_proj,v_proj]",
+        f"registry.model_name=rss-{args.child}",
+    ]
     code = main(["run", *sum((["--set", o] for o in overrides), [])])
     stop.set()
     thread.join()
@@ -102,22 +125,44 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(precision: str, base: Path, cache: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.flow_rss", "--child", precision, "--base", str(base),
-                           "--cache", str(cache / precision)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.flow_rss",
+            "--child",
+            precision,
+            "--base",
+            str(base),
+            "--cache",
+            str(cache / precision),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+    )
     if "RESULT " not in done.stdout:
         raise RuntimeError(f"{precision}: the flow failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
     stages = result["stages"]
     if result["rc"] != 0 or "train" not in stages:
-        raise RuntimeError(f"{precision}: the flow exited {result['rc']} (stages {sorted(stages)}):\n"
-                           f"{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{precision}: the flow exited {result['rc']} (stages {sorted(stages)}):\n{done.stderr[-3000:]}"
+        )
     flow_peak = max(s["peak_rss_mib"] for s in stages.values())
     train_peak = stages["train"]["peak_rss_mib"]
-    return {"precision": precision, "rc": result["rc"], "flow_peak_mib": round(flow_peak),
-            "train_peak_mib": round(train_peak), "flow_over_train": round(flow_peak / train_peak, 3),
-            "stages": {k: {"peak_rss_mib": round(v["peak_rss_mib"]), "max_base_mappings": v["max_base_mappings"]}
-                       for k, v in stages.items()}}
+    return {
+        "precision": precision,
+        "rc": result["rc"],
+        "flow_peak_mib": round(flow_peak),
+        "train_peak_mib": round(train_peak),
+        "flow_over_train": round(flow_peak / train_peak, 3),
+        "stages": {
+            k: {"peak_rss_mib": round(v["peak_rss_mib"]), "max_base_mappings": v["max_base_mappings"]}
+            for k, v in stages.items()
+        },
+    }
 
 
 def main() -> None:
@@ -137,8 +182,17 @@ def main() -> None:
         base = build_base(Path(tmp) / "base", args.hidden, args.layers, args.vocab, Path(tmp) / "tok")
         size = (base / "model.safetensors").stat().st_size / 2**20
         for precision in args.precision:
-            print(json.dumps({"base_mib": round(size), "hidden": args.hidden, "layers": args.layers,
-                              **measure(precision, base, Path(tmp))}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "base_mib": round(size),
+                        "hidden": args.hidden,
+                        "layers": args.layers,
+                        **measure(precision, base, Path(tmp)),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -52,11 +52,20 @@ def child(steps: int, setting: str, overrides: list[str]) -> dict:
     pinned = [f"train.threads={torch.get_num_threads()}"] if setting == "old" else []
     config = load_config(DEFAULT_PROFILE, [f"train.max_steps={steps}", "train.eval_every=null", *overrides, *pinned])
     threads.configure_threads(config.train.threads)
-    info = prepare_dataset(corpus_path(config.data), config.data, config.model, config.train.max_length,
-                           f"{config.data.cache_dir}/datasets")
+    info = prepare_dataset(
+        corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
+    )
     _, _, result = training.train_model(info["path"], config)
-    return {"tokens_per_second": result.tokens / result.seconds, "seconds": result.seconds,
-            "torch_threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    return {
+        "tokens_per_second": result.tokens / result.seconds,
+        "seconds": result.seconds,
+        "torch_threads": torch.get_num_threads(),
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
 
 
 def measure(setting: str, steps: int, overrides: list[str], hogs: int) -> dict:
@@ -101,9 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     from lib.threads import usable_cpus
 
     hogs = usable_cpus() if args.hogs is None else args.hogs
-    child_env_prep = subprocess.run([sys.executable, "-m", "bench.threads_contention", "--child", "t1", "--steps", "1",
-                                     *[a for o in args.overrides for a in ("--set", o)]],
-                                    cwd=PROJECT_ROOT, capture_output=True, text=True)  # build base + dataset first
+    child_env_prep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.threads_contention",
+            "--child",
+            "t1",
+            "--steps",
+            "1",
+            *[a for o in args.overrides for a in ("--set", o)],
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )  # build base + dataset first
     if child_env_prep.returncode:
         print(child_env_prep.stderr[-3000:], file=sys.stderr)
         return 1
@@ -114,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             runs["quiet"].append(measure(setting, args.steps, args.overrides, 0))
             runs["hogs"].append(measure(setting, args.steps, args.overrides, hogs))
         rate = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in runs.items()}
-        report[setting] = {"tokens_per_second_quiet": rate["quiet"], "tokens_per_second_hogs": rate["hogs"],
-                           "slowdown": rate["quiet"] / rate["hogs"], "torch_threads": runs["quiet"][0]["torch_threads"],
-                           "wait_policy": runs["quiet"][0]["wait_policy"],
-                           "loadavg_1min_before": [r["loadavg_1min_before"] for v in runs.values() for r in v]}
+        report[setting] = {
+            "tokens_per_second_quiet": rate["quiet"],
+            "tokens_per_second_hogs": rate["hogs"],
+            "slowdown": rate["quiet"] / rate["hogs"],
+            "torch_threads": runs["quiet"][0]["torch_threads"],
+            "wait_policy": runs["quiet"][0]["wait_policy"],
+            "loadavg_1min_before": [r["loadavg_1min_before"] for v in runs.values() for r in v],
+        }
     report["loadavg_end"] = os.getloadavg()
     print(json.dumps(report))
     return 0

@@ -67,8 +67,13 @@ def flops_per_token(model, block: int) -> float:
 def prepare(config):
     from lib.dataset import corpus_path, prepare_dataset
 
-    return prepare_dataset(corpus_path(config.data), config.data, config.model, config.train.max_length,
-                           f"{config.data.cache_dir}/datasets")
+    return prepare_dataset(
+        corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
+    )
 
 
 def run_seed(config, steps: int) -> dict:
@@ -100,15 +105,29 @@ def run_seed(config, steps: int) -> dict:
             times["end"] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=8,
-                                 max_steps=steps, learning_rate=2e-4, logging_steps=10, save_strategy="no",
-                                 report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-        Trainer(model=model, args=args, train_dataset=train, data_collator=counting_collator,
-                callbacks=[Clock()]).train()
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=8,
+            max_steps=steps,
+            learning_rate=2e-4,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        Trainer(
+            model=model, args=args, train_dataset=train, data_collator=counting_collator, callbacks=[Clock()]
+        ).train()
     seconds = times["end"] - times["start"]
-    return {"tokens": real["tokens"], "seconds": seconds, "tokens_per_second": real["tokens"] / seconds,
-            "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length),
-            "padding_fraction": info["stats"]["blocks"]["train"]["padding_tokens"] / (len(train) * config.train.max_length)}
+    return {
+        "tokens": real["tokens"],
+        "seconds": seconds,
+        "tokens_per_second": real["tokens"] / seconds,
+        "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length),
+        "padding_fraction": info["stats"]["blocks"]["train"]["padding_tokens"] / (len(train) * config.train.max_length),
+    }
 
 
 def run_ours(config, steps: int) -> dict:
@@ -116,8 +135,12 @@ def run_ours(config, steps: int) -> dict:
 
     info = prepare(config)
     model, _, result = training.train_model(info["path"], config)
-    return {"tokens": result.tokens, "seconds": result.seconds, "tokens_per_second": result.tokens / result.seconds,
-            "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length)}
+    return {
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "tokens_per_second": result.tokens / result.seconds,
+        "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length),
+    }
 
 
 def bare_loop(model, ids: torch.Tensor, steps: int, batch: int, lr: float) -> float:
@@ -149,8 +172,12 @@ def run_bare(config, steps: int) -> dict:
     bare_loop(model, ids, 2, batch, config.train.learning_rate)  # warm-up: allocator, thread pool
     seconds = bare_loop(model, ids, steps, batch, config.train.learning_rate)
     tokens = steps * batch * ids.shape[1]  # packed blocks: every token is real
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length)}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length),
+    }
 
 
 def bench_tiny(steps: int, overrides: list[str]) -> dict:
@@ -159,35 +186,64 @@ def bench_tiny(steps: int, overrides: list[str]) -> dict:
 
     common = [f"train.max_steps={steps}", "train.eval_every=null", *overrides]
     ours_cfg = load_config(DEFAULT_PROFILE, common)
-    seed_cfg = load_config(DEFAULT_PROFILE, [*common, "data.packing=false", "model.precision=int8", *SEED_LORA,
-                                             "train.batch_size=1", "train.grad_accum=8", "train.learning_rate=2e-4"])
+    seed_cfg = load_config(
+        DEFAULT_PROFILE,
+        [
+            *common,
+            "data.packing=false",
+            "model.precision=int8",
+            *SEED_LORA,
+            "train.batch_size=1",
+            "train.grad_accum=8",
+            "train.learning_rate=2e-4",
+        ],
+    )
     lean_cfg = load_config(DEFAULT_PROFILE, [*common, *SEED_LORA])
     prepare(ours_cfg), prepare(seed_cfg)  # build the tiny base and both datasets before any clock starts
     peak = matmul_peak()
     # bare and ours three times, interleaved, best of each: on a shared machine a neighbour's burst should
     # not decide the ratio. The seed path runs once (int8 on CPU is slow).
     runs = [(name, run(ours_cfg, steps)) for _ in range(3) for name, run in (("bare", run_bare), ("ours", run_ours))]
-    results = {name: max((r for n, r in runs if n == name), key=lambda r: r["tokens_per_second"]) for name in ("bare", "ours")}
+    results = {
+        name: max((r for n, r in runs if n == name), key=lambda r: r["tokens_per_second"]) for name in ("bare", "ours")
+    }
     for name in ("bare", "ours"):
         results[name]["tokens_per_second_each_run"] = [r["tokens_per_second"] for n, r in runs if n == name]
     results["seed"] = run_seed(seed_cfg, steps)
     results["ours_seed_lora"] = max((run_ours(lean_cfg, steps) for _ in range(2)), key=lambda r: r["tokens_per_second"])
     for r in results.values():
         r["mfu"] = r["tokens_per_second"] * r["flops_per_token"] / peak
-    return {"scale": "tiny", "steps": steps, "max_length": ours_cfg.train.max_length, "torch_threads": torch.get_num_threads(),
-            "peak_fp32_flops": peak, **results,
-            "ours_over_seed": results["ours"]["tokens_per_second"] / results["seed"]["tokens_per_second"],
-            "ours_over_bare": results["ours"]["tokens_per_second"] / results["bare"]["tokens_per_second"],
-            "ours_seed_lora_over_seed": results["ours_seed_lora"]["tokens_per_second"] / results["seed"]["tokens_per_second"]}
+    return {
+        "scale": "tiny",
+        "steps": steps,
+        "max_length": ours_cfg.train.max_length,
+        "torch_threads": torch.get_num_threads(),
+        "peak_fp32_flops": peak,
+        **results,
+        "ours_over_seed": results["ours"]["tokens_per_second"] / results["seed"]["tokens_per_second"],
+        "ours_over_bare": results["ours"]["tokens_per_second"] / results["bare"]["tokens_per_second"],
+        "ours_seed_lora_over_seed": results["ours_seed_lora"]["tokens_per_second"]
+        / results["seed"]["tokens_per_second"],
+    }
 
 
 def gpt_neo_13b_config():
     """EleutherAI/gpt-neo-1.3B's config.json values: built locally, weights random."""
     from transformers import GPTNeoConfig
 
-    return GPTNeoConfig(vocab_size=50257, max_position_embeddings=2048, hidden_size=2048, num_layers=24, num_heads=16,
-                        attention_types=[[["global", "local"], 12]], window_size=256, intermediate_size=None,
-                        activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256)
+    return GPTNeoConfig(
+        vocab_size=50257,
+        max_position_embeddings=2048,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=16,
+        attention_types=[[["global", "local"], 12]],
+        window_size=256,
+        intermediate_size=None,
+        activation_function="gelu_new",
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
 
 
 def bench_13b(steps: int, batch: int, block: int) -> dict:
@@ -199,8 +255,14 @@ def bench_13b(steps: int, batch: int, block: int) -> dict:
 
     peak = matmul_peak(torch.bfloat16, "cuda", n=8192)
     ids = torch.randint(0, 50257, (batch * 4, block))
-    out: dict = {"scale": "gpt-neo-1.3b", "gpu": torch.cuda.get_device_name(0), "steps": steps, "batch": batch,
-                 "max_length": block, "peak_bf16_flops": peak}
+    out: dict = {
+        "scale": "gpt-neo-1.3b",
+        "gpu": torch.cuda.get_device_name(0),
+        "steps": steps,
+        "batch": batch,
+        "max_length": block,
+        "peak_bf16_flops": peak,
+    }
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         GPTNeoForCausalLM(gpt_neo_13b_config()).to(torch.bfloat16).save_pretrained(folder)  # ~2.6 GB
@@ -212,8 +274,11 @@ def bench_13b(steps: int, batch: int, block: int) -> dict:
             bare_loop(model, ids, 2, batch, 2e-4)  # warm-up: kernels, allocator
             seconds = bare_loop(model, ids, steps, batch, 2e-4)
             rate = steps * batch * block / seconds
-            out[precision] = {"tokens_per_second": rate, "mfu": rate * flops_per_token(model.get_base_model(), block) / peak,
-                              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+            out[precision] = {
+                "tokens_per_second": rate,
+                "mfu": rate * flops_per_token(model.get_base_model(), block) / peak,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
             del model
     return out
 
@@ -223,8 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per path")
     parser.add_argument("--scale", choices=["tiny", "gpt-neo-1.3b"], default="tiny")
     parser.add_argument("--batch", type=int, default=8, help="gpt-neo-1.3b only: sequences per step")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="tiny only: torch threads (1: on a shared 2-core machine, 2 threads made timings swing 3-5x)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="tiny only: torch threads (1: on a shared 2-core machine, 2 threads made timings swing 3-5x)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="tiny only: config override")
     args = parser.parse_args(argv)
     if args.scale == "gpt-neo-1.3b" and not torch.cuda.is_available():

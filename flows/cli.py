@@ -1,11 +1,11 @@
 """`lenta-lora`: run the flow, list registered adapters, generate with one.
 
-    lenta-lora run [--config PATH] [--set key=value ...]
-    lenta-lora models [--model NAME]
-    lenta-lora promote --model NAME --version N [--force]
-    lenta-lora generate --model NAME (--version N | --alias champion) "Заголовок новости"
-    lenta-lora evaluate --model NAME (--version N | --alias A) [--csv PATH] [--config PATH] [--set key=value ...]
-    lenta-lora export --model NAME (--version N | --alias A) --out DIR [--merged] [--dtype bf16|fp16|fp32]
+lenta-lora run [--config PATH] [--set key=value ...]
+lenta-lora models [--model NAME]
+lenta-lora promote --model NAME --version N [--force]
+lenta-lora generate --model NAME (--version N | --alias champion) "Заголовок новости"
+lenta-lora evaluate --model NAME (--version N | --alias A) [--csv PATH] [--config PATH] [--set key=value ...]
+lenta-lora export --model NAME (--version N | --alias A) --out DIR [--merged] [--dtype bf16|fp16|fp32]
 """
 
 from __future__ import annotations
@@ -61,19 +61,25 @@ def _print_summary(summary: dict) -> None:
     if model.get("up_to_date"):
         print(f"registered model:  nothing registered: {model['uri']} holds the same training key (a concurrent run)")
     else:
-        print(f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
-              f"champion: {'yes' if model['champion'] else 'no'})")
+        print(
+            f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
+            f"champion: {'yes' if model['champion'] else 'no'})"
+        )
         print(f"champion:          {model['decision']['reason']}")
     if "benchmark_bits_per_byte" in m:
         bench = summary["benchmark"]
-        print(f"benchmark bits/b:  {m['benchmark_bits_per_byte']:.4f}  (benchmark {bench['fingerprint'][:12]}: "
-              f"{bench['texts']} texts, {bench['source']})")
+        print(
+            f"benchmark bits/b:  {m['benchmark_bits_per_byte']:.4f}  (benchmark {bench['fingerprint'][:12]}: "
+            f"{bench['texts']} texts, {bench['source']})"
+        )
     print(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
     print(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
     if "chrf" in m:
         print(f"chrF++:            base {m['base_chrf']:.2f} -> tuned {m['chrf']:.2f}")
-    print(f"trained:           {summary['train']['steps']} steps, {summary['train']['tokens']} tokens, "
-          f"{summary['train']['seconds']:.0f}s")
+    print(
+        f"trained:           {summary['train']['steps']} steps, {summary['train']['tokens']} tokens, "
+        f"{summary['train']['seconds']:.0f}s"
+    )
     print(f"browse it:         {_browse_hint(uri)}")
 
 
@@ -97,15 +103,19 @@ def command_models(args) -> int:
     if not rows:
         print(f"no registered adapters in {uri}")
         return 0
-    print(f"{'model':<24} {'ver':>4}  {'aliases':<12} {'benchmark_bits_per_byte':>23}  {'measured on':<12} "
-          f"{'test_bits_per_byte':>18}  run")
+    print(
+        f"{'model':<24} {'ver':>4}  {'aliases':<12} {'benchmark_bits_per_byte':>23}  {'measured on':<12} "
+        f"{'test_bits_per_byte':>18}  run"
+    )
     for r in rows:
         t, bench = r["tags"], r["benchmark"] or ""
         value, on = t.get("benchmark_bits_per_byte"), t.get("benchmark_fingerprint", "")
         shown = f"{float(value):.6g}" if value else "-"
         where = "-" if not on else on[:12] if on == bench else f"{on[:8]} (other)"
-        print(f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<12} {shown:>23}  {where:<12} "
-              f"{t.get('test_bits_per_byte', '-'):>18}  {r['run_id']}")
+        print(
+            f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<12} {shown:>23}  {where:<12} "
+            f"{t.get('test_bits_per_byte', '-'):>18}  {r['run_id']}"
+        )
     benchmarks = {r["name"]: r for r in rows if r["benchmark"]}
     for name, r in sorted(benchmarks.items()):
         print(f"{name}: benchmark {r['benchmark'][:12]} = {r['benchmark_source']}")
@@ -153,13 +163,20 @@ def command_promote(args) -> int:
     print(f"version {report['version']}:         {value}")
     print(f"champion (v{report['holder'] or '-'}):     {held}")
     if report.get("threshold") is not None:
-        print(f"gate:              needs < {report['threshold']:.6g} (holder x (1 - {report['min_improvement']:g})); "
-              f"relative improvement {report['relative_improvement']:+.4%}")
+        print(
+            f"gate:              needs < {report['threshold']:.6g} (holder x (1 - {report['min_improvement']:g})); "
+            f"relative improvement {report['relative_improvement']:+.4%}"
+        )
     if report["promoted"]:
-        print(f"champion:          now version {report['version']}" + (" (forced past the gate)" if report["forced"] else ""))
+        print(
+            f"champion:          now version {report['version']}"
+            + (" (forced past the gate)" if report["forced"] else "")
+        )
         return 0
-    print(f"champion:          stays {report['champion_version']}" +
-          ("" if report["holder"] == report["version"] else " (use --force to promote anyway)"))
+    print(
+        f"champion:          stays {report['champion_version']}"
+        + ("" if report["holder"] == report["version"] else " (use --force to promote anyway)")
+    )
     return 0 if report["holder"] == report["version"] else 1
 
 
@@ -167,8 +184,8 @@ def command_generate(args) -> int:
 
     from lib.generation import generate_continuations
     from lib.loading import load_registered, model_uri
-    from lib.threads import configure_threads
     from lib.store import resolve_tracking_uri
+    from lib.threads import configure_threads
 
     configure_threads()  # OMP_NUM_THREADS wins, else chosen for this machine (lib/threads.py)
 
@@ -180,9 +197,16 @@ def command_generate(args) -> int:
     # The same function and defaults as the version's pyfunc and the evaluation samples; greedy unless
     # --temperature (the pyfunc's default is the profile's `eval`, which may sample).
     max_new = args.max_new_tokens or int(base.get("generation", {}).get("max_new_tokens", 64))
-    outputs = generate_continuations(model, tokenizer, args.prompt, max_new_tokens=max_new,
-                                     do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
-                                     top_p=args.top_p, seed=args.seed)
+    outputs = generate_continuations(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=max_new,
+        do_sample=args.temperature is not None,
+        temperature=args.temperature or 1.0,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     for prompt, text in zip(args.prompt, outputs):
         print(f"{prompt}\n{text}\n" if len(args.prompt) > 1 else f"{prompt} {text}")
     return 0
@@ -190,13 +214,15 @@ def command_generate(args) -> int:
 
 def command_evaluate(args) -> int:
     from lib.evaluation import evaluation_config
-    from lib.registry import registered_version
     from lib.loading import model_uri
-    from lib.store import resolve_tracking_uri
+    from lib.registry import registered_version
     from lib.reports import run_link
+    from lib.store import resolve_tracking_uri
 
     if args.csv and not Path(args.csv).expanduser().is_file():
-        raise FileNotFoundError(f"--csv {args.csv}: no such file; pass a Kaggle-format CSV (url,title,text,topic,tags,date)")
+        raise FileNotFoundError(
+            f"--csv {args.csv}: no such file; pass a Kaggle-format CSV (url,title,text,topic,tags,date)"
+        )
     uri = resolve_tracking_uri(args.tracking_uri)
     # Unknown model/version/alias and every config problem are reported here, before any work.
     target = registered_version(uri, model_uri(args.model, args.version, args.alias))
@@ -207,8 +233,10 @@ def command_evaluate(args) -> int:
     m, link = summary["metrics"], run_link(uri, summary["run_id"])
     print("\n=== lenta-lora: evaluation complete ===")
     print(f"evaluated:         {target['uri']} (trained in run {target['run_id']})")
-    print(f"data:              test split of {summary['csv']} "
-          f"(same data as training: {'yes' if summary['same_data_as_training'] else 'NO'})")
+    print(
+        f"data:              test split of {summary['csv']} "
+        f"(same data as training: {'yes' if summary['same_data_as_training'] else 'NO'})"
+    )
     print(f"MLflow run:        {summary['run_id']} (tag last_evaluation_run_id set on {target['uri']})")
     print(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
     print(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
@@ -221,15 +249,22 @@ def command_evaluate(args) -> int:
 def command_export(args) -> int:
     from lib.export import export_version
     from lib.loading import model_uri
-    from lib.threads import configure_threads
     from lib.store import resolve_tracking_uri
+    from lib.threads import configure_threads
 
     configure_threads()  # the merge multiplies every LoRA pair
-    done = export_version(resolve_tracking_uri(args.tracking_uri), model_uri(args.model, args.version, args.alias),
-                          args.out, args.merged, args.dtype)
+    done = export_version(
+        resolve_tracking_uri(args.tracking_uri),
+        model_uri(args.model, args.version, args.alias),
+        args.out,
+        args.merged,
+        args.dtype,
+    )
     form = f"merged into its base, {done['dtype']}" if done["mode"] == "merged" else "LoRA adapter"
-    print(f"exported {done['uri']} ({form}) to {done['out']}: {len(done['files'])} files, "
-          f"{sum(done['files'].values()) / 1e6:.1f} MB; see README.md there")
+    print(
+        f"exported {done['uri']} ({form}) to {done['out']}: {len(done['files'])} files, "
+        f"{sum(done['files'].values()) / 1e6:.1f} MB; see README.md there"
+    )
     return 0
 
 
@@ -244,7 +279,9 @@ def add_version_choice(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lib.config import RegistryConfig
 
-    parser = argparse.ArgumentParser(prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lenta-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--debug", action="store_true", help="show tracebacks of errors too")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="fine-tune, evaluate and register an adapter")
@@ -273,19 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
     promo.add_argument("--model", required=True)
     promo.add_argument("--version", type=int, required=True)
     promo.add_argument("--force", action="store_true", help="promote even if it does not pass the gate")
-    promo.add_argument("--min-improvement", type=float, default=RegistryConfig().min_improvement,
-                       help="relative margin over the holder (default: %(default)s)")
+    promo.add_argument(
+        "--min-improvement",
+        type=float,
+        default=RegistryConfig().min_improvement,
+        help="relative margin over the holder (default: %(default)s)",
+    )
     promo.add_argument("--metric", default=RegistryConfig().champion_metric)
     promo.set_defaults(func=command_promote)
     exp = sub.add_parser("export", help="write a version as a PEFT adapter folder, or merged into its base")
     add_version_choice(exp)
     exp.add_argument("--out", required=True, help="folder to create (refused if it holds anything)")
     exp.add_argument("--merged", action="store_true", help="base + adapter in one model: transformers loads it alone")
-    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="merged weights (default: the version's "
-                     "precision; fp32 for an int8/nf4 version)")
+    exp.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="merged weights (default: the version's precision; fp32 for an int8/nf4 version)",
+    )
     exp.set_defaults(func=command_export)
     for p in (models, gen, ev, promo, exp):
-        p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+        p.add_argument(
+            "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db"
+        )
     return parser
 
 
@@ -299,8 +345,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lib.kaggle_source import KaggleError
     from lib.training import OutOfMemory, TrainingDiverged
 
-    return (ConfigError, CorpusError, KaggleError, TrainingDiverged, OutOfMemory, CheckpointError, StorageError,
-            ArtifactIntegrityError, LookupError, FileNotFoundError, ConnectionError, ExportError)
+    return (
+        ConfigError,
+        CorpusError,
+        KaggleError,
+        TrainingDiverged,
+        OutOfMemory,
+        CheckpointError,
+        StorageError,
+        ArtifactIntegrityError,
+        LookupError,
+        FileNotFoundError,
+        ConnectionError,
+        ExportError,
+    )
 
 
 class _NoUserErrorTracebacks(logging.Filter):
@@ -325,8 +383,11 @@ def _hide_user_error_tracebacks(user_errors: tuple[type[BaseException], ...]) ->
     loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if (isinstance(handler, logging.StreamHandler) and "API" not in type(handler).__name__
-                    and not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters)):
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and "API" not in type(handler).__name__
+                and not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters)
+            ):
                 handler.addFilter(quiet)
 
 
@@ -352,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise
-        print(f"lenta-lora: error: no space left on the disk holding {error.filename or 'a file being written'}: "
-              "free disk space (or move data.cache_dir / the MLflow store), then run again", file=sys.stderr)
+        print(
+            f"lenta-lora: error: no space left on the disk holding {error.filename or 'a file being written'}: "
+            "free disk space (or move data.cache_dir / the MLflow store), then run again",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -16,8 +16,9 @@ from tasks.tracking import finish_run, provenance_tags, start_run
 
 
 @flow(name="evaluate-registered")
-def evaluate_registered(model: str, version: int | None = None, alias: str | None = None,
-                        config: PipelineConfig | None = None) -> dict:
+def evaluate_registered(
+    model: str, version: int | None = None, alias: str | None = None, config: PipelineConfig | None = None
+) -> dict:
     """Score `models:/model/version` (or `@alias`) base vs tuned on a test split; tag run and version.
 
     `config` None: the config the version was trained with, on the bundled sample.
@@ -25,8 +26,13 @@ def evaluate_registered(model: str, version: int | None = None, alias: str | Non
     uri = resolve_tracking_uri(config.tracking.uri if config else None)
     target = resolve_registered(uri, model_uri(model, version, alias))
     config = config or evaluation_config(target["config_yaml"], tracking_uri=uri)
-    tags = {**provenance_tags(), "evaluated_model": target["name"], "evaluated_version": target["version"],
-            "evaluated_run_id": target["run_id"], "lenta_lora.kind": "evaluation"}
+    tags = {
+        **provenance_tags(),
+        "evaluated_model": target["name"],
+        "evaluated_version": target["version"],
+        "evaluated_run_id": target["run_id"],
+        "lenta_lora.kind": "evaluation",
+    }
     run_id = start_run(config, uri, tags)
     try:
         # Same cache records as the finetune flow (a Kaggle download is reused, not repeated).
@@ -38,8 +44,14 @@ def evaluate_registered(model: str, version: int | None = None, alias: str | Non
         finish_run(uri, run_id, "FAILED")
         raise
     finish_run(uri, run_id, "FINISHED")
-    summary = {"run_id": run_id, "tracking_uri": uri, "evaluated": {k: v for k, v in target.items() if k != "config_yaml"},
-               "csv": csv_path, **evaluated}
-    create_markdown_artifact(key="evaluation-summary", markdown=render_evaluation(summary),
-                             description="lenta-lora re-evaluation")
+    summary = {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "evaluated": {k: v for k, v in target.items() if k != "config_yaml"},
+        "csv": csv_path,
+        **evaluated,
+    }
+    create_markdown_artifact(
+        key="evaluation-summary", markdown=render_evaluation(summary), description="lenta-lora re-evaluation"
+    )
     return summary

@@ -20,7 +20,9 @@ from tasks.train import discard_checkpoints, train_adapter
 
 
 @flow(name="finetune")
-def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | None = None, force: bool = False) -> dict:
+def finetune(
+    config: PipelineConfig = PipelineConfig(), overrides: list[str] | None = None, force: bool = False
+) -> dict:
     """Fine-tune a LoRA adapter on Lenta.ru news, evaluate it, register it, decide `champion`.
 
     `overrides`: `key=value` settings on top of `config`, as `lenta-lora run --set` takes them, so
@@ -35,29 +37,54 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
     try:
         results = result_storage_for(config.data)  # acquire/prepare cache records live in data.cache_dir
         csv_path = acquire_corpus.with_options(result_storage=results)(config.data)
-        prepared = prepare_dataset.with_options(result_storage=results)(csv_path, config.data, config.model,
-                                                                        config.train.max_length)
+        prepared = prepare_dataset.with_options(result_storage=results)(
+            csv_path, config.data, config.model, config.train.max_length
+        )
         version = corpus_version(config.data)  # Kaggle's dataset version, None for other sources
-        record_dataset(prepared, uri, run_id, {"dataset": config.data.kaggle_dataset, "version": version}
-                       if config.data.source == "kaggle" else None)
+        record_dataset(
+            prepared,
+            uri,
+            run_id,
+            {"dataset": config.data.kaggle_dataset, "version": version} if config.data.source == "kaggle" else None,
+        )
         key = training_key(config, prepared, version, uri, run_id)
         holder = None if force else version_with_training_key(uri, config.registry.model_name, key)
         if holder:
             message = record_up_to_date(uri, run_id, holder, key)
             finish_run(uri, run_id, "FINISHED")
-            return {"run_id": run_id, "tracking_uri": uri, "up_to_date": True, "model": holder, "message": message,
-                    "training_key": key, "dataset_fingerprint": prepared["fingerprint"]}
+            return {
+                "run_id": run_id,
+                "tracking_uri": uri,
+                "up_to_date": True,
+                "model": holder,
+                "message": message,
+                "training_key": key,
+                "dataset_fingerprint": prepared["fingerprint"],
+            }
         output_dir = f"{config.data.cache_dir}/runs/{run_id}"
         benchmark = resolve_benchmark(config, prepared, uri)
         # Keyed by dataset + config, not run id, so that a re-run after a crash resumes (None: no checkpoints).
         checkpoints = checkpoint_dir(config, prepared["fingerprint"], prepared["path"])
         trained = train_adapter(prepared["path"], config, output_dir, uri, run_id, checkpoints)
-        evaluated = evaluate_adapter(prepared["path"], trained["adapter_dir"], config, output_dir, uri, run_id, benchmark)
+        evaluated = evaluate_adapter(
+            prepared["path"], trained["adapter_dir"], config, output_dir, uri, run_id, benchmark
+        )
         benchmark = store_benchmark(benchmark, config, uri, run_id)
         score_champion_on_benchmark(config, benchmark, uri)
-        registered = register_adapter(trained["adapter_dir"], prepared["base"], config, evaluated["metrics"],
-                                      prepared["fingerprint"], benchmark, key, force, uri, run_id, tags,
-                                      next(iter(evaluated["samples"]), None))
+        registered = register_adapter(
+            trained["adapter_dir"],
+            prepared["base"],
+            config,
+            evaluated["metrics"],
+            prepared["fingerprint"],
+            benchmark,
+            key,
+            force,
+            uri,
+            run_id,
+            tags,
+            next(iter(evaluated["samples"]), None),
+        )
     except BaseException:
         # Best effort: if the store is down too, the original error is the one to report, and the
         # next run's start marks this one FAILED (and retracts any version it made).
@@ -65,9 +92,18 @@ def finetune(config: PipelineConfig = PipelineConfig(), overrides: list[str] | N
         raise
     finish_run(uri, run_id, "FINISHED")
     discard_checkpoints(checkpoints)  # the adapter is registered; a failed run keeps them to resume from
-    summary = {"run_id": run_id, "tracking_uri": uri, "model": registered, "metrics": evaluated["metrics"],
-               "train": trained, "dataset_fingerprint": prepared["fingerprint"], "training_key": key,
-               "benchmark": benchmark.describe(), "up_to_date": registered["up_to_date"],
-               "samples": evaluated["samples"], "bleu_signature": evaluated["bleu_signature"]}
+    summary = {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "model": registered,
+        "metrics": evaluated["metrics"],
+        "train": trained,
+        "dataset_fingerprint": prepared["fingerprint"],
+        "training_key": key,
+        "benchmark": benchmark.describe(),
+        "up_to_date": registered["up_to_date"],
+        "samples": evaluated["samples"],
+        "bleu_signature": evaluated["bleu_signature"],
+    }
     create_markdown_artifact(key="finetune-summary", markdown=render_summary(summary), description="lenta-lora run")
     return summary

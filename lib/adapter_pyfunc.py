@@ -69,11 +69,15 @@ def checksum_manifest(artifacts: dict[str, str]) -> dict[str, dict[str, str]]:
         manifest[name] = folder_checksums(artifacts[name])
         pickles = [f for f in manifest[name] if f.endswith(PICKLE_SUFFIXES)]
         if pickles:
-            raise ArtifactIntegrityError(f"{artifacts[name]}: pickle weight files {pickles} would be registered; "
-                                         "save with safe_serialization=True (safetensors) and remove them")
+            raise ArtifactIntegrityError(
+                f"{artifacts[name]}: pickle weight files {pickles} would be registered; "
+                "save with safe_serialization=True (safetensors) and remove them"
+            )
     if ADAPTER_WEIGHTS not in manifest.get("adapter", {}):
-        raise FileNotFoundError(f"{artifacts.get('adapter')}: no {ADAPTER_WEIGHTS}; save the adapter with "
-                                "PeftModel.save_pretrained(..., safe_serialization=True)")
+        raise FileNotFoundError(
+            f"{artifacts.get('adapter')}: no {ADAPTER_WEIGHTS}; save the adapter with "
+            "PeftModel.save_pretrained(..., safe_serialization=True)"
+        )
     return manifest
 
 
@@ -86,33 +90,46 @@ def verify_artifacts(artifacts: dict, base: dict) -> None:
     """
     recorded = base.get("sha256")
     if recorded is None:
-        log.warning("%s has no recorded checksums (registered before checksums were kept); files not verified",
-                    artifacts.get("base_model"))
+        log.warning(
+            "%s has no recorded checksums (registered before checksums were kept); files not verified",
+            artifacts.get("base_model"),
+        )
         return
     for name in CHECKED_ARTIFACTS:
         if name in artifacts and name not in recorded:
-            raise ArtifactIntegrityError(f"artifact {name!r} at {artifacts[name]} has no recorded checksums; "
-                                         "the model was modified after registration: register it again")
+            raise ArtifactIntegrityError(
+                f"artifact {name!r} at {artifacts[name]} has no recorded checksums; "
+                "the model was modified after registration: register it again"
+            )
     for name, expected in recorded.items():
         if name not in artifacts:
-            raise FileNotFoundError(f"artifact {name!r} recorded at registration is missing from the model; "
-                                    "its files were deleted from the artifact store: register the adapter again")
-        actual_files = {p.relative_to(artifacts[name]).as_posix()
-                        for p in Path(artifacts[name]).rglob("*") if p.is_file()}
+            raise FileNotFoundError(
+                f"artifact {name!r} recorded at registration is missing from the model; "
+                "its files were deleted from the artifact store: register the adapter again"
+            )
+        actual_files = {
+            p.relative_to(artifacts[name]).as_posix() for p in Path(artifacts[name]).rglob("*") if p.is_file()
+        }
         missing = sorted(set(expected) - actual_files)
         if missing:
-            raise FileNotFoundError(f"{artifacts[name]}: files {missing} recorded at registration are missing; "
-                                    "the artifact store lost them: register the adapter again")
+            raise FileNotFoundError(
+                f"{artifacts[name]}: files {missing} recorded at registration are missing; "
+                "the artifact store lost them: register the adapter again"
+            )
         extra = sorted(actual_files - set(expected))
         if extra:
-            raise ArtifactIntegrityError(f"{artifacts[name]}: unexpected files {extra} that were not there at "
-                                         "registration; refusing to load (remove them or register again)")
+            raise ArtifactIntegrityError(
+                f"{artifacts[name]}: unexpected files {extra} that were not there at "
+                "registration; refusing to load (remove them or register again)"
+            )
         for rel, digest in expected.items():
             actual = sha256_file(Path(artifacts[name]) / rel)
             if actual != digest:
-                raise ArtifactIntegrityError(f"{Path(artifacts[name]) / rel}: sha256 {actual[:16]}... differs from "
-                                             f"{digest[:16]}... recorded at registration; the file was modified or "
-                                             "corrupted: refusing to load (restore it or register again)")
+                raise ArtifactIntegrityError(
+                    f"{Path(artifacts[name]) / rel}: sha256 {actual[:16]}... differs from "
+                    f"{digest[:16]}... recorded at registration; the file was modified or "
+                    "corrupted: refusing to load (restore it or register again)"
+                )
 
 
 def verify_local_base(folder: str, identity: dict) -> None:
@@ -121,22 +138,31 @@ def verify_local_base(folder: str, identity: dict) -> None:
     A moved folder would otherwise end in transformers' "Repo id must be in the form..." (it takes
     a missing path for a hub id); different weights in the same folder would load silently."""
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"base model folder {folder} (recorded by this version) is missing: put the base "
-                                "back there, or register the adapter again on a base that exists")
+        raise FileNotFoundError(
+            f"base model folder {folder} (recorded by this version) is missing: put the base "
+            "back there, or register the adapter again on a base that exists"
+        )
     recorded = identity.get("sha256")
     if recorded is None:
-        log.warning("base model folder %s: this version records no weights checksum (registered before they "
-                    "were kept); not verified", folder)
+        log.warning(
+            "base model folder %s: this version records no weights checksum (registered before they "
+            "were kept); not verified",
+            folder,
+        )
         return
     for name, digest in recorded.items():
         path = Path(folder) / name
         if not path.is_file():
-            raise FileNotFoundError(f"base model folder {folder}: {name}, which this version was trained on, is "
-                                    "missing: restore it, or register the adapter again")
+            raise FileNotFoundError(
+                f"base model folder {folder}: {name}, which this version was trained on, is "
+                "missing: restore it, or register the adapter again"
+            )
         if sha256_file(path) != digest:
-            raise ArtifactIntegrityError(f"base model folder {folder}: {name} differs from the weights this version "
-                                         f"was trained on (sha256 {digest[:16]}...): refusing to load; restore "
-                                         "that base, or register an adapter trained on this one")
+            raise ArtifactIntegrityError(
+                f"base model folder {folder}: {name} differs from the weights this version "
+                f"was trained on (sha256 {digest[:16]}...): refusing to load; restore "
+                "that base, or register an adapter trained on this one"
+            )
 
 
 @contextlib.contextmanager
@@ -196,9 +222,11 @@ def load_adapter_from_artifacts(artifacts: dict, precision: str | None = None):
         from transformers import BitsAndBytesConfig
 
         compute = getattr(torch, base.get("dtype", "float32"))  # what training computed in
-        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if precision == "int8" else
-                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=compute))
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if precision == "int8"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        )
     elif precision in ("bf16", "fp16"):
         kwargs["dtype"] = torch.bfloat16 if precision == "bf16" else torch.float16
     elif precision == "auto" and torch.cuda.is_available():
@@ -211,9 +239,11 @@ def load_adapter_from_artifacts(artifacts: dict, precision: str | None = None):
         if base.get("kind") != "hub":
             raise
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:240]
-        raise FileNotFoundError(f"base model {source} at revision {kwargs['revision']} (recorded by this version) "
-                                f"cannot be loaded: {first}. Make that revision reachable (network, or the "
-                                "Hugging Face cache) or register the adapter again on a base you have") from None
+        raise FileNotFoundError(
+            f"base model {source} at revision {kwargs['revision']} (recorded by this version) "
+            f"cannot be loaded: {first}. Make that revision reachable (network, or the "
+            "Hugging Face cache) or register the adapter again on a base you have"
+        ) from None
     model = PeftModel.from_pretrained(model, artifacts["adapter"], is_trainable=False)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(artifacts["adapter"], trust_remote_code=False)
@@ -242,10 +272,16 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
 
         prompts = [str(p) for p in (model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input)]
         settings = {**GENERATION_DEFAULTS, **self.defaults, **(params or {})}
-        return generate_continuations(self.model, self.tokenizer, prompts,
-                                      max_new_tokens=int(settings["max_new_tokens"]),
-                                      do_sample=bool(settings["do_sample"]), temperature=float(settings["temperature"]),
-                                      top_p=float(settings["top_p"]), seed=int(settings["seed"]))
+        return generate_continuations(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=int(settings["max_new_tokens"]),
+            do_sample=bool(settings["do_sample"]),
+            temperature=float(settings["temperature"]),
+            top_p=float(settings["top_p"]),
+            seed=int(settings["seed"]),
+        )
 
 
 set_model(LoraAdapterModel())

@@ -88,13 +88,17 @@ def pretrain_tiny(model, tokenizer, texts: list[str], tiny: TinyModelConfig) -> 
     stream = torch.tensor(ids)
     starts = len(stream) - tiny.pretrain_length
     if starts < 1:
-        raise ValueError(f"the tiny base's corpus has {len(stream)} tokens, fewer than model.tiny.pretrain_length="
-                         f"{tiny.pretrain_length}; lower it or pretrain on more text")
+        raise ValueError(
+            f"the tiny base's corpus has {len(stream)} tokens, fewer than model.tiny.pretrain_length="
+            f"{tiny.pretrain_length}; lower it or pretrain on more text"
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=tiny.pretrain_learning_rate, weight_decay=0.01)
     warmup = max(1, tiny.pretrain_steps // 20)
     decay = max(1, tiny.pretrain_steps - warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / decay)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / decay)),
+    )
     generator = torch.Generator().manual_seed(tiny.seed)
     offsets = torch.arange(tiny.pretrain_length)
     model.train()
@@ -108,7 +112,9 @@ def pretrain_tiny(model, tokenizer, texts: list[str], tiny: TinyModelConfig) -> 
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % max(1, tiny.pretrain_steps // 10) == 0:
-            log.info("tiny base pretraining: step %d/%d, loss %.3f", step + 1, tiny.pretrain_steps, float(loss.detach()))
+            log.info(
+                "tiny base pretraining: step %d/%d, loss %.3f", step + 1, tiny.pretrain_steps, float(loss.detach())
+            )
     model.eval()
     return float(loss.detach())
 
@@ -120,13 +126,20 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer_dir: Path, cache_dir: Path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # The tokenizer folder name already hashes the texts it was trained on, i.e. the train split.
     # What the BPE learnt from is in the tokenizer's name; leaving the switch out keeps existing keys.
-    key = _digest({"tiny": tiny.model_dump(exclude={"tokenizer_includes_train_split"}),
-                   "tokenizer": Path(tokenizer_dir).name, "vocab": len(tokenizer)})
+    key = _digest(
+        {
+            "tiny": tiny.model_dump(exclude={"tokenizer_includes_train_split"}),
+            "tokenizer": Path(tokenizer_dir).name,
+            "vocab": len(tokenizer),
+        }
+    )
     final = Path(cache_dir) / "models" / f"tiny-gpt-neo-{key}"
     if (final / "config.json").is_file():
         return final
     # GPT-Neo alternates global and local (windowed) attention layers, like the 1.3B model.
-    pattern = [[["global", "local"], tiny.num_layers // 2]] if tiny.num_layers % 2 == 0 else [[["global"], tiny.num_layers]]
+    pattern = (
+        [[["global", "local"], tiny.num_layers // 2]] if tiny.num_layers % 2 == 0 else [[["global"], tiny.num_layers]]
+    )
     config = GPTNeoConfig(
         vocab_size=len(tokenizer),
         hidden_size=tiny.hidden_size,
@@ -144,9 +157,14 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer_dir: Path, cache_dir: Path
     if tiny.pretrain_steps:
         configure_threads()  # built inside the prepare stage: the first CPU-heavy work of a run
         started = time.perf_counter()
-        log.info("pretraining the tiny base (%.2fM parameters): %d steps of %d x %d tokens on %d texts",
-                 model.num_parameters() / 1e6, tiny.pretrain_steps, tiny.pretrain_batch_size, tiny.pretrain_length,
-                 len(texts))
+        log.info(
+            "pretraining the tiny base (%.2fM parameters): %d steps of %d x %d tokens on %d texts",
+            model.num_parameters() / 1e6,
+            tiny.pretrain_steps,
+            tiny.pretrain_batch_size,
+            tiny.pretrain_length,
+            len(texts),
+        )
         loss = pretrain_tiny(model, tokenizer, texts, tiny)
         log.info("tiny base pretrained in %.0f s, last loss %.3f", time.perf_counter() - started, loss)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -158,14 +176,16 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer_dir: Path, cache_dir: Path
     return _publish(tmp, final)
 
 
-def resolve_base(model_cfg: ModelConfig, train_texts: list[str], cache_dir: str | Path,
-                 tokenizer_texts: list[str] | None = None) -> str:
+def resolve_base(
+    model_cfg: ModelConfig, train_texts: list[str], cache_dir: str | Path, tokenizer_texts: list[str] | None = None
+) -> str:
     """Return what `from_pretrained` should load: a hub id, a local folder, or the tiny build
     (pretrained on `train_texts`, its BPE trained on `tokenizer_texts`, by default the same)."""
     if model_cfg.name != TINY_MODEL:
         return model_cfg.name
-    tokenizer_dir = build_tiny_tokenizer(train_texts if tokenizer_texts is None else tokenizer_texts,
-                                         model_cfg.tiny.vocab_size, Path(cache_dir))
+    tokenizer_dir = build_tiny_tokenizer(
+        train_texts if tokenizer_texts is None else tokenizer_texts, model_cfg.tiny.vocab_size, Path(cache_dir)
+    )
     return str(build_tiny_model(model_cfg.tiny, tokenizer_dir, Path(cache_dir), train_texts))
 
 
@@ -193,8 +213,11 @@ def load_base_model(base: str, model_cfg: ModelConfig):
     """Load the base causal LM in the configured precision (int8/nf4 through bitsandbytes)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code,
-                    "use_safetensors": model_cfg.use_safetensors}
+    kwargs: dict = {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "use_safetensors": model_cfg.use_safetensors,
+    }
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if model_cfg.precision == "int8":
@@ -234,8 +257,12 @@ def base_identity(base: str, revision: str | None) -> dict:
     try:
         from huggingface_hub import HfApi
 
-        return {"kind": "hub", "name": base, "commit": HfApi().model_info(base, revision=wanted, timeout=10).sha,
-                "resolved": True}
+        return {
+            "kind": "hub",
+            "name": base,
+            "commit": HfApi().model_info(base, revision=wanted, timeout=10).sha,
+            "resolved": True,
+        }
     except Exception as error:  # noqa: BLE001 - offline, or an unknown id: try the local cache
         log.info("hub lookup of %s@%s failed (%s); trying the local cache", base, wanted, type(error).__name__)
     try:
@@ -278,15 +305,26 @@ def describe_base(base: str, model_cfg: ModelConfig) -> dict:
     dtype, `precision_requested` the configured value.
     """
     precision = model_cfg.precision
-    resolved = precision if precision != "auto" else {torch.float32: "fp32", torch.bfloat16: "bf16",
-                                                      torch.float16: "fp16"}[resolve_dtype("auto")]
-    facts = {"precision": resolved, "precision_requested": precision,
-             "dtype": str(resolve_dtype("auto" if precision in ("int8", "nf4") else resolved)).removeprefix("torch."),
-             "identity": base_identity(base, model_cfg.revision)}
+    resolved = (
+        precision
+        if precision != "auto"
+        else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype("auto")]
+    )
+    facts = {
+        "precision": resolved,
+        "precision_requested": precision,
+        "dtype": str(resolve_dtype("auto" if precision in ("int8", "nf4") else resolved)).removeprefix("torch."),
+        "identity": base_identity(base, model_cfg.revision),
+    }
     recipe = Path(base) / "lenta_lora_recipe.json"
     if recipe.is_file():
-        return {**json.loads(recipe.read_text()), "kind": "tiny", "name": TINY_MODEL, "path": str(Path(base).resolve()),
-                **facts}
+        return {
+            **json.loads(recipe.read_text()),
+            "kind": "tiny",
+            "name": TINY_MODEL,
+            "path": str(Path(base).resolve()),
+            **facts,
+        }
     if Path(base).is_dir():
         return {"kind": "local", "name": str(Path(base).resolve()), **facts}
     return {"kind": "hub", "name": base, "revision": model_cfg.revision or "main", **facts}

@@ -54,21 +54,29 @@ def benchmark_fingerprint(documents: list[str], max_length: int, stride: int | N
     return digest.hexdigest()
 
 
-def write_benchmark(documents: list[str], max_length: int, stride: int | None, source: str,
-                    folder: str | Path) -> Benchmark:
+def write_benchmark(
+    documents: list[str], max_length: int, stride: int | None, source: str, folder: str | Path
+) -> Benchmark:
     """Write `folder/<fingerprint>.json` (written whole, then renamed) and return its reference.
 
     Named by its fingerprint, a benchmark file is written once per machine and reused by every run
     of every model that is judged on it."""
     if not documents:
-        raise ValueError(f"benchmark from {source} has no texts; raise data.splits.test or set registry.benchmark "
-                         "to a CSV with more articles")
+        raise ValueError(
+            f"benchmark from {source} has no texts; raise data.splits.test or set registry.benchmark "
+            "to a CSV with more articles"
+        )
     fingerprint = benchmark_fingerprint(documents, max_length, stride)
     path = Path(folder) / f"{fingerprint}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{fingerprint}.{os.getpid()}.tmp")
-    payload = {"fingerprint": fingerprint, "source": source, "max_length": max_length, "stride": stride,
-               "documents": documents}
+    payload = {
+        "fingerprint": fingerprint,
+        "source": source,
+        "max_length": max_length,
+        "stride": stride,
+        "documents": documents,
+    }
     try:
         tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
@@ -84,10 +92,13 @@ def read_benchmark(path: str | Path, stored: bool = True) -> tuple[Benchmark, li
     documents = payload["documents"]
     found = benchmark_fingerprint(documents, payload["max_length"], payload["stride"])
     if found != payload["fingerprint"]:
-        raise ValueError(f"benchmark file {path}: its texts hash to {found[:12]}, not the recorded "
-                         f"{payload['fingerprint'][:12]}; it was changed after it was stored")
-    return Benchmark(found, str(path), payload["source"], len(documents), payload["max_length"], payload["stride"],
-                     stored), documents
+        raise ValueError(
+            f"benchmark file {path}: its texts hash to {found[:12]}, not the recorded "
+            f"{payload['fingerprint'][:12]}; it was changed after it was stored"
+        )
+    return Benchmark(
+        found, str(path), payload["source"], len(documents), payload["max_length"], payload["stride"], stored
+    ), documents
 
 
 def benchmark_metrics(scores: dict) -> dict[str, float]:
@@ -95,14 +106,18 @@ def benchmark_metrics(scores: dict) -> dict[str, float]:
     return {f"benchmark_{key}": float(scores[key]) for key in CORPUS_METRICS}
 
 
-def score_benchmark(model, tokenizer, benchmark: Benchmark, documents: list[str], batch_size: int,
-                    context: int | None = None) -> dict[str, float]:
+def score_benchmark(
+    model, tokenizer, benchmark: Benchmark, documents: list[str], batch_size: int, context: int | None = None
+) -> dict[str, float]:
     """The model's `benchmark_<m>` scores on the benchmark's texts, with the benchmark's windows."""
     from lib.metrics import score_corpus
 
     if context is not None and benchmark.max_length > context:
-        raise ValueError(f"the benchmark scores windows of {benchmark.max_length} tokens but this model's context is "
-                         f"{context}: register it under another registry.model_name (a new benchmark)")
-    scores = score_corpus(model, tokenizer, documents, max_length=benchmark.max_length, stride=benchmark.stride,
-                          batch_size=batch_size)
+        raise ValueError(
+            f"the benchmark scores windows of {benchmark.max_length} tokens but this model's context is "
+            f"{context}: register it under another registry.model_name (a new benchmark)"
+        )
+    scores = score_corpus(
+        model, tokenizer, documents, max_length=benchmark.max_length, stride=benchmark.stride, batch_size=batch_size
+    )
     return {**benchmark_metrics(scores), "benchmark_tokens": float(scores["tokens"])}

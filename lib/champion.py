@@ -71,8 +71,10 @@ def fetch_benchmark(uri: str, name: str, folder: str | Path) -> Benchmark | None
             write_benchmark(documents, payload["max_length"], payload["stride"], payload["source"], folder)
     benchmark, _ = read_benchmark(local)  # refuses a file whose texts do not match its fingerprint
     if benchmark.fingerprint != meta["fingerprint"]:
-        raise ValueError(f"model {name!r}: the benchmark file in run {meta['run_id']} has fingerprint "
-                         f"{benchmark.fingerprint[:12]}, the model records {meta['fingerprint'][:12]}")
+        raise ValueError(
+            f"model {name!r}: the benchmark file in run {meta['run_id']} has fingerprint "
+            f"{benchmark.fingerprint[:12]}, the model records {meta['fingerprint'][:12]}"
+        )
     return benchmark
 
 
@@ -80,8 +82,8 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     """Make `benchmark` the model's benchmark unless it has one; return the one it has afterwards.
 
     The texts go into a run of their own (`benchmark-<name>` in experiment `<experiment>-benchmarks`,
-    tag `lenta_lora.kind=benchmark`), logged as an MLflow dataset input with the fingerprint as digest, so the benchmark outlives
-    any training run and is browsable in the UI.
+    tag `lenta_lora.kind=benchmark`), logged as an MLflow dataset input with the fingerprint as digest,
+    so the benchmark outlives any training run and is browsable in the UI.
     """
     client = _client(uri)
     _ensure_registered_model(client, name)
@@ -89,10 +91,16 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     if existing:
         return _as_stored(existing, benchmark)
     # An experiment of their own: the training experiment lists training runs only.
-    run = client.create_run(experiment_id(client, uri, f"{experiment}-benchmarks"), run_name=f"benchmark-{name}",
-                            tags={"lenta_lora.kind": "benchmark", "benchmark.for_model": name,
-                                  "mlflow.note.content": f"The benchmark of registered model `{name}`: "
-                                                         f"{benchmark.texts} texts, {benchmark.source}"})
+    run = client.create_run(
+        experiment_id(client, uri, f"{experiment}-benchmarks"),
+        run_name=f"benchmark-{name}",
+        tags={
+            "lenta_lora.kind": "benchmark",
+            "benchmark.for_model": name,
+            "mlflow.note.content": f"The benchmark of registered model `{name}`: "
+            f"{benchmark.texts} texts, {benchmark.source}",
+        },
+    )
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:  # stored under a stable name
         shutil.copyfile(benchmark.path, Path(tmp) / FILE_NAME)
@@ -100,18 +108,34 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     log_documents(uri, run_id, benchmark, name, context="benchmark")
     from mlflow.entities import Param
 
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in {
-        "benchmark.fingerprint": benchmark.fingerprint, "benchmark.source": benchmark.source[:500],
-        "benchmark.max_length": benchmark.max_length, "benchmark.stride": benchmark.stride,
-        "benchmark.texts": benchmark.texts}.items()])
+    client.log_batch(
+        run_id,
+        params=[
+            Param(k, str(v))
+            for k, v in {
+                "benchmark.fingerprint": benchmark.fingerprint,
+                "benchmark.source": benchmark.source[:500],
+                "benchmark.max_length": benchmark.max_length,
+                "benchmark.stride": benchmark.stride,
+                "benchmark.texts": benchmark.texts,
+            }.items()
+        ],
+    )
     client.set_terminated(run_id, "FINISHED")
-    values = {"fingerprint": benchmark.fingerprint, "run_id": run_id, "source": benchmark.source[:500],
-              "texts": benchmark.texts, "max_length": benchmark.max_length, "stride": benchmark.stride}
+    values = {
+        "fingerprint": benchmark.fingerprint,
+        "run_id": run_id,
+        "source": benchmark.source[:500],
+        "texts": benchmark.texts,
+        "max_length": benchmark.max_length,
+        "stride": benchmark.stride,
+    }
     for key, value in values.items():
         client.set_registered_model_tag(name, f"benchmark.{key}", str(value))
     stored = model_benchmark(uri, name)  # a concurrent first registration may have written last
-    log.info("model %s: benchmark %s (%d texts, %s)", name, stored["fingerprint"][:12], benchmark.texts,
-             benchmark.source)
+    log.info(
+        "model %s: benchmark %s (%d texts, %s)", name, stored["fingerprint"][:12], benchmark.texts, benchmark.source
+    )
     return _as_stored(stored, benchmark)
 
 
@@ -119,23 +143,40 @@ def _as_stored(meta: dict, ours: Benchmark) -> Benchmark:
     if meta["fingerprint"] == ours.fingerprint:
         return Benchmark(**{**ours.describe(), "stored": True})
     stride = meta.get("stride")
-    return Benchmark(meta["fingerprint"], "", meta.get("source", "?"), int(meta.get("texts", 0)),
-                     int(meta.get("max_length", 0)), None if stride in (None, "None") else int(stride), True)
+    return Benchmark(
+        meta["fingerprint"],
+        "",
+        meta.get("source", "?"),
+        int(meta.get("texts", 0)),
+        int(meta.get("max_length", 0)),
+        None if stride in (None, "None") else int(stride),
+        True,
+    )
 
 
 def log_documents(uri: str, run_id: str, benchmark: Benchmark, name: str, context: str) -> None:
     """The benchmark as an MLflow dataset input of the run (the run page's Datasets panel)."""
-    log_dataset_input(uri, run_id, f"{name}-benchmark", benchmark.fingerprint,
-                      {"type": "lenta-lora-benchmark", "source": benchmark.source, "fingerprint": benchmark.fingerprint},
-                      {"texts": benchmark.texts, "max_length": benchmark.max_length, "stride": benchmark.stride}, context)
+    log_dataset_input(
+        uri,
+        run_id,
+        f"{name}-benchmark",
+        benchmark.fingerprint,
+        {"type": "lenta-lora-benchmark", "source": benchmark.source, "fingerprint": benchmark.fingerprint},
+        {"texts": benchmark.texts, "max_length": benchmark.max_length, "stride": benchmark.stride},
+        context,
+    )
 
 
-def record_scores(uri: str, name: str, version: str | int, benchmark: Benchmark, scores: dict[str, float],
-                  reason: str) -> None:
+def record_scores(
+    uri: str, name: str, version: str | int, benchmark: Benchmark, scores: dict[str, float], reason: str
+) -> None:
     """Tag a version with its `benchmark_*` scores and the fingerprint they were measured on."""
     client = _client(uri)
-    tags = {BENCHMARK_TAG: benchmark.fingerprint, **{k: repr(float(v)) for k, v in scores.items()},
-            "benchmark_scored": reason}
+    tags = {
+        BENCHMARK_TAG: benchmark.fingerprint,
+        **{k: repr(float(v)) for k, v in scores.items()},
+        "benchmark_scored": reason,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
 
@@ -167,9 +208,11 @@ def score_of(version, metric: str, fingerprint: str) -> float | None:
 
 def _scored_versions(client, name: str, metric: str, fingerprint: str) -> dict[str, float]:
     """Version -> its `metric` on benchmark `fingerprint`, for every eligible version that has one."""
-    return {str(v.version): value for v in _all_versions(client, name)
-            if v.tags.get(ELIGIBLE_TAG, "").lower() != "false"
-            and (value := score_of(v, metric, fingerprint)) is not None}
+    return {
+        str(v.version): value
+        for v in _all_versions(client, name)
+        if v.tags.get(ELIGIBLE_TAG, "").lower() != "false" and (value := score_of(v, metric, fingerprint)) is not None
+    }
 
 
 def _best(scored: dict[str, float]) -> str:
@@ -185,8 +228,15 @@ def gate(challenger: float, holder: float | None, min_improvement: float) -> dic
     return {"passes": challenger < threshold, "threshold": threshold, "relative_improvement": improvement}
 
 
-def update_champion(client, name: str, version: str | int, metric: str, fingerprint: str, min_improvement: float,
-                    run_id: str | None = None) -> dict:
+def update_champion(
+    client,
+    name: str,
+    version: str | int,
+    metric: str,
+    fingerprint: str,
+    min_improvement: float,
+    run_id: str | None = None,
+) -> dict:
     """Converge `champion` (see the module docstring); record and return the decision for `version`.
 
     The decision (version tag `champion_decision` and the run's `champion_decision.json`) holds the
@@ -221,11 +271,22 @@ def update_champion(client, name: str, version: str | int, metric: str, fingerpr
         log.warning("champion of %s still moving after 10 rounds; the last registrant will settle it", name)
     mine, before = scored.get(version), scored.get(previous) if previous != version else None
     verdict = gate(mine, before, min_improvement) if mine is not None else {}
-    decision = {"version": version, "metric": metric, "benchmark_fingerprint": fingerprint, "value": mine,
-                "previous_champion": previous, "previous_value": before, "min_improvement": min_improvement,
-                "threshold": verdict.get("threshold"), "relative_improvement": verdict.get("relative_improvement"),
-                "champion_version": holder, "champion_value": scored.get(holder), "promoted": holder == version,
-                "alias_writes": writes, "reason": _reason(version, mine, previous, before, holder, min_improvement)}
+    decision = {
+        "version": version,
+        "metric": metric,
+        "benchmark_fingerprint": fingerprint,
+        "value": mine,
+        "previous_champion": previous,
+        "previous_value": before,
+        "min_improvement": min_improvement,
+        "threshold": verdict.get("threshold"),
+        "relative_improvement": verdict.get("relative_improvement"),
+        "champion_version": holder,
+        "champion_value": scored.get(holder),
+        "promoted": holder == version,
+        "alias_writes": writes,
+        "reason": _reason(version, mine, previous, before, holder, min_improvement),
+    }
     client.set_model_version_tag(name, version, "champion_decision", json.dumps(decision))
     if run_id:
         client.log_dict(run_id, decision, "champion_decision.json")
@@ -271,16 +332,27 @@ def promote(uri: str, name: str, version: int, metric: str, min_improvement: flo
     value = score_of(target, metric, meta["fingerprint"])
     held = score_of(client.get_model_version(name, holder), metric, meta["fingerprint"]) if holder else None
     if value is None and not force:
-        raise LookupError(f"{name} version {version} has no {metric} on the model's benchmark "
-                          f"{meta['fingerprint'][:12]} and could not be scored; use --force to promote it anyway")
+        raise LookupError(
+            f"{name} version {version} has no {metric} on the model's benchmark "
+            f"{meta['fingerprint'][:12]} and could not be scored; use --force to promote it anyway"
+        )
     verdict = gate(value, held, min_improvement) if value is not None else {"passes": False}
     moved = str(version) != holder and (verdict["passes"] or force)
     if moved:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-    report = {"version": str(version), "value": value, "holder": holder, "holder_value": held, "metric": metric,
-              "benchmark_fingerprint": meta["fingerprint"], "min_improvement": min_improvement, **verdict,
-              "forced": bool(force and moved and not verdict.get("passes")), "promoted": moved,
-              "champion_version": str(version) if moved else holder}
+    report = {
+        "version": str(version),
+        "value": value,
+        "holder": holder,
+        "holder_value": held,
+        "metric": metric,
+        "benchmark_fingerprint": meta["fingerprint"],
+        "min_improvement": min_improvement,
+        **verdict,
+        "forced": bool(force and moved and not verdict.get("passes")),
+        "promoted": moved,
+        "champion_version": str(version) if moved else holder,
+    }
     client.set_model_version_tag(name, str(version), "champion_decision", json.dumps({**report, "by": "promote"}))
     return report
 

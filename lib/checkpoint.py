@@ -59,8 +59,10 @@ def storage_error(what: str, path: str | Path, error: BaseException, kept: str =
             free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB"
             break
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return StorageError(f"could not write {what} to {path}: {reason} ({free} free there); free disk space or "
-                        f"point data.cache_dir at a larger disk, then run again{kept}")
+    return StorageError(
+        f"could not write {what} to {path}: {reason} ({free} free there); free disk space or "
+        f"point data.cache_dir at a larger disk, then run again{kept}"
+    )
 
 
 @dataclass
@@ -76,8 +78,13 @@ def checkpoint_key(config: PipelineConfig, dataset_fingerprint: str, dataset_pat
     """16 hex digits of sha256 over the dataset and the training-relevant config; and what was hashed."""
     train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in BOOKKEEPING}
     # The dataset folder name adds the base, block length and packing that produced the blocks.
-    payload = {"dataset": dataset_fingerprint, "dataset_dir": Path(dataset_path).name,
-               "model": config.model.model_dump(mode="json"), "lora": config.lora.model_dump(mode="json"), "train": train}
+    payload = {
+        "dataset": dataset_fingerprint,
+        "dataset_dir": Path(dataset_path).name,
+        "model": config.model.model_dump(mode="json"),
+        "lora": config.lora.model_dump(mode="json"),
+        "train": train,
+    }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     return digest[:16], payload
 
@@ -134,8 +141,11 @@ def latest(directory: str | Path | None) -> Checkpoint | None:
 
 def _rng_state() -> dict:
     # Dropout draws from these; restoring them makes a resumed run draw the same masks as an unbroken one.
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _restore_rng(rng: dict) -> None:
@@ -184,8 +194,14 @@ def save(directory: str | Path, step: int, model, optimizer, scheduler, state: d
     for old in _complete(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())  # bytes on disk, this checkpoint only
-    log.info("checkpoint step %d/%s written: %s in %.1f s -> %s", step, state.get("total_steps", "?"), _size_text(size),
-             time.perf_counter() - started, final)
+    log.info(
+        "checkpoint step %d/%s written: %s in %.1f s -> %s",
+        step,
+        state.get("total_steps", "?"),
+        _size_text(size),
+        time.perf_counter() - started,
+        final,
+    )
     return final
 
 
@@ -208,8 +224,10 @@ def load(checkpoint: Checkpoint, model, optimizer, scheduler, total_steps: int) 
     result = set_peft_model_state_dict(model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
-        raise CheckpointError(f"{checkpoint.path}: adapter does not fit the model (unexpected "
-                              f"{result.unexpected_keys[:3]}, missing {missing[:3]}); delete {checkpoint.path.parent}")
+        raise CheckpointError(
+            f"{checkpoint.path}: adapter does not fit the model (unexpected "
+            f"{result.unexpected_keys[:3]}, missing {missing[:3]}); delete {checkpoint.path.parent}"
+        )
     trainer = torch.load(checkpoint.path / TRAINER, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])

@@ -97,8 +97,9 @@ class TinyModelConfig(_Strict):
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         if self.pretrain_steps and self.pretrain_length > self.max_position_embeddings:
-            raise ValueError(f"pretrain_length={self.pretrain_length} exceeds max_position_embeddings="
-                             f"{self.max_position_embeddings}")
+            raise ValueError(
+                f"pretrain_length={self.pretrain_length} exceeds max_position_embeddings={self.max_position_embeddings}"
+            )
         return self
 
 
@@ -197,8 +198,9 @@ class RegistryConfig(_Strict):
     model_name: str = Field("lenta-lora-demo", min_length=1)
     # Scored on the registered model's benchmark (one text set for every version), lower is
     # better. Bits per byte is the one that compares versions on different tokenizers fairly.
-    champion_metric: Literal["benchmark_perplexity", "benchmark_bits_per_byte", "benchmark_bits_per_char",
-                             "benchmark_word_perplexity"] = "benchmark_bits_per_byte"
+    champion_metric: Literal[
+        "benchmark_perplexity", "benchmark_bits_per_byte", "benchmark_bits_per_char", "benchmark_word_perplexity"
+    ] = "benchmark_bits_per_byte"
     # A challenger takes `champion` only if its value is below holder * (1 - min_improvement).
     min_improvement: float = Field(0.002, ge=0, lt=1)
     # The texts every version of the model is judged on, fixed when the model gets its first
@@ -225,8 +227,10 @@ class PipelineConfig(_Strict):
     def _fits_context(self) -> PipelineConfig:
         if self.lora.init_weights in BASE_MUTATING_INITS and self.model.precision in ("int8", "nf4"):
             # PiSSA/OLoRA rewrite the base weights; a quantized base cannot hold the residual exactly.
-            raise ValueError(f"lora.init_weights={self.lora.init_weights!r} needs an unquantized base, "
-                             f"got model.precision={self.model.precision!r}")
+            raise ValueError(
+                f"lora.init_weights={self.lora.init_weights!r} needs an unquantized base, "
+                f"got model.precision={self.model.precision!r}"
+            )
         if self.model.name == TINY_MODEL and self.train.max_length > self.model.tiny.max_position_embeddings:
             raise ValueError(
                 f"train.max_length={self.train.max_length} exceeds the tiny model's context "
@@ -275,7 +279,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
             hint = f"; did you mean {'.'.join([*map(str, item['loc'][:-1]), close[0]])}?" if close else ""
             lines.append(f"  - {where}: unknown key{hint} (valid keys here: {', '.join(valid)})")
             continue
-        got = f" (got {item['input']!r})" if item["type"] not in ("missing",) and not isinstance(item["input"], dict) else ""
+        got = (
+            f" (got {item['input']!r})"
+            if item["type"] not in ("missing",) and not isinstance(item["input"], dict)
+            else ""
+        )
         lines.append(f"  - {where}: {item['msg']}{got}")
     return "\n".join(lines)
 

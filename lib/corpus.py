@@ -28,6 +28,7 @@ Cleaning decisions (applied to every row):
     header) are ignored; a header one field shorter than the rows (R-style
     index without a header cell) is read the way pandas reads it.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -53,16 +54,18 @@ _ARCHIVE_MAGIC = {b"PK\x03\x04": "zip", b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"
 _MISSING_MARKERS = frozenset({"nan", "NaN", "None", "null", "NULL", "<NA>"})
 
 _SPACE_CHARS = "\t\v\f\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"
-_DROP_CHARS = "\u200b\u2060\ufeff\u00ad" + "".join(
-    chr(c) for c in [*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F]
-)
-_ODD_REPLACEMENTS = {**{c: " " for c in _SPACE_CHARS}, **{c: "" for c in _DROP_CHARS},
-                     "\r": "\n", "\x85": "\n", "\u2028": "\n", "\u2029": "\n"}
+_DROP_CHARS = "\u200b\u2060\ufeff\u00ad" + "".join(chr(c) for c in [*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
+_ODD_REPLACEMENTS = {
+    **{c: " " for c in _SPACE_CHARS},
+    **{c: "" for c in _DROP_CHARS},
+    "\r": "\n",
+    "\x85": "\n",
+    "\u2028": "\n",
+    "\u2029": "\n",
+}
 _ODD_CHAR = re.compile("[" + re.escape("".join(_ODD_REPLACEMENTS)) + "]")
 _SPACE_RUN = re.compile(r" {2,}")
-_DATE = re.compile(
-    r"(\d{4})([/-])(\d{1,2})\2(\d{1,2})(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?"
-)
+_DATE = re.compile(r"(\d{4})([/-])(\d{1,2})\2(\d{1,2})(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?")
 # Punctuation for dedupe: every ASCII byte that is not a letter or digit, plus
 # U+0080-U+00BF (« » NBSP ©), U+2000-U+206F (— – … “ ” „ and odd spaces) and
 # U+2116 (№), matched on UTF-8 bytes. An explicit set instead of \W because a
@@ -86,9 +89,7 @@ class Article:
     date: str  # "YYYY-MM-DD", or "" when missing or unparseable
 
 
-def iter_articles(
-    path: str | Path, *, stats: Counter | None = None, on_bad_row: str = "error"
-) -> Iterator[Article]:
+def iter_articles(path: str | Path, *, stats: Counter | None = None, on_bad_row: str = "error") -> Iterator[Article]:
     """Stream cleaned articles from a Kaggle-format Lenta CSV.
 
     Path problems raise CorpusError at call time; content problems (encoding,
@@ -130,11 +131,14 @@ def _read_articles(path: Path, stats: Counter, on_bad_row: str) -> Iterator[Arti
         try:
             yield from _parse_rows(path, reader, stats, on_bad_row)
         except UnicodeDecodeError as exc:
-            raise CorpusError(f"{path}: not valid UTF-8 ({_locate_bad_utf8(path)}); "
-                              f"re-save it as UTF-8, e.g. iconv -f cp1251 -t utf-8") from exc
+            raise CorpusError(
+                f"{path}: not valid UTF-8 ({_locate_bad_utf8(path)}); "
+                f"re-save it as UTF-8, e.g. iconv -f cp1251 -t utf-8"
+            ) from exc
         except csv.Error as exc:
-            raise CorpusError(f"{path}: malformed CSV near line {reader.line_num} ({exc}); "
-                              f"check the quoting there") from exc
+            raise CorpusError(
+                f"{path}: malformed CSV near line {reader.line_num} ({exc}); check the quoting there"
+            ) from exc
 
 
 def _parse_rows(path: Path, reader, stats: Counter, on_bad_row: str) -> Iterator[Article]:
@@ -162,7 +166,8 @@ def _parse_rows(path: Path, reader, stats: Counter, on_bad_row: str) -> Iterator
             lines = f"{first_line}-{last_line}" if last_line > first_line else f"{first_line}"
             raise CorpusError(
                 f"{path}: the row at line {lines} has {len(row)} fields but the header has "
-                f"{len(names)}; fix the quoting of that row or pass on_bad_row='skip'")
+                f"{len(names)}; fix the quoting of that row or pass on_bad_row='skip'"
+            )
         # Short rows are padded with "" the way pandas pads them with NaN.
         fields = [row[i + shift] if i + shift < len(row) else "" for i in columns]
         article = clean_row(*fields)
@@ -176,20 +181,25 @@ def _parse_rows(path: Path, reader, stats: Counter, on_bad_row: str) -> Iterator
     if stats["rows"] == 0:
         raise CorpusError(f"{path}: file has a header but no data rows; re-download lenta-ru-news.csv")
     if stats["yielded"] == 0:
-        raise CorpusError(f"{path}: none of the {stats['rows']} rows has text after cleaning; "
-                          f"check that the 'text' column holds the article bodies")
+        raise CorpusError(
+            f"{path}: none of the {stats['rows']} rows has text after cleaning; "
+            f"check that the 'text' column holds the article bodies"
+        )
 
 
 def _locate_columns(path: Path, names: list[str]) -> list[int]:
     missing = [column for column in REQUIRED_COLUMNS if column not in names]
     if missing:
         found = ", ".join(repr(name) for name in names)
-        raise CorpusError(f"{path}: missing required column(s) {', '.join(missing)}; found {found}; "
-                          f"expected the Kaggle header url,title,text,topic,tags,date")
+        raise CorpusError(
+            f"{path}: missing required column(s) {', '.join(missing)}; found {found}; "
+            f"expected the Kaggle header url,title,text,topic,tags,date"
+        )
     doubled = [column for column in REQUIRED_COLUMNS if names.count(column) > 1]
     if doubled:
-        raise CorpusError(f"{path}: column(s) {', '.join(doubled)} appear more than once in the header; "
-                          f"keep one of each")
+        raise CorpusError(
+            f"{path}: column(s) {', '.join(doubled)} appear more than once in the header; keep one of each"
+        )
     return [names.index(column) for column in REQUIRED_COLUMNS]
 
 

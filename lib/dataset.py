@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from lib import faults
-from lib.config import SAMPLE_CSV, TINY_MODEL, DataConfig, ModelConfig, TinyModelConfig
 from lib.base_model import load_tokenizer, resolve_base
+from lib.config import SAMPLE_CSV, TINY_MODEL, DataConfig, ModelConfig, TinyModelConfig
 from lib.corpus import article_key, iter_articles, join_title_and_text, text_digest
 from lib.splits import describe_splits, fingerprint_articles, select_articles, split_articles
 
@@ -47,8 +47,9 @@ def document_prefix(tokenizer) -> list[int]:
     return [bos] if bos is not None and bos != tokenizer.eos_token_id and bos in added else []
 
 
-def pack_documents(token_lists: list[list[int]], eos_id: int, block: int,
-                   prefix: list[int] = ()) -> tuple[np.ndarray, int]:
+def pack_documents(
+    token_lists: list[list[int]], eos_id: int, block: int, prefix: list[int] = ()
+) -> tuple[np.ndarray, int]:
     """Concatenate documents (each `prefix` + tokens + EOS: one EOS between two documents) and cut
     `block`-token rows; return rows and dropped tokens.
 
@@ -64,8 +65,9 @@ def pack_documents(token_lists: list[list[int]], eos_id: int, block: int,
     return stream[:usable].reshape(-1, block), len(stream) - usable
 
 
-def pad_documents(token_lists: list[list[int]], pad_id: int, block: int,
-                  prefix: list[int] = ()) -> tuple[np.ndarray, np.ndarray, int]:
+def pad_documents(
+    token_lists: list[list[int]], pad_id: int, block: int, prefix: list[int] = ()
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The seed recipe exactly: `tokenizer(text, truncation=True, max_length=block, padding="max_length")`
     (whose special tokens are the `prefix`: a Llama's BOS, nothing for GPT-Neo).
 
@@ -92,16 +94,25 @@ def tokenize_documents(tokenizer, documents: list[str], num_proc: int) -> list[l
         return []
     table = Dataset.from_dict({"document": documents})
     procs = num_proc if len(documents) >= 1000 * num_proc else 1  # process start-up costs ~seconds
-    tokenized = table.map(lambda batch: {"ids": tokenizer(batch["document"], add_special_tokens=False)["input_ids"]},
-                          batched=True, batch_size=500, num_proc=procs if procs > 1 else None,
-                          remove_columns=["document"], desc="tokenize", keep_in_memory=True)
+    tokenized = table.map(
+        lambda batch: {"ids": tokenizer(batch["document"], add_special_tokens=False)["input_ids"]},
+        batched=True,
+        batch_size=500,
+        num_proc=procs if procs > 1 else None,
+        remove_columns=["document"],
+        desc="tokenize",
+        keep_in_memory=True,
+    )
     return tokenized["ids"]
 
 
 def fingerprint_settings(data: DataConfig) -> dict:
     """The data settings that decide which rows are selected (not where files live or how fast)."""
-    return {k: v for k, v in data.model_dump(mode="json").items()
-            if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")}
+    return {
+        k: v
+        for k, v in data.model_dump(mode="json").items()
+        if k not in ("cache_dir", "kaggle_secret_block", "path", "num_proc")
+    }
 
 
 def corpus_path(data: DataConfig, downloaded: str | None = None) -> Path:
@@ -126,13 +137,20 @@ def _block_dataset(tokenizer, documents: list[str], block: int, packing: bool, n
         masks = np.ones_like(blocks)
     else:
         blocks, masks, dropped = pad_documents(token_lists, tokenizer.pad_token_id, block, prefix)
-    stats = {"documents": len(documents), "tokens": sum(map(len, token_lists)), "blocks": len(blocks),
-             "real_tokens": int(masks.sum()), "padding_tokens": int(masks.size - masks.sum()), "dropped_tokens": dropped}
+    stats = {
+        "documents": len(documents),
+        "tokens": sum(map(len, token_lists)),
+        "blocks": len(blocks),
+        "real_tokens": int(masks.sum()),
+        "padding_tokens": int(masks.size - masks.sum()),
+        "dropped_tokens": dropped,
+    }
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": masks}), stats
 
 
-def pretraining_documents(csv_path: str | Path, data: DataConfig, tiny: TinyModelConfig, splits: dict,
-                          train_documents: list[str]) -> list[str]:
+def pretraining_documents(
+    csv_path: str | Path, data: DataConfig, tiny: TinyModelConfig, splits: dict, train_documents: list[str]
+) -> list[str]:
     """What the offline tiny base and its BPE are trained on (`model.tiny.pretrain_corpus`).
 
     `train_split`: the fine-tuning train split. `corpus`: every article of the CSV (cleaned,
@@ -145,21 +163,39 @@ def pretraining_documents(csv_path: str | Path, data: DataConfig, tiny: TinyMode
     held_out = [a for name in ("validation", "test") for a in splits[name]]
     keys, digests = {article_key(a) for a in held_out}, {text_digest(a.text) for a in held_out}
     excluded = {topic.strip().casefold() for topic in tiny.pretrain_exclude_topics}
-    pool = select_articles(iter_articles(csv_path), date_from=_to_date(data.date_from), date_to=_to_date(data.date_to),
-                           min_text_chars=data.min_text_chars, max_articles=tiny.pretrain_max_articles,
-                           seed=tiny.seed, source=csv_path)
-    kept = [join_title_and_text(a) for a in pool if a.topic.strip().casefold() not in excluded
-            and article_key(a) not in keys and text_digest(a.text) not in digests]
+    pool = select_articles(
+        iter_articles(csv_path),
+        date_from=_to_date(data.date_from),
+        date_to=_to_date(data.date_to),
+        min_text_chars=data.min_text_chars,
+        max_articles=tiny.pretrain_max_articles,
+        seed=tiny.seed,
+        source=csv_path,
+    )
+    kept = [
+        join_title_and_text(a)
+        for a in pool
+        if a.topic.strip().casefold() not in excluded
+        and article_key(a) not in keys
+        and text_digest(a.text) not in digests
+    ]
     if not kept:
-        raise ValueError(f"{csv_path}: no article is left to pretrain the tiny base on "
-                         f"(model.tiny.pretrain_exclude_topics={tiny.pretrain_exclude_topics})")
-    log.info("tiny base corpus: %d articles (%d characters), topics %s held out", len(kept), sum(map(len, kept)),
-             sorted(excluded) or "none")
+        raise ValueError(
+            f"{csv_path}: no article is left to pretrain the tiny base on "
+            f"(model.tiny.pretrain_exclude_topics={tiny.pretrain_exclude_topics})"
+        )
+    log.info(
+        "tiny base corpus: %d articles (%d characters), topics %s held out",
+        len(kept),
+        sum(map(len, kept)),
+        sorted(excluded) or "none",
+    )
     return kept
 
 
-def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConfig, max_length: int,
-                    output_root: str | Path) -> dict:
+def prepare_dataset(
+    csv_path: str | Path, data: DataConfig, model_cfg: ModelConfig, max_length: int, output_root: str | Path
+) -> dict:
     """Read, clean, split and tokenize the corpus; save it atomically; return its path and facts.
 
     The output folder is named by the dataset fingerprint plus tokenizer and block settings, so an
@@ -170,9 +206,13 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
 
     csv_path = Path(csv_path)
     selected = select_articles(
-        iter_articles(csv_path), topics=data.topics, date_from=_to_date(data.date_from),
-        date_to=_to_date(data.date_to), min_text_chars=data.min_text_chars,
-        max_articles=data.max_articles, seed=data.seed,
+        iter_articles(csv_path),
+        topics=data.topics,
+        date_from=_to_date(data.date_from),
+        date_to=_to_date(data.date_to),
+        min_text_chars=data.min_text_chars,
+        max_articles=data.max_articles,
+        seed=data.seed,
     )
     splits = split_articles(selected, data.splits.model_dump())
     fingerprint = fingerprint_articles(splits, fingerprint_settings(data))
@@ -180,8 +220,11 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
     if not documents["train"]:
         raise ValueError(f"{csv_path}: no article fell into the train split; add articles or change data.splits")
 
-    pretrain = (pretraining_documents(csv_path, data, model_cfg.tiny, splits, documents["train"])
-                if model_cfg.name == TINY_MODEL else documents["train"])
+    pretrain = (
+        pretraining_documents(csv_path, data, model_cfg.tiny, splits, documents["train"])
+        if model_cfg.name == TINY_MODEL
+        else documents["train"]
+    )
     tiny = model_cfg.tiny
     bpe_texts = None
     if model_cfg.name == TINY_MODEL and tiny.tokenizer_includes_train_split:
@@ -198,19 +241,32 @@ def prepare_dataset(csv_path: str | Path, data: DataConfig, model_cfg: ModelConf
         log.info("reusing prepared dataset %s", final)
         return json.loads(info_path.read_text())
 
-    parts = {name: Dataset.from_list([{**asdict(a), "document": doc} for a, doc in zip(splits[name], documents[name])])
-             for name in SPLITS}
+    parts = {
+        name: Dataset.from_list([{**asdict(a), "document": doc} for a, doc in zip(splits[name], documents[name])])
+        for name in SPLITS
+    }
     block_stats = {}
     for name in ("train", "validation"):
-        parts[f"{name}_blocks"], block_stats[name] = _block_dataset(tokenizer, documents[name], max_length,
-                                                                    data.packing, data.num_proc)
+        parts[f"{name}_blocks"], block_stats[name] = _block_dataset(
+            tokenizer, documents[name], max_length, data.packing, data.num_proc
+        )
     if not len(parts["train_blocks"]):
         raise ValueError(f"{csv_path}: the train split has fewer than {max_length} tokens; lower train.max_length")
 
-    stats = {**describe_splits(splits), "blocks": block_stats,
-             "tokens_per_char": block_stats["train"]["tokens"] / max(1, sum(map(len, documents["train"])))}
-    info = {"path": str(final.resolve()), "fingerprint": fingerprint, "base": base, "csv": str(csv_path),
-            "max_length": max_length, "packing": data.packing, "stats": stats}
+    stats = {
+        **describe_splits(splits),
+        "blocks": block_stats,
+        "tokens_per_char": block_stats["train"]["tokens"] / max(1, sum(map(len, documents["train"]))),
+    }
+    info = {
+        "path": str(final.resolve()),
+        "fingerprint": fingerprint,
+        "base": base,
+        "csv": str(csv_path),
+        "max_length": max_length,
+        "packing": data.packing,
+        "stats": stats,
+    }
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{os.getpid()}-"))

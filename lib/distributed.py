@@ -59,8 +59,9 @@ def _bootstrap(rank: int, world: int, init_method: str, backend_name: str, targe
     # lib.base_model's device_map {"": 0} puts every rank on its own card.
     os.environ["CUDA_VISIBLE_DEVICES"] = _visible_gpu(rank)
     torch.set_num_threads(_threads_per_process(world))
-    dist.init_process_group(backend_name, init_method=init_method, rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        backend_name, init_method=init_method, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+    )
     try:
         target(*args, rank=rank, world=world)
     finally:
@@ -77,16 +78,19 @@ def process_group(world: int, target: Callable, args: tuple) -> Iterator[None]:
     """
     init_method, backend_name = f"tcp://127.0.0.1:{_free_port()}", backend(world)
     context = mp.get_context("spawn")
-    workers = [context.Process(target=_bootstrap, args=(rank, world, init_method, backend_name, target, args), daemon=True)
-               for rank in range(1, world)]
+    workers = [
+        context.Process(target=_bootstrap, args=(rank, world, init_method, backend_name, target, args), daemon=True)
+        for rank in range(1, world)
+    ]
     for worker in workers:
         worker.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(_threads_per_process(world))
     ok = False
     try:
-        dist.init_process_group(backend_name, init_method=init_method, rank=0, world_size=world,
-                                timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(
+            backend_name, init_method=init_method, rank=0, world_size=world, timeout=COLLECTIVE_TIMEOUT
+        )
         try:
             yield
             ok = True

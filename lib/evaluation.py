@@ -35,8 +35,9 @@ log = logging.getLogger("lenta_lora.evaluate")
 TEXT_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "repeated_4gram_share")
 MIN_WORD_LETTERS = 3  # shorter words (в, на, и) are in every domain's vocabulary
 # Direction of "better", for readers of the summary table (the registry only uses the champion metric).
-LOWER_IS_BETTER = frozenset({"test_perplexity", "test_bits_per_byte", "test_bits_per_char", "test_word_perplexity",
-                             "repeated_4gram_share"})
+LOWER_IS_BETTER = frozenset(
+    {"test_perplexity", "test_bits_per_byte", "test_bits_per_char", "test_word_perplexity", "repeated_4gram_share"}
+)
 SAMPLE_COLUMNS = ("prompt", "reference", "base_output", "tuned_output")
 
 
@@ -62,9 +63,14 @@ def score_both(model, tokenizer, texts: list[str], config: PipelineConfig) -> tu
 
 
 def generate_both(model, tokenizer, prompts: list[str], config: PipelineConfig) -> tuple[list[str], list[str]]:
-    kwargs = {"max_new_tokens": config.eval.max_new_tokens, "do_sample": config.eval.do_sample,
-              "temperature": config.eval.temperature, "top_p": config.eval.top_p, "seed": config.eval.seed,
-              "batch_size": config.eval.batch_size}
+    kwargs = {
+        "max_new_tokens": config.eval.max_new_tokens,
+        "do_sample": config.eval.do_sample,
+        "temperature": config.eval.temperature,
+        "top_p": config.eval.top_p,
+        "seed": config.eval.seed,
+        "batch_size": config.eval.batch_size,
+    }
     with model.disable_adapter():
         base = generate_continuations(model, tokenizer, prompts, **kwargs)
     return base, generate_continuations(model, tokenizer, prompts, **kwargs)
@@ -101,7 +107,9 @@ def metrics_markdown(metrics: dict[str, float]) -> str:
     """
     known = [f"test_{k}" for k in CORPUS_METRICS] + list(TEXT_METRICS)
     names = [k for k in known if k in metrics and f"base_{k}" in metrics]
-    names += sorted(k for k in metrics if f"base_{k}" in metrics and k not in names and not k.startswith(("base_", "delta_")))
+    names += sorted(
+        k for k in metrics if f"base_{k}" in metrics and k not in names and not k.startswith(("base_", "delta_"))
+    )
     lines = ["| metric | base | tuned | delta | better |", "|---|---:|---:|---:|---|"]
     for name in names:
         base, tuned = metrics[f"base_{name}"], metrics[name]
@@ -142,14 +150,22 @@ def write_samples(rows: list[dict], output_dir: Path, shift: dict | None = None)
     text = samples_markdown(rows, ("base_chrf", "tuned_chrf"))
     if shift:
         fmt = lambda items: ", ".join(f"{w} ({b} -> {t})" for w, b, t in items) or "none"  # noqa: E731
-        text += ("\n### Words that moved\n\nDomain words (from the fine-tuning train split) that the tuned samples "
-                 f"use more than the base's: {fmt(shift['gained'])}.\n\nLess: {fmt(shift['lost'])}.\n")
+        text += (
+            "\n### Words that moved\n\nDomain words (from the fine-tuning train split) that the tuned samples "
+            f"use more than the base's: {fmt(shift['gained'])}.\n\nLess: {fmt(shift['lost'])}.\n"
+        )
     md_path.write_text(text, encoding="utf-8")
     return json_path, md_path
 
 
-def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: PipelineConfig, output_dir: str | Path,
-                   domain_vocabulary: set[str] | None = None) -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    test: dict[str, list[str]],
+    config: PipelineConfig,
+    output_dir: str | Path,
+    domain_vocabulary: set[str] | None = None,
+) -> dict:
     """Score base vs tuned on `test` (lists `document`, `title`, `text`); write samples.
 
     Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`, `test_tokens`), `samples_json`,
@@ -178,20 +194,43 @@ def evaluate_model(model, tokenizer, test: dict[str, list[str]], config: Pipelin
             metrics.update(name_metrics(*shares, ("domain_word_share",)))
             shift = word_shift(base_out, tuned_out, domain_vocabulary)
         signature = str(tuned_text.get("bleu_signature", ""))
-        rows = [{"prompt": p, "reference": r, "base_output": b, "tuned_output": t, "base_chrf": bc, "tuned_chrf": tc}
-                for p, r, b, t, bc, tc in zip(prompts, references, base_out, tuned_out,
-                                              chrf_per_sample(base_out, references), chrf_per_sample(tuned_out, references))]
+        rows = [
+            {"prompt": p, "reference": r, "base_output": b, "tuned_output": t, "base_chrf": bc, "tuned_chrf": tc}
+            for p, r, b, t, bc, tc in zip(
+                prompts,
+                references,
+                base_out,
+                tuned_out,
+                chrf_per_sample(base_out, references),
+                chrf_per_sample(tuned_out, references),
+            )
+        ]
     json_path, md_path = write_samples(rows, Path(output_dir), shift)
-    log.info("test perplexity base %.2f -> tuned %.2f; bits/byte %.3f -> %.3f", metrics["base_test_perplexity"],
-             metrics["test_perplexity"], metrics["base_test_bits_per_byte"], metrics["test_bits_per_byte"])
+    log.info(
+        "test perplexity base %.2f -> tuned %.2f; bits/byte %.3f -> %.3f",
+        metrics["base_test_perplexity"],
+        metrics["test_perplexity"],
+        metrics["base_test_bits_per_byte"],
+        metrics["test_bits_per_byte"],
+    )
     if shift:
         log.info("domain words the tuned samples use more: %s", shift["gained"])
-    return {"metrics": metrics, "samples_json": str(json_path), "samples_md": str(md_path), "bleu_signature": signature,
-            "word_shift": shift}
+    return {
+        "metrics": metrics,
+        "samples_json": str(json_path),
+        "samples_md": str(md_path),
+        "bleu_signature": signature,
+        "word_shift": shift,
+    }
 
 
-def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str | Path,
-                     benchmark: Benchmark | None = None) -> dict:
+def evaluate_adapter(
+    dataset_path: str,
+    adapter_dir: str,
+    config: PipelineConfig,
+    output_dir: str | Path,
+    benchmark: Benchmark | None = None,
+) -> dict:
     """The fine-tuning flow's evaluation: the prepared dataset's test split, the adapter just trained;
     with `benchmark`, also the tuned model's `benchmark_<m>` scores on the registered model's texts."""
     from peft import PeftModel
@@ -212,14 +251,17 @@ def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig
     vocabulary = set(content_words(list(prepared["train"]["document"])))
     result = evaluate_model(model, tokenizer, columns, config, output_dir, vocabulary)
     if benchmark is not None:
-        result["metrics"].update(benchmark_scores(model, tokenizer, benchmark, columns["document"], result["metrics"], config))
+        result["metrics"].update(
+            benchmark_scores(model, tokenizer, benchmark, columns["document"], result["metrics"], config)
+        )
     del model  # nothing after evaluation needs it (registration loads no model)
     free_memory()
     return result
 
 
-def benchmark_scores(model, tokenizer, benchmark: Benchmark, test_documents: list[str], metrics: dict,
-                     config: PipelineConfig) -> dict[str, float]:
+def benchmark_scores(
+    model, tokenizer, benchmark: Benchmark, test_documents: list[str], metrics: dict, config: PipelineConfig
+) -> dict[str, float]:
     """The tuned model's `benchmark_<m>`. When the benchmark is this very test split with the same
     windows (the first version of a model, or an unchanged corpus), the test scores are those
     numbers already: same texts, same windows, and the scores do not depend on batch size."""
@@ -227,17 +269,25 @@ def benchmark_scores(model, tokenizer, benchmark: Benchmark, test_documents: lis
 
     if benchmark_fingerprint(test_documents, config.train.max_length, config.eval.stride) == benchmark.fingerprint:
         log.info("benchmark %s is this run's test split: its scores are the test scores", benchmark.fingerprint[:12])
-        return {f"benchmark_{k}": metrics[f"test_{k}"] for k in CORPUS_METRICS} | {"benchmark_tokens": metrics["test_tokens"]}
+        return {f"benchmark_{k}": metrics[f"test_{k}"] for k in CORPUS_METRICS} | {
+            "benchmark_tokens": metrics["test_tokens"]
+        }
     _, documents = read_benchmark(benchmark.path)
-    scores = score_benchmark(model, tokenizer, benchmark, documents, config.eval.batch_size,
-                             model_context_length(model, tokenizer))
-    log.info("benchmark %s: bits/byte %.4f on %d texts", benchmark.fingerprint[:12], scores["benchmark_bits_per_byte"],
-             len(documents))
+    scores = score_benchmark(
+        model, tokenizer, benchmark, documents, config.eval.batch_size, model_context_length(model, tokenizer)
+    )
+    log.info(
+        "benchmark %s: bits/byte %.4f on %d texts",
+        benchmark.fingerprint[:12],
+        scores["benchmark_bits_per_byte"],
+        len(documents),
+    )
     return scores
 
 
-def score_registered_on_benchmark(tracking_uri: str, registered_uri: str, benchmark: Benchmark,
-                                  batch_size: int) -> dict[str, float]:
+def score_registered_on_benchmark(
+    tracking_uri: str, registered_uri: str, benchmark: Benchmark, batch_size: int
+) -> dict[str, float]:
     """`benchmark_<m>` of a registered version (one registered before benchmarks, say)."""
     from lib.benchmark import read_benchmark, score_benchmark
     from lib.loading import load_registered
@@ -255,8 +305,13 @@ def score_registered_on_benchmark(tracking_uri: str, registered_uri: str, benchm
 # --------------------------------------------------------------------------------------------
 
 
-def evaluation_config(source_config_yaml: str | None, config_path: str | None = None, overrides: list[str] = (),
-                      csv: str | None = None, tracking_uri: str | None = None) -> PipelineConfig:
+def evaluation_config(
+    source_config_yaml: str | None,
+    config_path: str | None = None,
+    overrides: list[str] = (),
+    csv: str | None = None,
+    tracking_uri: str | None = None,
+) -> PipelineConfig:
     """Config of a re-evaluation: `config_path` if given, else the config the version was trained with.
 
     The training config is the default because it fixes what makes numbers comparable with the
@@ -270,8 +325,9 @@ def evaluation_config(source_config_yaml: str | None, config_path: str | None = 
         raw = yaml.safe_load(source_config_yaml) or {}
     else:
         raise FileNotFoundError("the registered version's run has no config.yaml; pass --config PATH")
-    raw.setdefault("data", {}).update({"source": "csv", "path": str(Path(csv).expanduser().resolve())} if csv
-                                      else {"source": "sample", "path": None})
+    raw.setdefault("data", {}).update(
+        {"source": "csv", "path": str(Path(csv).expanduser().resolve())} if csv else {"source": "sample", "path": None}
+    )
     if tracking_uri:
         raw.setdefault("tracking", {})["uri"] = tracking_uri
     return build_config(raw, list(overrides), source=config_path or "the registered version's config.yaml")
@@ -284,22 +340,36 @@ def test_split(csv_path: str | Path, config: PipelineConfig) -> dict:
     evaluation can say whether it saw the very data the version was trained and tested on.
     """
     data = config.data
-    selected = select_articles(iter_articles(csv_path), topics=data.topics, date_from=data.date_from,
-                               date_to=data.date_to, min_text_chars=data.min_text_chars,
-                               max_articles=data.max_articles, seed=data.seed, source=csv_path)
+    selected = select_articles(
+        iter_articles(csv_path),
+        topics=data.topics,
+        date_from=data.date_from,
+        date_to=data.date_to,
+        min_text_chars=data.min_text_chars,
+        max_articles=data.max_articles,
+        seed=data.seed,
+        source=csv_path,
+    )
     splits = split_articles(selected, data.splits.model_dump())
     # The same settings as prepare_dataset, so equal data gives an equal fingerprint.
     settings = fingerprint_settings(data)
     test = splits["test"]
     if not test:
-        raise CorpusError(f"{csv_path}: the test split is empty ({len(selected)} articles selected); "
-                          "raise data.splits.test or pass a larger --csv")
-    return {"document": [join_title_and_text(a) for a in test], "title": [a.title for a in test],
-            "text": [a.text for a in test], "fingerprint": fingerprint_articles(splits, settings)}
+        raise CorpusError(
+            f"{csv_path}: the test split is empty ({len(selected)} articles selected); "
+            "raise data.splits.test or pass a larger --csv"
+        )
+    return {
+        "document": [join_title_and_text(a) for a in test],
+        "title": [a.title for a in test],
+        "text": [a.text for a in test],
+        "fingerprint": fingerprint_articles(splits, settings),
+    }
 
 
-def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | Path, config: PipelineConfig,
-                        output_dir: str | Path) -> dict:
+def evaluate_registered(
+    tracking_uri: str, registered_uri: str, csv_path: str | Path, config: PipelineConfig, output_dir: str | Path
+) -> dict:
     """Re-evaluate `models:/NAME/VERSION` on the test split of `csv_path`; same result keys as
     `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
     from lib.loading import load_registered
@@ -308,8 +378,10 @@ def evaluate_registered(tracking_uri: str, registered_uri: str, csv_path: str | 
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     context = model_context_length(model, tokenizer)
     if context is not None and config.train.max_length > context:
-        raise ConfigError(f"{registered_uri}: train.max_length={config.train.max_length} (the scoring window) exceeds "
-                          f"the model's context of {context} tokens; pass --set train.max_length={context}")
+        raise ConfigError(
+            f"{registered_uri}: train.max_length={config.train.max_length} (the scoring window) exceeds "
+            f"the model's context of {context} tokens; pass --set train.max_length={context}"
+        )
     test = test_split(csv_path, config)
     result = evaluate_model(model, tokenizer, test, config, output_dir)
     del model

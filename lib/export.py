@@ -50,8 +50,9 @@ def default_dtype(precision: str) -> str:
     return precision if precision in DTYPES else "fp32"
 
 
-def export_version(uri: str, registered_uri: str, out: str | Path, merged: bool = False,
-                   dtype: str | None = None) -> dict:
+def export_version(
+    uri: str, registered_uri: str, out: str | Path, merged: bool = False, dtype: str | None = None
+) -> dict:
     """Write `registered_uri` (models:/NAME/VERSION or models:/NAME@ALIAS) to the new folder `out`.
 
     `dtype` (bf16/fp16/fp32, merged only; default `default_dtype` of the version's precision).
@@ -105,10 +106,23 @@ def export_version(uri: str, registered_uri: str, out: str | Path, merged: bool 
             raise
     files = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     seconds = time.monotonic() - started
-    log.info("exported %s to %s: %d files, %.1f MB in %.0f s", version["where"], out, len(files),
-             sum(files.values()) / 1e6, seconds)
-    return {"out": str(out), "uri": f"models:/{version['name']}/{version['version']}", "mode": "merged" if merged
-            else "adapter", "dtype": dtype, "precision": precision, "files": files, "seconds": seconds}
+    log.info(
+        "exported %s to %s: %d files, %.1f MB in %.0f s",
+        version["where"],
+        out,
+        len(files),
+        sum(files.values()) / 1e6,
+        seconds,
+    )
+    return {
+        "out": str(out),
+        "uri": f"models:/{version['name']}/{version['version']}",
+        "mode": "merged" if merged else "adapter",
+        "dtype": dtype,
+        "precision": precision,
+        "files": files,
+        "seconds": seconds,
+    }
 
 
 def _umask() -> int:
@@ -133,16 +147,19 @@ def _publish(staging: Path, out: Path) -> None:
         os.rename(staging, out)
     except OSError:
         if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-            raise ExportError(f"--out {out} appeared while exporting: refusing to overwrite it; name a new "
-                              "(or empty) folder") from None
+            raise ExportError(
+                f"--out {out} appeared while exporting: refusing to overwrite it; name a new (or empty) folder"
+            ) from None
         raise
 
 
 def _storage_error(out: Path, error: BaseException) -> StorageError:
     free = f"{shutil.disk_usage(out.parent).free / 1e6:.1f} MB" if out.parent.is_dir() else "unknown"
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return StorageError(f"could not write the export to {out}: {reason} ({free} free there); nothing was left "
-                        "there: free disk space or choose another --out")
+    return StorageError(
+        f"could not write the export to {out}: {reason} ({free} free there); nothing was left "
+        "there: free disk space or choose another --out"
+    )
 
 
 def _check_adapter(version: dict, base: dict) -> None:
@@ -182,11 +199,17 @@ def _merged_model(version: dict, dtype: str):
     except (FileNotFoundError, ArtifactIntegrityError) as error:  # base gone or changed: name the version too
         raise type(error)(f"{version['where']}: {error}") from None
     if base.get("precision") in QUANTIZED:
-        log.warning("%s was trained on an %s-quantized base: merging into the base's original unquantized weights "
-                    "(the merged model differs from the version by the quantization error)",
-                    version["where"], base["precision"])
-    log.info("loaded in %.0f s (%.1fM parameters); merging the LoRA weights into the base",
-             time.monotonic() - began, sum(p.numel() for p in model.parameters()) / 1e6)
+        log.warning(
+            "%s was trained on an %s-quantized base: merging into the base's original unquantized weights "
+            "(the merged model differs from the version by the quantization error)",
+            version["where"],
+            base["precision"],
+        )
+    log.info(
+        "loaded in %.0f s (%.1fM parameters); merging the LoRA weights into the base",
+        time.monotonic() - began,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     _untie_adapted_head(model)
     merged = model.merge_and_unload()
     return merged.to(getattr(torch, DTYPES[dtype])), tokenizer
@@ -221,12 +244,16 @@ def _base_lines(base: dict) -> tuple[list[str], str, str]:
     if kind == "hub":
         commit = identity.get("commit") or base.get("revision")
         pinned = "" if identity.get("resolved") else " (not resolved at training: the revision's name)"
-        lines = [f"- base: `{base['name']}` on the Hugging Face hub, revision `{base.get('revision')}`, "
-                 f"commit `{commit}`{pinned}"]
+        lines = [
+            f"- base: `{base['name']}` on the Hugging Face hub, revision `{base.get('revision')}`, "
+            f"commit `{commit}`{pinned}"
+        ]
         return lines, base["name"], f', revision="{commit}"'
     if kind == "tiny":
-        lines = [f"- base: lenta-lora's offline tiny GPT-Neo, built at `{base.get('path')}`; its weights are "
-                 "stored with the registered version (artifacts/base_weights), or export `--merged`"]
+        lines = [
+            f"- base: lenta-lora's offline tiny GPT-Neo, built at `{base.get('path')}`; its weights are "
+            "stored with the registered version (artifacts/base_weights), or export `--merged`"
+        ]
         return lines + ["- base identity (weights as recorded):", *digests], str(base.get("path")), ""
     lines = [f"- base: local folder `{base.get('name')}`", "- base identity (weights as recorded):", *digests]
     return lines, str(base.get("name")), ""
@@ -235,8 +262,10 @@ def _base_lines(base: dict) -> tuple[list[str], str, str]:
 def _metric_lines(tags: dict) -> list[str]:
     shown = {k: v for k, v in sorted(tags.items()) if k.startswith(METRIC_TAGS) and k != "benchmark_fingerprint"}
     bench = tags.get("benchmark_fingerprint")
-    lines = [f"- `{k}`: {v}" + (f" (benchmark {bench[:12]})" if bench and k.startswith("benchmark_") else "")
-             for k, v in shown.items()]
+    lines = [
+        f"- `{k}`: {v}" + (f" (benchmark {bench[:12]})" if bench and k.startswith("benchmark_") else "")
+        for k, v in shown.items()
+    ]
     return lines or ["- none recorded on this version"]
 
 
@@ -247,34 +276,71 @@ def readme(version: dict, base: dict, lora: dict, dtype: str | None) -> str:
     targets = lora.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     merged = dtype is not None
-    what = (f"`{name}` version {number} merged into its base (`merge_and_unload`), {dtype} safetensors + tokenizer"
-            if merged else f"The LoRA adapter of `{name}` version {number} (a PEFT adapter folder + tokenizer)")
-    quantized = (f"\nThe version was trained on an {precision}-quantized base. The merge used the base's original "
-                 "unquantized weights, so this model differs from the version's by that quantization error.\n"
-                 if merged and precision in QUANTIZED else "")
+    what = (
+        f"`{name}` version {number} merged into its base (`merge_and_unload`), {dtype} safetensors + tokenizer"
+        if merged
+        else f"The LoRA adapter of `{name}` version {number} (a PEFT adapter folder + tokenizer)"
+    )
+    quantized = (
+        f"\nThe version was trained on an {precision}-quantized base. The merge used the base's original "
+        "unquantized weights, so this model differs from the version's by that quantization error.\n"
+        if merged and precision in QUANTIZED
+        else ""
+    )
     if merged:
-        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                'model = AutoModelForCausalLM.from_pretrained("<this folder>")  # no peft needed',
-                'tokenizer = AutoTokenizer.from_pretrained("<this folder>")']
-        note = ["", "The sum was made in fp32 and cast once to the export's dtype; in fp32 the logits equal the "
-                "adapter's on its base to < 1e-4 (tests/test_export.py in lenta-lora)."]
+        load = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("<this folder>")  # no peft needed',
+            'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        ]
+        note = [
+            "",
+            "The sum was made in fp32 and cast once to the export's dtype; in fp32 the logits equal the "
+            "adapter's on its base to < 1e-4 (tests/test_export.py in lenta-lora).",
+        ]
     else:
-        load = ["import torch", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                f'base = AutoModelForCausalLM.from_pretrained("{base_arg}"{base_kwargs}, '
-                f'dtype=torch.{base.get("dtype", "float32")})',
-                'model = PeftModel.from_pretrained(base, "<this folder>").eval()',
-                'tokenizer = AutoTokenizer.from_pretrained("<this folder>")']
-        note = (["", f"Trained on an {precision} base: load it with quantization_config=BitsAndBytesConfig(...) "
-                 "to reproduce the version's numerics exactly."] if precision in QUANTIZED else [])
+        load = [
+            "import torch",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'base = AutoModelForCausalLM.from_pretrained("{base_arg}"{base_kwargs}, '
+            f"dtype=torch.{base.get('dtype', 'float32')})",
+            'model = PeftModel.from_pretrained(base, "<this folder>").eval()',
+            'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        ]
+        note = (
+            [
+                "",
+                f"Trained on an {precision} base: load it with quantization_config=BitsAndBytesConfig(...) "
+                "to reproduce the version's numerics exactly.",
+            ]
+            if precision in QUANTIZED
+            else []
+        )
     exported = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([
-        f"# {name} v{number}" + (f" merged ({dtype})" if merged else " LoRA adapter"), "",
-        f"{what}, exported by `lenta-lora export` on {exported}.", quantized,
-        f"- registered model: `models:/{name}/{number}` (MLflow run `{version['run_id']}`)",
-        *base_lines,
-        f"- trained in: {precision} (compute dtype {base.get('dtype', 'float32')})",
-        f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout={lora.get('lora_dropout')}, "
-        f"targets: {targets}, bias: {lora.get('bias')}",
-        "", "## Load it", "", "```python", *load, "```", *note, "",
-        "## Metrics recorded on the version", "", *_metric_lines(version["tags"]), "",
-    ])
+    return "\n".join(
+        [
+            f"# {name} v{number}" + (f" merged ({dtype})" if merged else " LoRA adapter"),
+            "",
+            f"{what}, exported by `lenta-lora export` on {exported}.",
+            quantized,
+            f"- registered model: `models:/{name}/{number}` (MLflow run `{version['run_id']}`)",
+            *base_lines,
+            f"- trained in: {precision} (compute dtype {base.get('dtype', 'float32')})",
+            f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout={lora.get('lora_dropout')}, "
+            f"targets: {targets}, bias: {lora.get('bias')}",
+            "",
+            "## Load it",
+            "",
+            "```python",
+            *load,
+            "```",
+            *note,
+            "",
+            "## Metrics recorded on the version",
+            "",
+            *_metric_lines(version["tags"]),
+            "",
+        ]
+    )

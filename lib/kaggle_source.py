@@ -9,6 +9,7 @@ calls ``exit(1)`` when no credentials exist, and its downloader prints to stdout
 with a fixed 2**n-second backoff we cannot shorten. The SDK (the CLI's own layer) is imported
 lazily: it takes 0.3 s, and a cache hit never needs it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,9 +38,11 @@ _SLUG = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)/([A-Za-z0-9][A-Za-z0-9_.-]*)$
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _CHUNK = 1 << 20
 _USER_AGENT = "lenta-lora (kagglesdk)"
-_HOW_TO_AUTH = ("set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN, or put kaggle.json in "
-                "$KAGGLE_CONFIG_DIR or ~/.kaggle, or run `kaggle auth login`; or set "
-                "data.source: csv with data.path to use a local CSV instead")
+_HOW_TO_AUTH = (
+    "set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN, or put kaggle.json in "
+    "$KAGGLE_CONFIG_DIR or ~/.kaggle, or run `kaggle auth login`; or set "
+    "data.source: csv with data.path to use a local CSV instead"
+)
 
 
 class KaggleError(RuntimeError):
@@ -50,10 +53,18 @@ class _Retryable(Exception):
     """A failure a fresh attempt may fix: truncated body, corrupt archive."""
 
 
-def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
-                         credentials: dict[str, str] | None = None, retries: int = 3,
-                         backoff_s: float = 2.0, timeout_s: float = 60.0,
-                         expected_columns: tuple[str, ...] = LENTA_COLUMNS, version: int | None = None) -> Path:
+def download_kaggle_file(
+    dataset: str,
+    file_name: str,
+    cache_dir: Path,
+    *,
+    credentials: dict[str, str] | None = None,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+    timeout_s: float = 60.0,
+    expected_columns: tuple[str, ...] = LENTA_COLUMNS,
+    version: int | None = None,
+) -> Path:
     """Return the path of ``file_name`` (unpacked CSV) from Kaggle ``dataset`` ("owner/name").
 
     A verified cache hit makes no network call and needs no credentials. ``credentials`` is
@@ -64,7 +75,9 @@ def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
     """
     match = _SLUG.match(dataset or "")
     if not match:
-        raise KaggleError(f"dataset {dataset!r} is not 'owner/name' (e.g. yutkin/corpus-of-russian-news-articles-from-lenta)")
+        raise KaggleError(
+            f"dataset {dataset!r} is not 'owner/name' (e.g. yutkin/corpus-of-russian-news-articles-from-lenta)"
+        )
     if not file_name or Path(file_name).name != file_name or file_name in (".", ".."):
         raise KaggleError(f"file_name {file_name!r} must be a plain file name such as 'lenta-ru-news.csv'")
     if retries < 0 or backoff_s < 0 or timeout_s <= 0:
@@ -75,7 +88,9 @@ def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise KaggleError(f"cannot create cache directory {csv_path.parent}: {exc.strerror}; fix data.cache_dir") from None
+        raise KaggleError(
+            f"cannot create cache directory {csv_path.parent}: {exc.strerror}; fix data.cache_dir"
+        ) from None
 
     # One lock per dataset: a second process waits, then finds the first one's verified file.
     with _locked(cache_dir / f".{owner}__{name}.lock"):
@@ -87,13 +102,23 @@ def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
         log.info("downloading %s from Kaggle dataset %s (credentials: %s)", file_name, dataset, source)
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{owner}__{name}-", dir=cache_dir))
         try:
-            fresh = _download_with_retries(auth, source, dataset, file_name, work,
-                                           retries, backoff_s, timeout_s, version)
+            fresh = _download_with_retries(
+                auth, source, dataset, file_name, work, retries, backoff_s, timeout_s, version
+            )
             _check_csv(fresh, dataset, file_name, expected_columns)
             size, digest = fresh.stat().st_size, _sha256(fresh)
             os.replace(fresh, csv_path)  # same filesystem: atomic
-            _write_json_atomic(_marker(csv_path), {"dataset": dataset, "file_name": file_name, "size": size,
-                                                   "sha256": digest, "version": version, "downloaded_at": time.time()})
+            _write_json_atomic(
+                _marker(csv_path),
+                {
+                    "dataset": dataset,
+                    "file_name": file_name,
+                    "size": size,
+                    "sha256": digest,
+                    "version": version,
+                    "downloaded_at": time.time(),
+                },
+            )
             log.info("cached %s (%d bytes, sha256 %s)", csv_path, size, digest[:12])
             return csv_path
         finally:
@@ -101,6 +126,7 @@ def download_kaggle_file(dataset: str, file_name: str, cache_dir: Path, *,
 
 
 # --- cache --------------------------------------------------------------------------------
+
 
 @contextmanager
 def _locked(lock_path: Path):
@@ -141,8 +167,9 @@ def _cache_valid(csv_path: Path, dataset: str, file_name: str, version: int | No
     if (meta.get("dataset"), meta.get("file_name"), meta.get("size")) != (dataset, file_name, size):
         return False
     if version is not None and meta.get("version") != version:
-        log.info("%s holds version %s of %s; Kaggle's current version is %s", csv_path, meta.get("version"),
-                 dataset, version)
+        log.info(
+            "%s holds version %s of %s; Kaggle's current version is %s", csv_path, meta.get("version"), dataset, version
+        )
         return False
     # Streaming the hash costs seconds on the 2 GB CSV and catches same-size edits and bit rot.
     return meta.get("sha256") == _sha256(csv_path)
@@ -177,10 +204,12 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 # --- credentials --------------------------------------------------------------------------
 
+
 def _resolve_credentials(explicit: dict[str, str] | None, timeout_s: float) -> tuple[dict, str]:
     """Return (KaggleClient auth kwargs, where they came from), in the kaggle CLI 2.x order:
     access token, then legacy username/key (env over kaggle.json), then `kaggle auth login`."""
     from kagglesdk import KaggleCredentials, get_access_token_from_env
+
     token, token_source = get_access_token_from_env()  # KAGGLE_API_TOKEN, ~/.kaggle/access_token
     token_source = {"access_token": "~/.kaggle/access_token"}.get(token_source, token_source)
     if explicit is not None:
@@ -189,8 +218,10 @@ def _resolve_credentials(explicit: dict[str, str] | None, timeout_s: float) -> t
         if not (explicit.get("username") and explicit.get("key")):
             raise KaggleError(f"credentials need 'username' and 'key' (or 'api_token'); got keys {sorted(explicit)}")
         if token:  # kagglesdk always prefers a token it finds over a username/key it is given
-            raise KaggleError(f"explicit username/key given but kagglesdk would use the token from {token_source}; "
-                              "unset it or pass {'api_token': ...}")
+            raise KaggleError(
+                f"explicit username/key given but kagglesdk would use the token from {token_source}; "
+                "unset it or pass {'api_token': ...}"
+            )
         return {"username": explicit["username"], "password": explicit["key"]}, "explicit username/key"
     if token:
         return {"api_token": token}, f"access token from {token_source}"
@@ -206,8 +237,10 @@ def _resolve_credentials(explicit: dict[str, str] | None, timeout_s: float) -> t
             try:
                 return {"api_token": oauth.get_access_token()}, "~/.kaggle/credentials.json"
             except requests.RequestException as exc:
-                raise KaggleError(f"refreshing the `kaggle auth login` token failed ({type(exc).__name__}); "
-                                  "run `kaggle auth login` again") from None
+                raise KaggleError(
+                    f"refreshing the `kaggle auth login` token failed ({type(exc).__name__}); "
+                    "run `kaggle auth login` again"
+                ) from None
     raise KaggleError(f"no Kaggle credentials found: {_HOW_TO_AUTH}")
 
 
@@ -229,8 +262,10 @@ def _read_kaggle_json() -> tuple[dict, Path | None]:
 
 # --- download -----------------------------------------------------------------------------
 
+
 class _TimeoutAdapter(HTTPAdapter):
     """kagglesdk sends without a timeout, so a stalled connection would hang forever."""
+
     def __init__(self, timeout_s: float):
         super().__init__()
         self._timeout_s = timeout_s
@@ -242,6 +277,7 @@ class _TimeoutAdapter(HTTPAdapter):
 
 def _open_client(auth: dict, timeout_s: float):
     from kagglesdk import KaggleClient
+
     try:  # reads KAGGLE_API_ENVIRONMENT; raises a bare Exception for an unknown value
         client = KaggleClient(user_agent=_USER_AGENT, **auth)
     except Exception as exc:
@@ -261,38 +297,57 @@ def _download_with_retries(auth, source, dataset, file_name, work, retries, back
     for attempt in range(retries + 1):
         if attempt:
             delay = backoff_s * 2 ** (attempt - 1)
-            log.warning("attempt %d/%d for %s failed: %s; retrying in %.1fs",
-                        attempt, retries + 1, dataset, _describe(last, secrets), delay)
+            log.warning(
+                "attempt %d/%d for %s failed: %s; retrying in %.1fs",
+                attempt,
+                retries + 1,
+                dataset,
+                _describe(last, secrets),
+                delay,
+            )
             time.sleep(delay)
         try:
             return _attempt(auth, dataset, file_name, work, timeout_s, version)
         except requests.HTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status in (401, 403):
-                raise KaggleError(f"Kaggle rejected the credentials ({source}) for {dataset} (HTTP {status}): "
-                                  "renew them under kaggle.com > Settings > API and check the account may "
-                                  "access the dataset; or use data.source: csv with data.path") from None
+                raise KaggleError(
+                    f"Kaggle rejected the credentials ({source}) for {dataset} (HTTP {status}): "
+                    "renew them under kaggle.com > Settings > API and check the account may "
+                    "access the dataset; or use data.source: csv with data.path"
+                ) from None
             if status == 404:
-                raise KaggleError(f"Kaggle has no dataset {dataset} with a file {file_name!r} (HTTP 404): "
-                                  "check the dataset and file names") from None
+                raise KaggleError(
+                    f"Kaggle has no dataset {dataset} with a file {file_name!r} (HTTP 404): "
+                    "check the dataset and file names"
+                ) from None
             if status not in _RETRY_STATUS:
                 raise KaggleError(f"Kaggle answered HTTP {status} for {dataset}: {_describe(exc, secrets)}") from None
             last = exc
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError, _Retryable) as exc:
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,
+            _Retryable,
+        ) as exc:
             last = exc
         except requests.RequestException as exc:  # e.g. too many redirects: a retry won't help
             raise KaggleError(f"Kaggle request for {dataset} failed: {_describe(exc, secrets)}") from None
         except OSError as exc:  # requests' errors are OSErrors too, so this is the local disk
-            raise KaggleError(f"cannot write into {work.parent}: {exc.strerror or exc}; free space or "
-                              "change data.cache_dir") from None
-    raise KaggleError(f"downloading {file_name!r} from Kaggle dataset {dataset} failed after {retries + 1} "
-                      f"attempts, last error: {_describe(last, secrets)}; check the network and retry") from None
+            raise KaggleError(
+                f"cannot write into {work.parent}: {exc.strerror or exc}; free space or change data.cache_dir"
+            ) from None
+    raise KaggleError(
+        f"downloading {file_name!r} from Kaggle dataset {dataset} failed after {retries + 1} "
+        f"attempts, last error: {_describe(last, secrets)}; check the network and retry"
+    ) from None
 
 
 def current_version(dataset: str, *, credentials: dict[str, str] | None = None, timeout_s: float = 30.0) -> int:
     """The dataset's current version number on Kaggle (GetDataset through the official client)."""
     from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetRequest
+
     if not _SLUG.match(dataset or ""):
         raise KaggleError(f"dataset {dataset!r} is not 'owner/name'")
     auth, source = _resolve_credentials(credentials, timeout_s)
@@ -303,15 +358,19 @@ def current_version(dataset: str, *, credentials: dict[str, str] | None = None, 
             found = client.datasets.dataset_api_client.get_dataset(request)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
-        raise KaggleError(f"asking Kaggle for the version of {dataset} failed (HTTP {status}, credentials: "
-                          f"{source})") from None
+        raise KaggleError(
+            f"asking Kaggle for the version of {dataset} failed (HTTP {status}, credentials: {source})"
+        ) from None
     except requests.RequestException as exc:
-        raise KaggleError(f"asking Kaggle for the version of {dataset} failed: {_describe(exc, list(auth.values()))}") from None
+        raise KaggleError(
+            f"asking Kaggle for the version of {dataset} failed: {_describe(exc, list(auth.values()))}"
+        ) from None
     return int(found.current_version_number)
 
 
 def _attempt(auth: dict, dataset: str, file_name: str, work: Path, timeout_s: float, version: int | None) -> Path:
     from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
+
     request = ApiDownloadDatasetRequest()
     request.owner_slug, request.dataset_slug = dataset.split("/")
     request.file_name = file_name
@@ -327,8 +386,10 @@ def _attempt(auth: dict, dataset: str, file_name: str, work: Path, timeout_s: fl
             encoded = response.headers.get("Content-Encoding", "identity") != "identity"
             expected = None if encoded else int(response.headers.get("Content-Length") or 0) or None
             received = 0
-            with open(body, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=file_name,
-                                               disable=None, leave=False) as bar:  # None: TTY only
+            with (
+                open(body, "wb") as out,
+                tqdm(total=expected, unit="B", unit_scale=True, desc=file_name, disable=None, leave=False) as bar,
+            ):  # None: TTY only
                 for chunk in response.iter_content(_CHUNK):
                     out.write(chunk)
                     received += len(chunk)
@@ -349,11 +410,14 @@ def _unpack(body: Path, file_name: str, work: Path) -> Path:
     try:
         with zipfile.ZipFile(body) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
-            chosen = [m for m in members if Path(m.filename).name == file_name] or \
-                     (members if len(members) == 1 else [])
+            chosen = [m for m in members if Path(m.filename).name == file_name] or (
+                members if len(members) == 1 else []
+            )
             if not chosen:
-                raise KaggleError(f"the archive for {file_name!r} holds {[m.filename for m in members][:10]}, "
-                                  "not that file: check the file name")
+                raise KaggleError(
+                    f"the archive for {file_name!r} holds {[m.filename for m in members][:10]}, "
+                    "not that file: check the file name"
+                )
             # Reading a member to its end checks its CRC-32: the same test zipfile.testzip()
             # does, without decompressing the 2 GB twice. We write to a fixed name (no zip-slip).
             with archive.open(chosen[0]) as src, open(target, "wb") as dst:
@@ -375,8 +439,9 @@ def _check_csv(path: Path, dataset: str, file_name: str, expected: tuple[str, ..
     columns = header[1:] if header[0] in ("", "Unnamed: 0") else header  # pandas' saved index
     missing = [column for column in expected if column not in columns]
     if missing:
-        raise KaggleError(f"{file_name!r} from {dataset} lacks columns {missing} "
-                          f"(header {header[:8]}): is it the right file?")
+        raise KaggleError(
+            f"{file_name!r} from {dataset} lacks columns {missing} (header {header[:8]}): is it the right file?"
+        )
     if len(lines) < 2 or not any(line.strip() for line in lines[1:]):
         raise KaggleError(f"{file_name!r} from {dataset} has a header but no rows")
 

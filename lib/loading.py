@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from lib.champion import _all_versions, _not_found
-from lib.store import client as _client, require_reachable
+from lib.store import client as _client
+from lib.store import require_reachable
 
 
 def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
@@ -31,8 +32,10 @@ def parse_model_uri(registered_uri: str) -> tuple[str, str | None, str | None]:
     elif "@" in body:
         name, _, alias = body.rpartition("@")
     if not name or not (version or alias):
-        raise ValueError(f"{registered_uri!r} is not a registered-model URI: use models:/NAME/VERSION, "
-                         "models:/NAME/latest or models:/NAME@ALIAS")
+        raise ValueError(
+            f"{registered_uri!r} is not a registered-model URI: use models:/NAME/VERSION, "
+            "models:/NAME/latest or models:/NAME@ALIAS"
+        )
     return name, version, alias
 
 
@@ -51,8 +54,10 @@ def resolve_version(client, uri: str, registered_uri: str):
         if not _not_found(error):
             raise
     what = f"alias {alias!r}" if alias else f"version {version!r}"
-    raise LookupError(f"model {name!r} has no {what} in {uri}; versions: {numbers}, aliases: "
-                      f"{dict(sorted(model.aliases.items())) or 'none'}") from None
+    raise LookupError(
+        f"model {name!r} has no {what} in {uri}; versions: {numbers}, aliases: "
+        f"{dict(sorted(model.aliases.items())) or 'none'}"
+    ) from None
 
 
 def _registered_model(client, uri: str, name: str):
@@ -64,8 +69,10 @@ def _registered_model(client, uri: str, name: str):
         if not _not_found(error):
             raise
     known = sorted(m.name for m in client.search_registered_models())
-    raise LookupError(f"no registered model {name!r} in {uri}; known: {', '.join(known) or 'none'} "
-                      "(list them with `lenta-lora models`)")
+    raise LookupError(
+        f"no registered model {name!r} in {uri}; known: {', '.join(known) or 'none'} "
+        "(list them with `lenta-lora models`)"
+    )
 
 
 def load_registered(uri: str, registered_uri: str):
@@ -105,11 +112,19 @@ def download_registered(uri: str, registered_uri: str, dst: str | Path) -> dict:
     artifacts = _download_model(client.get_model_version_download_uri(found.name, found.version), str(dst), uri, where)
     expected = found.tags.get("base_model_json_sha256")
     if expected and sha256_file(artifacts["base_model"]) != expected:
-        raise ArtifactIntegrityError(f"{where}: base_model.json (which lists the checksums of the weights) differs "
-                                     "from the one registered (tag base_model_json_sha256); refusing to load: "
-                                     "restore the artifacts or register the adapter again")
-    return {"name": found.name, "version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags),
-            "where": where, "artifacts": artifacts}
+        raise ArtifactIntegrityError(
+            f"{where}: base_model.json (which lists the checksums of the weights) differs "
+            "from the one registered (tag base_model_json_sha256); refusing to load: "
+            "restore the artifacts or register the adapter again"
+        )
+    return {
+        "name": found.name,
+        "version": int(found.version),
+        "run_id": found.run_id,
+        "tags": dict(found.tags),
+        "where": where,
+        "artifacts": artifacts,
+    }
 
 
 def _download_model(source: str, tmp: str, uri: str, where: str) -> dict[str, str]:
@@ -123,8 +138,10 @@ def _download_model(source: str, tmp: str, uri: str, where: str) -> dict[str, st
         artifacts = {name: str(local / entry["path"]) for name, entry in spec.items()}
     except (OSError, MlflowException, KeyError, TypeError) as error:
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise FileNotFoundError(f"{where}: its files are not in the artifact store at {source} ({reason}); "
-                                "they were deleted or moved: register the adapter again or load another version") from None
+        raise FileNotFoundError(
+            f"{where}: its files are not in the artifact store at {source} ({reason}); "
+            "they were deleted or moved: register the adapter again or load another version"
+        ) from None
     missing = sorted({"adapter", "base_model"} - set(artifacts))
     if missing:
         raise FileNotFoundError(f"{where}: not a lenta-lora adapter model (no {missing} in {source})")

@@ -68,7 +68,9 @@ def targets_for_base(lora: LoraConfig, base: str, model_cfg: ModelConfig) -> lis
         return sorted(set(lora.target_modules))
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(
+        base, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
     return resolve_target_modules(lora, hf_config)
 
 
@@ -76,17 +78,27 @@ def describe(lora: LoraConfig, targets: list[str]) -> str:
     """One line for a version's `lora` tag: every setting that changes what an adapter is."""
     init = "true" if lora.init_weights is True else lora.init_weights
     saved = f" (saved as plain LoRA r={2 * lora.r})" if lora.init_weights in BASE_MUTATING_INITS else ""
-    return (f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={','.join(targets)} "
-            f"dora={str(lora.use_dora).lower()} rslora={str(lora.use_rslora).lower()} init={init}{saved} "
-            f"plus_lr_ratio={'none' if lora.plus_lr_ratio is None else f'{lora.plus_lr_ratio:g}'}")
+    return (
+        f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={','.join(targets)} "
+        f"dora={str(lora.use_dora).lower()} rslora={str(lora.use_rslora).lower()} init={init}{saved} "
+        f"plus_lr_ratio={'none' if lora.plus_lr_ratio is None else f'{lora.plus_lr_ratio:g}'}"
+    )
 
 
 def peft_config(lora: LoraConfig, targets: list[str]):
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets),
-                          task_type="CAUSAL_LM", bias="none", use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                          init_lora_weights=lora.init_weights)
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=lora.init_weights,
+    )
 
 
 def wrap_with_lora(model, config: PipelineConfig):
@@ -100,8 +112,12 @@ def wrap_with_lora(model, config: PipelineConfig):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     targets = resolve_target_modules(config.lora, model.config, model)
-    log.info("LoRA targets (lora.target_modules=%s, model_type %s): %s", config.lora.target_modules,
-             model.config.model_type, ",".join(targets))
+    log.info(
+        "LoRA targets (lora.target_modules=%s, model_type %s): %s",
+        config.lora.target_modules,
+        model.config.model_type,
+        ",".join(targets),
+    )
     wrapped = get_peft_model(model, peft_config(config.lora, targets))
     if config.lora.init_weights in BASE_MUTATING_INITS:
         # A0, B0 as initialised: `save_pretrained` subtracts them to get an adapter for the untouched base.
@@ -119,9 +135,13 @@ def make_optimizer(model, config: PipelineConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
     from peft.optimizers import create_loraplus_optimizer
 
-    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train.learning_rate,
-                                     loraplus_lr_ratio=config.lora.plus_lr_ratio,
-                                     loraplus_weight_decay=train.weight_decay)
+    return create_loraplus_optimizer(
+        model,
+        torch.optim.AdamW,
+        lr=train.learning_rate,
+        loraplus_lr_ratio=config.lora.plus_lr_ratio,
+        loraplus_weight_decay=train.weight_decay,
+    )
 
 
 def save_pretrained(model, folder: Path) -> None:
@@ -137,8 +157,11 @@ def save_pretrained(model, folder: Path) -> None:
     scratch = Path(tempfile.mkdtemp(dir=Path(folder).parent, prefix=".initial-adapter-"))
     try:
         (scratch / "initial").mkdir()
-        save_file({k: v.contiguous() for k, v in initial.items()}, str(scratch / "initial" / "adapter_model.safetensors"))
-        model.save_pretrained(folder, safe_serialization=True,
-                              path_initial_model_for_weight_conversion=str(scratch / "initial"))
+        save_file(
+            {k: v.contiguous() for k, v in initial.items()}, str(scratch / "initial" / "adapter_model.safetensors")
+        )
+        model.save_pretrained(
+            folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(scratch / "initial")
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

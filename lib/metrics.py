@@ -202,9 +202,7 @@ def _score_batch(model, batch: list[tuple[list[int], list[int]]], pad_id: int, d
     for row, (inp, _) in enumerate(batch):
         input_ids[row, : len(inp)] = torch.tensor(inp)
         attention_mask[row, : len(inp)] = 1
-    logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-    ).logits
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
     nll_sum, count = 0.0, 0
     for row, (inp, targets) in enumerate(batch):
         # Right padding: real positions are 0..len(inp)-1; the last len(targets) logits predict

@@ -40,8 +40,9 @@ def generation_params(generation: dict) -> dict:
     return {key: type(default)(generation.get(key, default)) for key, default in GENERATION_DEFAULTS.items()}
 
 
-def package_adapter(folder: str | Path, adapter_dir: str | Path, base: dict, generation: dict,
-                    example: dict | None = None) -> dict:
+def package_adapter(
+    folder: str | Path, adapter_dir: str | Path, base: dict, generation: dict, example: dict | None = None
+) -> dict:
     """Write the MLflow model for `adapter_dir` under `folder`; nothing is loaded or run.
 
     `example`: {"prompt", "output"} from the evaluation (None: a fixed prompt with an empty output,
@@ -74,8 +75,12 @@ def package_adapter(folder: str | Path, adapter_dir: str | Path, base: dict, gen
     signature = infer_signature([prompt], [example["output"] if example else ""], params)
     model_dir = folder / "model"
     mlflow.pyfunc.save_model(
-        str(model_dir), python_model=str(PYFUNC_CODE), artifacts={**artifacts, "base_model": str(meta)},
-        code_paths=[str(runtime)], signature=signature, input_example=([prompt], params),
+        str(model_dir),
+        python_model=str(PYFUNC_CODE),
+        artifacts={**artifacts, "base_model": str(meta)},
+        code_paths=[str(runtime)],
+        signature=signature,
+        input_example=([prompt], params),
         pip_requirements=provenance.requirements(base.get("precision", "fp32")),
     )
     return {"model_dir": model_dir, "base_model_json": meta, "manifest": manifest}
@@ -85,8 +90,19 @@ def describe_version(base: dict, tags: dict, metrics: dict, champion_metric: str
     """The version's description: what it is and where it came from, readable in the MLflow UI."""
     origin = base.get("name") + (f"@{base['revision']}" if base.get("revision") else "")
     shown = [m for m in (champion_metric, "test_perplexity", "chrf") if _finite(metrics.get(m))]
-    facts = [f"{label} {tags[key]}" for key, label in (("dataset_fingerprint", "dataset"), ("git_commit", "git commit"),
-                                                       ("prefect.flow_run_id", "Prefect flow run")) if tags.get(key)]
-    return "\n".join([f"LoRA adapter on {origin} ({base.get('precision', '?')}), MLflow run {run_id}.",
-                      "Metrics: " + (", ".join(f"{m} {metrics[m]:.4g}" for m in shown) or "none") + ".",
-                      "; ".join(facts) + "." if facts else ""]).strip()
+    facts = [
+        f"{label} {tags[key]}"
+        for key, label in (
+            ("dataset_fingerprint", "dataset"),
+            ("git_commit", "git commit"),
+            ("prefect.flow_run_id", "Prefect flow run"),
+        )
+        if tags.get(key)
+    ]
+    return "\n".join(
+        [
+            f"LoRA adapter on {origin} ({base.get('precision', '?')}), MLflow run {run_id}.",
+            "Metrics: " + (", ".join(f"{m} {metrics[m]:.4g}" for m in shown) or "none") + ".",
+            "; ".join(facts) + "." if facts else "",
+        ]
+    ).strip()

@@ -37,15 +37,27 @@ def plot_loss(history: list[dict], path: str | Path) -> Path:
     window = max(1, len(losses) // 20)
     if window > 1:
         ax.plot(steps, losses, color="#1f77b4", alpha=0.3, linewidth=0.8, label="train (per step)")
-        ax.plot(steps, _moving_average(losses, window), color="#1f77b4", linewidth=2,
-                label=f"train (mean of last {window} steps)")
+        ax.plot(
+            steps,
+            _moving_average(losses, window),
+            color="#1f77b4",
+            linewidth=2,
+            label=f"train (mean of last {window} steps)",
+        )
     else:
         ax.plot(steps, losses, "o-" if len(losses) < 10 else "-", color="#1f77b4", label="train")
     val = [(h["step"], h["validation_loss"]) for h in history if h.get("validation_loss") is not None]
     if val:
         ax.plot(*zip(*val), "o-", color="#ff7f0e", label="validation")
-        ax.annotate(f"{val[-1][1]:.3f}", val[-1], textcoords="offset points", xytext=(-6, 5), ha="right",
-                    fontsize=8, color="#ff7f0e")
+        ax.annotate(
+            f"{val[-1][1]:.3f}",
+            val[-1],
+            textcoords="offset points",
+            xytext=(-6, 5),
+            ha="right",
+            fontsize=8,
+            color="#ff7f0e",
+        )
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also for 4-step runs
@@ -61,13 +73,25 @@ def plot_loss(history: list[dict], path: str | Path) -> Path:
 
 
 # Panel titles that name the metric and its scale (lib/metrics.py conventions).
-_TITLES = {"test_perplexity": "token perplexity", "test_bits_per_byte": "bits per byte", "test_bits_per_char": "bits per char",
-           "test_word_perplexity": "word perplexity", "chrf": "chrF++ (0-100)", "bleu": "BLEU (0-100)",
-           "rouge1": "ROUGE-1 F (0-1)", "rouge2": "ROUGE-2 F (0-1)", "rougeL": "ROUGE-L F (0-1)"}
+_TITLES = {
+    "test_perplexity": "token perplexity",
+    "test_bits_per_byte": "bits per byte",
+    "test_bits_per_char": "bits per char",
+    "test_word_perplexity": "word perplexity",
+    "chrf": "chrF++ (0-100)",
+    "bleu": "BLEU (0-100)",
+    "rouge1": "ROUGE-1 F (0-1)",
+    "rouge2": "ROUGE-2 F (0-1)",
+    "rougeL": "ROUGE-L F (0-1)",
+}
 
 
-def plot_comparison(metrics: dict[str, float], names: list[str], path: str | Path,
-                    lower_is_better: frozenset[str] | set[str] = frozenset()) -> Path:
+def plot_comparison(
+    metrics: dict[str, float],
+    names: list[str],
+    path: str | Path,
+    lower_is_better: frozenset[str] | set[str] = frozenset(),
+) -> Path:
     """Side-by-side bars of `base_<name>` and `<name>` for each metric present.
 
     Every panel starts at 0 (all metrics here are non-negative; a cut axis would exaggerate small

@@ -20,8 +20,9 @@ class Ticker:
     """A clock interval: `due()` once `interval_s` seconds have passed since the last `mark()` (or
     since it was made). `enabled=False` (say, a progress bar is already showing) is never due."""
 
-    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
-                 enabled: bool = True):
+    def __init__(
+        self, interval_s: float = DEFAULT_INTERVAL_S, clock: Callable[[], float] = time.monotonic, enabled: bool = True
+    ):
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0 seconds, got {interval_s}")
         self.interval_s, self.clock, self.enabled = interval_s, clock, enabled

@@ -30,8 +30,17 @@ from lib.config import PipelineConfig
 log = logging.getLogger("lenta_lora.provenance")
 
 # The modules whose code decides the trained weights: an edit to any of them trains again.
-TRAINING_MODULES = ("training.py", "steps.py", "lora.py", "base_model.py", "dataset.py", "corpus.py", "splits.py",
-                    "distributed.py", "checkpoint.py")
+TRAINING_MODULES = (
+    "training.py",
+    "steps.py",
+    "lora.py",
+    "base_model.py",
+    "dataset.py",
+    "corpus.py",
+    "splits.py",
+    "distributed.py",
+    "checkpoint.py",
+)
 
 
 def code_version() -> str:
@@ -42,12 +51,17 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def training_key(config: PipelineConfig, dataset_fingerprint: str, dataset_path: str, base: str,
-                 kaggle_version: int | None) -> tuple[str, dict]:
+def training_key(
+    config: PipelineConfig, dataset_fingerprint: str, dataset_path: str, base: str, kaggle_version: int | None
+) -> tuple[str, dict]:
     """The key (64 hex digits) and what it hashes (logged as the run's `training_key.json`)."""
     _, payload = checkpoint_key(config, dataset_fingerprint, dataset_path)
-    payload = {**payload, "code": code_version(), "base": base_identity(base, config.model.revision),
-               "kaggle_version": kaggle_version}
+    payload = {
+        **payload,
+        "code": code_version(),
+        "base": base_identity(base, config.model.revision),
+        "kaggle_version": kaggle_version,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest(), payload
 
 

@@ -22,20 +22,44 @@ from pathlib import Path
 from typing import Any
 
 from lib import faults, packaging
-from lib.champion import (BENCHMARK_TAG, METRIC_TAG, VALUE_TAG, _all_pages, _all_versions, _alias_version,
-                          _ensure_registered_model, _finite, _not_found, restore_champion, update_champion)
+from lib.champion import (
+    BENCHMARK_TAG,
+    METRIC_TAG,
+    VALUE_TAG,
+    _alias_version,
+    _all_pages,
+    _all_versions,
+    _ensure_registered_model,
+    _finite,
+    _not_found,
+    restore_champion,
+    update_champion,
+)
 from lib.loading import _registered_model, resolve_version
-from lib.store import client as _client, require_reachable
+from lib.store import client as _client
+from lib.store import require_reachable
 
 log = logging.getLogger("lenta_lora.registry")
 
 MODEL_PATH = "adapter_model"  # the logged model's name
 
 
-def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict, generation: dict,
-                     model_name: str, tags: dict[str, Any], metrics: dict[str, float], *, champion_metric: str,
-                     benchmark_fingerprint: str, min_improvement: float, training_key: str | None = None,
-                     example: dict | None = None) -> dict:
+def register_adapter(
+    uri: str,
+    run_id: str,
+    adapter_dir: str | Path,
+    base: dict,
+    generation: dict,
+    model_name: str,
+    tags: dict[str, Any],
+    metrics: dict[str, float],
+    *,
+    champion_metric: str,
+    benchmark_fingerprint: str,
+    min_improvement: float,
+    training_key: str | None = None,
+    example: dict | None = None,
+) -> dict:
     """Log the adapter as a pyfunc model in the run, register it as a version, decide `champion`.
 
     Only the adapter is stored for hub bases (plus the hub id and revision); the offline tiny base
@@ -53,21 +77,40 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
     earlier = _versions_of_run(client, model_name, run_id)
     if earlier:
         version = earlier[0]
-        log.info("%s version %s already holds run %s (a retried registration): reusing it",
-                 model_name, version.version, run_id)
+        log.info(
+            "%s version %s already holds run %s (a retried registration): reusing it",
+            model_name,
+            version.version,
+            run_id,
+        )
     else:
-        version = _create_version(client, run_id, adapter_dir, base, generation, model_name,
-                                  {**tags, BENCHMARK_TAG: benchmark_fingerprint,
-                                   **({"training_key": training_key} if training_key else {})},
-                                  metrics, champion_metric, example)
+        version = _create_version(
+            client,
+            run_id,
+            adapter_dir,
+            base,
+            generation,
+            model_name,
+            {**tags, BENCHMARK_TAG: benchmark_fingerprint, **({"training_key": training_key} if training_key else {})},
+            metrics,
+            champion_metric,
+            example,
+        )
     if training_key and (holder := _keep_lowest_of_key(client, model_name, training_key, version)) is not None:
-        return {"name": model_name, "version": int(holder.version), "uri": f"models:/{model_name}/{holder.version}",
-                "champion": _alias_version(client, model_name) == str(holder.version), "decision": None,
-                "sha256": {}, "up_to_date": True}
+        return {
+            "name": model_name,
+            "version": int(holder.version),
+            "uri": f"models:/{model_name}/{holder.version}",
+            "champion": _alias_version(client, model_name) == str(holder.version),
+            "decision": None,
+            "sha256": {},
+            "up_to_date": True,
+        }
     try:
         faults.reach("register.after-version")
-        decision = update_champion(client, model_name, version.version, champion_metric, benchmark_fingerprint,
-                                   min_improvement, run_id)
+        decision = update_champion(
+            client, model_name, version.version, champion_metric, benchmark_fingerprint, min_improvement, run_id
+        )
     except BaseException:
         # One unit: a version without a decision must not stay (the holder may be worse than it).
         log.error("deciding champion for %s version %s failed: deleting the version", model_name, version.version)
@@ -77,48 +120,73 @@ def register_adapter(uri: str, run_id: str, adapter_dir: str | Path, base: dict,
             log.error("could not delete %s version %s: %s", model_name, version.version, error)
         raise
     faults.reach("register.after-champion")
-    return {"name": model_name, "version": int(version.version), "uri": f"models:/{model_name}/{version.version}",
-            "champion": decision["promoted"], "decision": decision, "up_to_date": False,
-            "sha256": {k: v for k, v in version.tags.items() if k.endswith("sha256")}}
+    return {
+        "name": model_name,
+        "version": int(version.version),
+        "uri": f"models:/{model_name}/{version.version}",
+        "champion": decision["promoted"],
+        "decision": decision,
+        "up_to_date": False,
+        "sha256": {k: v for k, v in version.tags.items() if k.endswith("sha256")},
+    }
 
 
 def _keep_lowest_of_key(client, name: str, training_key: str, version):
     """Two unforced runs that trained the same thing at once: the lower version stays, the other
     run's is deleted. Returns the version kept when it is not `version`, else None."""
-    twins = sorted((v for v in _all_versions(client, name) if v.tags.get("training_key") == training_key
-                    and v.tags.get("forced") != "true"), key=lambda v: int(v.version))
+    twins = sorted(
+        (
+            v
+            for v in _all_versions(client, name)
+            if v.tags.get("training_key") == training_key and v.tags.get("forced") != "true"
+        ),
+        key=lambda v: int(v.version),
+    )
     if not twins or twins[0].version == version.version:
         return None
-    log.warning("%s version %s already holds training key %s (a twin run finished first): deleting version %s",
-                name, twins[0].version, training_key[:12], version.version)
+    log.warning(
+        "%s version %s already holds training key %s (a twin run finished first): deleting version %s",
+        name,
+        twins[0].version,
+        training_key[:12],
+        version.version,
+    )
     client.delete_model_version(name, version.version)
     return twins[0]
 
 
-def _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics, champion_metric,
-                    example):
+def _create_version(client, run_id, adapter_dir, base, generation, model_name, tags, metrics, champion_metric, example):
     from lib.adapter_pyfunc import ADAPTER_WEIGHTS, sha256_file
 
     with tempfile.TemporaryDirectory() as tmp:
         package = packaging.package_adapter(tmp, adapter_dir, base, generation, example)  # loads no model
         local, meta, manifest = package["model_dir"], package["base_model_json"], package["manifest"]
         # An MLflow 3 logged model ("Logged models" in the UI) made by this run; the version points at it.
-        logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_PATH,
-                                            source_run_id=run_id, model_type="lora-adapter",
-                                            tags={"base_model": str(base.get("name"))})
+        logged = client.create_logged_model(
+            client.get_run(run_id).info.experiment_id,
+            name=MODEL_PATH,
+            source_run_id=run_id,
+            model_type="lora-adapter",
+            tags={"base_model": str(base.get("name"))},
+        )
         try:
             client.log_model_artifacts(logged.model_id, str(local))
         except OSError as error:  # a local artifact store's disk; the error names the source file, not it
             client.finalize_logged_model(logged.model_id, "FAILED")
             if error.errno != errno.ENOSPC:
                 raise
-            raise OSError(errno.ENOSPC, "No space left in the MLflow artifact store", logged.artifact_location) from error
+            raise OSError(
+                errno.ENOSPC, "No space left in the MLflow artifact store", logged.artifact_location
+            ) from error
         client.finalize_logged_model(logged.model_id, "READY")
         _link_metrics(client, run_id, logged.model_id, metrics, tags)
         faults.reach("register.after-artifacts")
         # The registry (a database) keeps these apart from the artifact store they describe, so a
         # file changed in the store cannot also change the checksum it is verified against.
-        integrity = {"base_model_json_sha256": sha256_file(meta), "adapter_sha256": manifest["adapter"][ADAPTER_WEIGHTS]}
+        integrity = {
+            "base_model_json_sha256": sha256_file(meta),
+            "adapter_sha256": manifest["adapter"][ADAPTER_WEIGHTS],
+        }
     if "model.safetensors" in manifest.get("base_weights", {}):
         integrity["base_weights_sha256"] = manifest["base_weights"]["model.safetensors"]
     # Exact values (repr) of the scores on the model's benchmark: what `champion` is decided on.
@@ -130,15 +198,24 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
     # sqlalchemy store), which may name another store; and it keeps no model_id on a version. So the
     # version names its logged model in the tag `logged_model_id` too.
     created = client.create_model_version(
-        model_name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+        model_name,
+        logged.artifact_location,
+        run_id=run_id,
+        model_id=logged.model_id,
         tags={**{k: str(v) for k, v in tags.items()}, **integrity, **ranked, "logged_model_id": logged.model_id},
-        description=packaging.describe_version(base, tags, metrics, champion_metric, run_id))
+        description=packaging.describe_version(base, tags, metrics, champion_metric, run_id),
+    )
     # MLflow's HTTP client retries any method, POST included: a create whose answer was lost can
     # leave a twin. Every registrant of a run keeps the run's lowest version and drops its own other.
     twins = _versions_of_run(client, model_name, run_id)
     if twins and twins[0].version != created.version:
-        log.warning("run %s already has %s version %s; deleting duplicate version %s",
-                    run_id, model_name, twins[0].version, created.version)
+        log.warning(
+            "run %s already has %s version %s; deleting duplicate version %s",
+            run_id,
+            model_name,
+            twins[0].version,
+            created.version,
+        )
         client.delete_model_version(model_name, created.version)
         return twins[0]
     return created
@@ -151,12 +228,19 @@ def version_with_training_key(uri: str, name: str, key: str) -> dict | None:
     client = _client(uri)
     if not _exists(client, name):
         return None
-    held = sorted((v for v in _all_versions(client, name) if v.tags.get("training_key") == key), key=lambda v: int(v.version))
+    held = sorted(
+        (v for v in _all_versions(client, name) if v.tags.get("training_key") == key), key=lambda v: int(v.version)
+    )
     if not held:
         return None
     version = held[0]
-    return {"name": name, "version": int(version.version), "uri": f"models:/{name}/{version.version}",
-            "run_id": version.run_id, "champion": _alias_version(client, name) == str(version.version)}
+    return {
+        "name": name,
+        "version": int(version.version),
+        "uri": f"models:/{name}/{version.version}",
+        "run_id": version.run_id,
+        "champion": _alias_version(client, name) == str(version.version),
+    }
 
 
 def _exists(client, name: str) -> bool:
@@ -181,9 +265,12 @@ def _link_metrics(client, run_id: str, model_id: str, metrics: dict[str, float],
     now = int(time.time() * 1000)
     test = ("lenta-test", f"{tags.get('dataset_fingerprint', '')[:24]}-test")
     bench = ("benchmark", str(tags.get(BENCHMARK_TAG, ""))[:36])
-    linked = [Metric(key, float(value), now, 0, model_id=model_id, dataset_name=where[0], dataset_digest=where[1])
-              for key, value in metrics.items() if _finite(value) and (
-                  where := bench if key.startswith("benchmark_") else test if key.startswith("test_") else None)]
+    linked = [
+        Metric(key, float(value), now, 0, model_id=model_id, dataset_name=where[0], dataset_digest=where[1])
+        for key, value in metrics.items()
+        if _finite(value)
+        and (where := bench if key.startswith("benchmark_") else test if key.startswith("test_") else None)
+    ]
     if linked:
         client.log_batch(run_id, metrics=linked)
     client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
@@ -227,11 +314,22 @@ def list_versions(uri: str, name: str | None = None) -> list[dict]:
         model = _registered_model(client, uri, model_name)
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-        benchmark = {"benchmark": model.tags.get("benchmark.fingerprint"),
-                     "benchmark_source": model.tags.get("benchmark.source")}
+        benchmark = {
+            "benchmark": model.tags.get("benchmark.fingerprint"),
+            "benchmark_source": model.tags.get("benchmark.source"),
+        }
         for v in _all_versions(client, model_name):
-            rows.append({"name": model_name, "version": int(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
-                         "run_id": v.run_id, "created": v.creation_timestamp, "tags": dict(v.tags), **benchmark})
+            rows.append(
+                {
+                    "name": model_name,
+                    "version": int(v.version),
+                    "aliases": sorted(aliases.get(str(v.version), [])),
+                    "run_id": v.run_id,
+                    "created": v.creation_timestamp,
+                    "tags": dict(v.tags),
+                    **benchmark,
+                }
+            )
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
 
 
@@ -244,7 +342,6 @@ def registered_version(uri: str, registered_uri: str) -> dict:
     """
     from mlflow.exceptions import MlflowException
 
-
     require_reachable(uri)
     client = _client(uri)
     found = resolve_version(client, uri, registered_uri)  # LookupError naming what exists
@@ -255,8 +352,14 @@ def registered_version(uri: str, registered_uri: str) -> dict:
         except (OSError, MlflowException) as error:  # a run from before config.yaml was logged
             log.warning("run %s of %s has no readable config.yaml: %s", found.run_id, registered_uri, error)
     tags = client.get_run(found.run_id).data.tags
-    return {"name": found.name, "version": int(found.version), "uri": f"models:/{found.name}/{found.version}",
-            "run_id": found.run_id, "dataset_fingerprint": tags.get("dataset_fingerprint"), "config_yaml": config_yaml}
+    return {
+        "name": found.name,
+        "version": int(found.version),
+        "uri": f"models:/{found.name}/{found.version}",
+        "run_id": found.run_id,
+        "dataset_fingerprint": tags.get("dataset_fingerprint"),
+        "config_yaml": config_yaml,
+    }
 
 
 def set_model_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ O(max_articles), not O(corpus):
     duplicates linked partly by text and partly by URL can make the result
     depend on order; the corpus has no such chains worth the extra memory.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -145,23 +146,35 @@ def select_articles(
             stats["dropped_empty"] += 1
         elif wanted_topics and article.topic.casefold() not in wanted_topics:
             stats["dropped_topic"] += 1
-        elif (low or high) and not (article.date and (not low or article.date >= low)
-                                    and (not high or article.date <= high)):
+        elif (low or high) and not (
+            article.date and (not low or article.date >= low) and (not high or article.date <= high)
+        ):
             stats["dropped_date"] += 1
         elif len(article.text) < min_text_chars:
             stats["dropped_short"] += 1
         else:
             key = article_key(article)
-            rank = (sample_priority(seed, key), key, article.title, article.text,
-                    article.topic, article.tags, article.date, article.url)
+            rank = (
+                sample_priority(seed, key),
+                key,
+                article.title,
+                article.text,
+                article.topic,
+                article.tags,
+                article.date,
+                article.url,
+            )
             pool.offer(article, key, rank)
     selected = sorted(pool.articles(), key=article_key)
     stats["selected"] = len(selected)
     if not selected:
-        counts = ", ".join(f"{name} {stats[name]}" for name in
-                           ("input", "dropped_empty", "dropped_topic", "dropped_date", "dropped_short"))
-        raise CorpusError(f"{source}: no articles left after selection ({counts}); "
-                          f"loosen topics, date_from/date_to or min_text_chars")
+        counts = ", ".join(
+            f"{name} {stats[name]}"
+            for name in ("input", "dropped_empty", "dropped_topic", "dropped_date", "dropped_short")
+        )
+        raise CorpusError(
+            f"{source}: no articles left after selection ({counts}); loosen topics, date_from/date_to or min_text_chars"
+        )
     return selected
 
 
@@ -253,11 +266,14 @@ def _update(digest, value: str) -> None:
 def canonical_json(settings: Mapping[str, object]) -> str:
     """Key-sorted compact JSON; dates and paths as strings, sets as sorted lists."""
     try:
-        return json.dumps(settings, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False, default=_json_value)
+        return json.dumps(
+            settings, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_value
+        )
     except (TypeError, ValueError) as exc:
-        raise CorpusError(f"corpus settings cannot be fingerprinted ({exc}); "
-                          f"use str, number, bool, date, list or dict values with str keys") from exc
+        raise CorpusError(
+            f"corpus settings cannot be fingerprinted ({exc}); "
+            f"use str, number, bool, date, list or dict values with str keys"
+        ) from exc
 
 
 def _json_value(value: object) -> object:

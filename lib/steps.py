@@ -28,8 +28,9 @@ def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # last position: nothing to predict
     scored = torch.nn.functional.pad(attention_mask[:, 1:], (0, 1)).bool()
     targets = targets.masked_fill(~scored, -100)
-    nll = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
-                                            reduction="sum")
+    nll = torch.nn.functional.cross_entropy(
+        logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100, reduction="sum"
+    )
     return nll, scored.sum()
 
 
@@ -43,7 +44,9 @@ def validation_loss(model, blocks, batch_size: int) -> float | None:
     for start in range(0, len(blocks), batch_size):
         rows = blocks[start : start + batch_size]
         device = model.device
-        nll, n = batch_nll(model, torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["attention_mask"], device=device))
+        nll, n = batch_nll(
+            model, torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["attention_mask"], device=device)
+        )
         total, count = total + float(nll), count + int(n)
     model.train()
     return total / max(count, 1)
@@ -75,22 +78,30 @@ def is_out_of_memory(error: BaseException) -> bool:
 def oom_message(error: BaseException, step: int, train: TrainConfig, model: ModelConfig) -> str:
     """What ran out (GPU or RAM), in which step, and the settings to lower, most effective first."""
     first = (str(error).strip().splitlines() or ["out of memory"])[0][:160]
-    advice = [f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
-              f"batch of {train.batch_size * train.grad_accum}"]
+    advice = [
+        f"lower train.batch_size (now {train.batch_size}) and raise train.grad_accum to keep the effective "
+        f"batch of {train.batch_size * train.grad_accum}"
+    ]
     if not model.gradient_checkpointing:
         advice.append("set model.gradient_checkpointing: true")
-    on_gpu = isinstance(error, torch.OutOfMemoryError)  # CUDA's (accelerators') allocator; the CPU's raises RuntimeError
+    on_gpu = isinstance(
+        error, torch.OutOfMemoryError
+    )  # CUDA's (accelerators') allocator; the CPU's raises RuntimeError
     if model.precision not in ("int8", "nf4") and on_gpu:
         advice.append("use model.precision: int8 or nf4 (quantized base weights)")
     advice.append(f"or lower train.max_length (now {train.max_length})")
     where = "GPU" if on_gpu else "CPU (RAM)"
-    return (f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
-            f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
-            f"[{first}]")
+    return (
+        f"out of {where} memory in training step {step} (micro-batch {train.batch_size} x {train.max_length} "
+        f"tokens, precision {model.precision}): {'; '.join(advice)}. Checkpoints written so far are kept. "
+        f"[{first}]"
+    )
 
 
 def diverged_message(loss: float, step: int, steps: int, lr: float, train: TrainConfig, history: list[dict]) -> str:
     last = f"; last finite loss {history[-1]['train_loss']:.4g} at step {history[-1]['step']}" if history else ""
-    return (f"training loss is {loss} at optimizer step {step} of {steps} (learning rate {lr:.3g}, "
-            f"train.learning_rate={train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
-            f"or raise train.warmup_steps, and check the data; no adapter was saved")
+    return (
+        f"training loss is {loss} at optimizer step {step} of {steps} (learning rate {lr:.3g}, "
+        f"train.learning_rate={train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
+        f"or raise train.warmup_steps, and check the data; no adapter was saved"
+    )

@@ -46,7 +46,8 @@ def require_reachable(uri: str, timeout: float = 5.0) -> None:
     except requests.RequestException as error:
         raise TrackingServerUnavailable(
             f"MLflow tracking server {uri} is not reachable ({type(error).__name__}): start it "
-            "(`mlflow server ...`) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
+            "(`mlflow server ...`) or point tracking.uri / MLFLOW_TRACKING_URI at a running one"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -64,7 +65,8 @@ def server_errors(uri: str, doing: str) -> Iterator[None]:
             raise TrackingServerUnavailable(
                 f"MLflow tracking server {uri} stopped answering while {doing} ({type(error).__name__}); "
                 "training checkpoints under data.cache_dir are kept: start the server again and re-run "
-                "the same config to resume") from error
+                "the same config to resume"
+            ) from error
         raise
 
 

@@ -91,8 +91,12 @@ def configure_threads(setting: str | int | None = "auto") -> dict:
         threads, source = auto_threads(), f"auto ({usable_cpus()} usable CPUs)"
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-        log.info("torch intra-op threads: %d (%s); OMP_WAIT_POLICY=%s", threads, source,
-                 os.environ.get("OMP_WAIT_POLICY", "unset"))
+        log.info(
+            "torch intra-op threads: %d (%s); OMP_WAIT_POLICY=%s",
+            threads,
+            source,
+            os.environ.get("OMP_WAIT_POLICY", "unset"),
+        )
     return {"threads": threads, "source": source, "wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 

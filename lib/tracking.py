@@ -40,15 +40,18 @@ def experiment_id(client, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], config_yaml: str) -> str:
+def start_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], config_yaml: str
+) -> str:
     """Create the flow's one MLflow run, log the resolved config, and return its id."""
     from mlflow.entities import Param
 
     store.require_reachable(uri)  # the flow's first MLflow call: a dead server fails the run in seconds
     store.initialize_store(uri)
     client = store.client(uri)
-    run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name,
-                            tags={k: str(v) for k, v in tags.items()})
+    run = client.create_run(
+        experiment_id(client, uri, experiment), run_name=run_name, tags={k: str(v) for k, v in tags.items()}
+    )
     params_list = [Param(k, "" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
     for start in range(0, len(params_list), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=params_list[start : start + 100])
@@ -103,17 +106,21 @@ def log_table(uri: str, run_id: str, columns: dict[str, list], artifact_file: st
     store.client(uri).log_table(run_id, data=columns, artifact_file=artifact_file)
 
 
-def log_dataset_input(uri: str, run_id: str, name: str, digest: str, source: dict, profile: dict,
-                      context: str) -> None:
+def log_dataset_input(uri: str, run_id: str, name: str, digest: str, source: dict, profile: dict, context: str) -> None:
     """A dataset input of the run (its Datasets panel): name, digest (our fingerprint), where the
     data came from, and counts. Only this description is stored, never the texts."""
     import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    dataset = Dataset(name=name, digest=digest[:36], source_type=str(source.get("type", "local")),
-                      source=json.dumps(source, ensure_ascii=False), profile=json.dumps(profile),
-                      schema=json.dumps({"mlflow_colspec": [{"type": "string", "name": "document"}]}))
+    dataset = Dataset(
+        name=name,
+        digest=digest[:36],
+        source_type=str(source.get("type", "local")),
+        source=json.dumps(source, ensure_ascii=False),
+        profile=json.dumps(profile),
+        schema=json.dumps({"mlflow_colspec": [{"type": "string", "name": "document"}]}),
+    )
     with store.server_errors(uri, f"logging dataset {name} of run {run_id}"):
         store.client(uri).log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
@@ -147,8 +154,13 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 def get_run_summary(uri: str, run_id: str) -> dict:
     run = store.client(uri).get_run(run_id)
-    return {"status": run.info.status, "metrics": dict(run.data.metrics), "params": dict(run.data.params),
-            "tags": dict(run.data.tags), "artifact_uri": run.info.artifact_uri}
+    return {
+        "status": run.info.status,
+        "metrics": dict(run.data.metrics),
+        "params": dict(run.data.params),
+        "tags": dict(run.data.tags),
+        "artifact_uri": run.info.artifact_uri,
+    }
 
 
 def owner_tags() -> dict[str, str]:
@@ -174,8 +186,11 @@ def mark_stale_runs(uri: str, run_id: str) -> list[str]:
         pid = int(tags.get("lenta_lora.pid", "0") or 0)
         if run.info.run_id == run_id or tags.get("lenta_lora.host") != host or not pid or faults.process_alive(pid):
             continue
-        client.set_tag(run.info.run_id, "stale_reason",
-                       f"process {pid} on {host} died without closing this run; marked FAILED by run {run_id}")
+        client.set_tag(
+            run.info.run_id,
+            "stale_reason",
+            f"process {pid} on {host} died without closing this run; marked FAILED by run {run_id}",
+        )
         client.set_terminated(run.info.run_id, "FAILED")
         swept.append(run.info.run_id)
     if swept:

@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         uri = store.resolve_tracking_uri(args.tracking_uri)
         on_log = lambda step, record, progress: tracking.log_metrics(uri, args.run_id, record, step=step)  # noqa: E731
     try:
-        result = training.train_adapter(args.dataset, config, args.output, on_log=on_log,
-                                        checkpoint_dir=args.checkpoint_dir, run_id=args.run_id)
+        result = training.train_adapter(
+            args.dataset, config, args.output, on_log=on_log, checkpoint_dir=args.checkpoint_dir, run_id=args.run_id
+        )
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -37,8 +37,15 @@ from lib.base_model import free_memory, load_base_model, load_tokenizer
 from lib.config import ModelConfig, PipelineConfig, TrainConfig
 from lib.dataset import load_prepared
 from lib.lora import make_optimizer, save_pretrained, wrap_with_lora
-from lib.steps import (batch_nll, count_steps, diverged_message, is_out_of_memory, micro_batch_order, oom_message,
-                       validation_loss)
+from lib.steps import (
+    batch_nll,
+    count_steps,
+    diverged_message,
+    is_out_of_memory,
+    micro_batch_order,
+    oom_message,
+    validation_loss,
+)
 from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.train")
@@ -79,6 +86,7 @@ class TrainResult:
 @dataclass
 class Run:
     """What `setup` makes once per process; fixed for the whole run."""
+
     model: Any  # the PEFT model
     tokenizer: Any
     optimizer: torch.optim.Optimizer
@@ -96,7 +104,9 @@ class Run:
 
 @dataclass
 class LoopState:
-    """How far training is: what a checkpoint carries over (step, tokens, seconds, history), and this process's share."""
+    """How far training is: what a checkpoint carries over (step, tokens, seconds, history), and this
+    process's share."""
+
     step: int = 0  # optimizer steps done, counting those of a run this one resumed
     tokens: int = 0  # real tokens trained on, likewise
     seconds: float = 0.0  # training time of the processes before this one
@@ -126,9 +136,15 @@ def save_adapter(model, tokenizer, output_dir: Path) -> Path:
     return final
 
 
-def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str | Path, on_log: LogFn | None = None,
-                  checkpoint_dir: str | Path | None = None, run_id: str | None = None,
-                  on_resume: Callable[[checkpoint.Checkpoint], None] | None = None) -> TrainResult:
+def train_adapter(
+    dataset_path: str,
+    config: PipelineConfig,
+    output_dir: str | Path,
+    on_log: LogFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    run_id: str | None = None,
+    on_resume: Callable[[checkpoint.Checkpoint], None] | None = None,
+) -> TrainResult:
     """Fine-tune a LoRA adapter on the prepared dataset; save it under `output_dir/adapter`.
 
     Nothing is written to `output_dir` unless training finishes with a finite loss.
@@ -144,9 +160,14 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str | P
     return result
 
 
-def train_model(dataset_path: str, config: PipelineConfig, on_log: LogFn | None = None,
-                checkpoint_dir: str | Path | None = None, run_id: str | None = None,
-                on_resume: Callable[[checkpoint.Checkpoint], None] | None = None):
+def train_model(
+    dataset_path: str,
+    config: PipelineConfig,
+    on_log: LogFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    run_id: str | None = None,
+    on_resume: Callable[[checkpoint.Checkpoint], None] | None = None,
+):
     """The training loop; returns (peft model, tokenizer, TrainResult without adapter_dir).
 
     With `checkpoint_dir`: holds its lock, resumes from its newest checkpoint (calling `on_resume`
@@ -158,7 +179,9 @@ def train_model(dataset_path: str, config: PipelineConfig, on_log: LogFn | None 
     """
     rank, world = distributed.rank_and_world()
     if world > 1:  # the launcher's ranks share the machine: lib/train_entry.py sets their threads
-        return _train_loop(dataset_path, config, on_log if rank == 0 else None, checkpoint_dir, run_id, on_resume, rank, world)
+        return _train_loop(
+            dataset_path, config, on_log if rank == 0 else None, checkpoint_dir, run_id, on_resume, rank, world
+        )
     configure_threads(config.train.threads)  # N > 1 processes: process_group divides the cores instead
     world = config.train.num_processes
     if world == 1:
@@ -167,22 +190,37 @@ def train_model(dataset_path: str, config: PipelineConfig, on_log: LogFn | None 
         return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume, 0, world)
 
 
-def _worker(dataset_path: str, config: PipelineConfig, checkpoint_dir: str | Path | None, *, rank: int, world: int) -> None:
+def _worker(
+    dataset_path: str, config: PipelineConfig, checkpoint_dir: str | Path | None, *, rank: int, world: int
+) -> None:
     """Ranks 1..N-1: train their shards; they resume from rank 0's checkpoints but never write any."""
     _train_loop(dataset_path, config, None, checkpoint_dir, None, None, rank, world)
 
 
-def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None, checkpoint_dir: str | Path | None,
-                run_id: str | None, on_resume: Callable[[checkpoint.Checkpoint], None] | None,
-                rank: int = 0, world: int = 1):
+def _train_loop(
+    dataset_path: str,
+    config: PipelineConfig,
+    on_log: LogFn | None,
+    checkpoint_dir: str | Path | None,
+    run_id: str | None,
+    on_resume: Callable[[checkpoint.Checkpoint], None] | None,
+    rank: int = 0,
+    world: int = 1,
+):
     from tqdm.auto import tqdm
 
     train = config.train
     run = setup(dataset_path, config, rank, world)
     with _checkpoint_folders(checkpoint_dir, rank, world) as (folder, writer):
         found, state = resume(run, folder, writer, config, dataset_path, on_resume)
-        bar = tqdm(range(state.step + 1, run.steps + 1), initial=state.step, total=run.steps, desc="train", unit="step",
-                   disable=None if rank == 0 else True)
+        bar = tqdm(
+            range(state.step + 1, run.steps + 1),
+            initial=state.step,
+            total=run.steps,
+            desc="train",
+            unit="step",
+            disable=None if rank == 0 else True,
+        )
         # Seconds since the last step line (on_log), and since the last line of any kind (a step's or a heartbeat).
         step_lines = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
         any_line = progress.Ticker(train.progress_interval_s, enabled=rank == 0)
@@ -190,7 +228,9 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
             record = train_step(run, state, step, train, config.model, any_line)
             if rank == 0 and train.eval_every and step % train.eval_every == 0 and step < run.steps:
                 record["validation_loss"] = validation_loss(run.model, run.val_blocks, config.eval.batch_size)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False
+            )
             state.history.append({"step": step, **record})
             if on_log and (step % train.log_every == 0 or step == run.steps or step_lines.due()):
                 step_lines.mark()
@@ -205,10 +245,21 @@ def _train_loop(dataset_path: str, config: PipelineConfig, on_log: LogFn | None,
     val = final_validation(run, state, on_log, config.eval.batch_size) if rank == 0 else None
     run.model.eval()
     final_loss = state.history[-1]["train_loss"] if state.history else float("nan")
-    return run.model, run.tokenizer, TrainResult(
-        "", run.steps, state.tokens, seconds, final_loss, val, state.history,
-        resumed_from_step=found.step if found else None,
-        lora_targets=sorted(run.model.peft_config["default"].target_modules))
+    return (
+        run.model,
+        run.tokenizer,
+        TrainResult(
+            "",
+            run.steps,
+            state.tokens,
+            seconds,
+            final_loss,
+            val,
+            state.history,
+            resumed_from_step=found.step if found else None,
+            lora_targets=sorted(run.model.peft_config["default"].target_modules),
+        ),
+    )
 
 
 def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> Run:
@@ -226,7 +277,9 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     if world > 1:  # as DDP does at wrap time: every rank starts from rank 0's LoRA weights
         for p in trainable:
             torch.distributed.broadcast(p.data, src=0)
-    log.info("trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()))
+    log.info(
+        "trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    )
     optimizer = make_optimizer(model, config)  # LoRA+ (lora.plus_lr_ratio): B at a higher rate than A
     steps = count_steps(len(blocks), train, world)
     # transformers' linear warmup from 0 then decay to 0 (HF Trainer's): with warmup_steps w > 0 the first update runs
@@ -235,9 +288,21 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     # The whole run's micro-batch order, fixed by the seed: a resumed run skips the consumed part.
     # With N ranks a micro-batch is N x batch_size blocks; rank r trains on its r-th slice.
     order = micro_batch_order(len(blocks), train.batch_size * world, train.seed, steps * train.grad_accum)
-    return Run(model, tokenizer, optimizer, schedule, trainable, info, data["validation_blocks"],
-               torch.tensor(blocks["input_ids"]), torch.tensor(blocks["attention_mask"]), order,
-               slice(rank * train.batch_size, (rank + 1) * train.batch_size), steps, world)
+    return Run(
+        model,
+        tokenizer,
+        optimizer,
+        schedule,
+        trainable,
+        info,
+        data["validation_blocks"],
+        torch.tensor(blocks["input_ids"]),
+        torch.tensor(blocks["attention_mask"]),
+        order,
+        slice(rank * train.batch_size, (rank + 1) * train.batch_size),
+        steps,
+        world,
+    )
 
 
 @contextlib.contextmanager
@@ -251,13 +316,22 @@ def _checkpoint_folders(checkpoint_dir: str | Path | None, rank: int, world: int
         return
     with checkpoint.exclusive(checkpoint_dir, busy_ok=world == 1) as held:
         if held is None:
-            log.warning("another live process is training with %s (same dataset and config): this run trains "
-                        "without checkpoints", checkpoint_dir)
+            log.warning(
+                "another live process is training with %s (same dataset and config): this run trains "
+                "without checkpoints",
+                checkpoint_dir,
+            )
         yield (checkpoint_dir, checkpoint_dir) if held else (None, None)
 
 
-def resume(run: Run, folder: str | Path | None, writer: str | Path | None, config: PipelineConfig, dataset_path: str,
-           on_resume: Callable[[checkpoint.Checkpoint], None] | None) -> tuple[checkpoint.Checkpoint | None, LoopState]:
+def resume(
+    run: Run,
+    folder: str | Path | None,
+    writer: str | Path | None,
+    config: PipelineConfig,
+    dataset_path: str,
+    on_resume: Callable[[checkpoint.Checkpoint], None] | None,
+) -> tuple[checkpoint.Checkpoint | None, LoopState]:
     """Put the newest checkpoint in `folder` back into the model, optimizer, schedule and RNGs; or start afresh."""
     found = checkpoint.latest(folder)
     if not found:
@@ -265,14 +339,19 @@ def resume(run: Run, folder: str | Path | None, writer: str | Path | None, confi
             checkpoint.describe(writer, checkpoint.checkpoint_key(config, run.info["fingerprint"], dataset_path)[1])
         return None, LoopState()
     done = checkpoint.load(found, run.model, run.optimizer, run.schedule, run.steps)
-    log.info("resuming at step %d of %d from %s (written by MLflow run %s)", found.step, run.steps, found.path, found.run_id)
+    log.info(
+        "resuming at step %d of %d from %s (written by MLflow run %s)", found.step, run.steps, found.path, found.run_id
+    )
     if on_resume:
         on_resume(found)
-    return found, LoopState(done["step"], done["tokens"], done["seconds"], list(done["history"]), start_step=done["step"])
+    return found, LoopState(
+        done["step"], done["tokens"], done["seconds"], list(done["history"]), start_step=done["step"]
+    )
 
 
-def train_step(run: Run, state: LoopState, step: int, train: TrainConfig, model_cfg: ModelConfig,
-               heartbeat: progress.Ticker) -> dict[str, float]:
+def train_step(
+    run: Run, state: LoopState, step: int, train: TrainConfig, model_cfg: ModelConfig, heartbeat: progress.Ticker
+) -> dict[str, float]:
     """Optimizer step `step` (1-based): advances `state` and returns the step's metrics. Raises OutOfMemory
     with the settings to lower, or TrainingDiverged on a non-finite loss, before any weight changed."""
     chunk = run.order[(step - 1) * train.grad_accum : step * train.grad_accum]
@@ -293,11 +372,17 @@ def train_step(run: Run, state: LoopState, step: int, train: TrainConfig, model_
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(run.masks[idx].sum()) for idx in chunk)
     state.step, state.tokens, state.new_tokens = step, state.tokens + tokens, state.new_tokens + tokens
-    return {"train_loss": loss, "learning_rate": lr, "tokens_per_second": state.new_tokens / state.elapsed(),
-            "epoch": step * train.grad_accum * train.batch_size * run.world / len(run.ids)}
+    return {
+        "train_loss": loss,
+        "learning_rate": lr,
+        "tokens_per_second": state.new_tokens / state.elapsed(),
+        "epoch": step * train.grad_accum * train.batch_size * run.world / len(run.ids),
+    }
 
 
-def _accumulate_gradients(run: Run, chunk: list[list[int]], step: int, heartbeat: progress.Ticker) -> tuple[torch.Tensor, int]:
+def _accumulate_gradients(
+    run: Run, chunk: list[list[int]], step: int, heartbeat: progress.Ticker
+) -> tuple[torch.Tensor, int]:
     """Backward over this rank's share of the step's micro-batches: (summed NLL, the whole step's scored tokens).
 
     The NLL is summed on the device and read once per step: a float() per micro-batch is a GPU sync each."""
@@ -312,14 +397,21 @@ def _accumulate_gradients(run: Run, chunk: list[list[int]], step: int, heartbeat
         (nll / step_tokens).backward()
         step_nll += nll.detach()
         if micro < len(chunk) and heartbeat.due():  # a slow step: say where it is (not after its last)
-            log.info("step %d/%d: micro-batch %d/%d, %.0f s into this step", step, run.steps, micro, len(chunk),
-                     time.perf_counter() - started)
+            log.info(
+                "step %d/%d: micro-batch %d/%d, %.0f s into this step",
+                step,
+                run.steps,
+                micro,
+                len(chunk),
+                time.perf_counter() - started,
+            )
             heartbeat.mark()
     return step_nll, step_tokens
 
 
-def report(on_log: LogFn, record: dict[str, float], run: Run, state: LoopState, writer: str | Path | None,
-           run_id: str | None) -> None:
+def report(
+    on_log: LogFn, record: dict[str, float], run: Run, state: LoopState, writer: str | Path | None, run_id: str | None
+) -> None:
     """Send step `state.step`'s metrics to on_log. If that fails (say the tracking server went away),
     checkpoint the step into `writer` first: the steps done so far are kept."""
     eta = (run.steps - state.step) * state.elapsed() / (state.step - state.start_step)
@@ -334,9 +426,20 @@ def report(on_log: LogFn, record: dict[str, float], run: Run, state: LoopState, 
 
 def save_checkpoint(folder: str | Path, run: Run, state: LoopState, run_id: str | None) -> None:
     """Checkpoint after step `state.step`, recording `run_id` (the MLflow run) and what LoopState carries over."""
-    checkpoint.save(folder, state.step, run.model, run.optimizer, run.schedule,
-                    {"total_steps": run.steps, "run_id": run_id, "tokens": state.tokens,
-                     "seconds": state.seconds + state.elapsed(), "history": state.history})
+    checkpoint.save(
+        folder,
+        state.step,
+        run.model,
+        run.optimizer,
+        run.schedule,
+        {
+            "total_steps": run.steps,
+            "run_id": run_id,
+            "tokens": state.tokens,
+            "seconds": state.seconds + state.elapsed(),
+            "history": state.history,
+        },
+    )
 
 
 def final_validation(run: Run, state: LoopState, on_log: LogFn | None, batch_size: int) -> float | None:

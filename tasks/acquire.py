@@ -61,8 +61,14 @@ def _acquire_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
         # call, and a Prefect hit would skip it. It costs seconds; a download costs minutes.
         return None
     path = corpus_path(data).expanduser().resolve()
-    return hash_objects("acquire_corpus", code_version(context.task.fn, (dataset,)), data.source, str(path),
-                        file_state(path), raise_on_failure=True)
+    return hash_objects(
+        "acquire_corpus",
+        code_version(context.task.fn, (dataset,)),
+        data.source,
+        str(path),
+        file_state(path),
+        raise_on_failure=True,
+    )
 
 
 def _kaggle_credentials(block: str | None) -> dict[str, str] | None:
@@ -83,8 +89,14 @@ def worth_retrying(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), KaggleError)
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], cache_key_fn=_acquire_cache_key, persist_result=True,
-      result_serializer="json", retry_condition_fn=worth_retrying)
+@task(
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    cache_key_fn=_acquire_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retry_condition_fn=worth_retrying,
+)
 def acquire_corpus(data: DataConfig) -> str:
     """Return the path of the corpus CSV; downloads only for `data.source: kaggle`.
 
@@ -117,6 +129,6 @@ def corpus_version(data: DataConfig) -> int | None:
     """The Kaggle dataset version of the cached download (None for other sources or no cache)."""
     if data.source != "kaggle":
         return None
-    from lib.kaggle_source import cached_version, cached_path
+    from lib.kaggle_source import cached_path, cached_version
 
     return cached_version(cached_path(data.kaggle_dataset, data.kaggle_file, f"{data.cache_dir}/kaggle"))

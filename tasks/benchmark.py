@@ -30,8 +30,10 @@ def _define_benchmark(config: PipelineConfig, prepared: dict, folder: Path) -> B
         else:
             csv = str(Path(where).expanduser().resolve())
             if not Path(csv).is_file():
-                raise FileNotFoundError(f"registry.benchmark {where}: no such file; give a Kaggle-format CSV, "
-                                        "'kaggle', or leave it unset (the first version's test split)")
+                raise FileNotFoundError(
+                    f"registry.benchmark {where}: no such file; give a Kaggle-format CSV, "
+                    "'kaggle', or leave it unset (the first version's test split)"
+                )
             source = f"test split of {csv}"
         documents = evaluation.test_split(csv, config)["document"]
     return write_benchmark(documents, config.train.max_length, config.eval.stride, source, folder)
@@ -47,14 +49,29 @@ def resolve_benchmark(config: PipelineConfig, prepared: dict, uri: str) -> Bench
     stored = champion.fetch_benchmark(uri, config.registry.model_name, folder)
     if stored is not None:
         if config.registry.benchmark is not None:
-            logger.warning("registry.benchmark=%s is ignored: %s is judged on its stored benchmark %s (%s)",
-                           config.registry.benchmark, config.registry.model_name, stored.fingerprint[:12], stored.source)
-        logger.info("benchmark of %s: %s (%d texts, %s)", config.registry.model_name, stored.fingerprint[:12],
-                    stored.texts, stored.source)
+            logger.warning(
+                "registry.benchmark=%s is ignored: %s is judged on its stored benchmark %s (%s)",
+                config.registry.benchmark,
+                config.registry.model_name,
+                stored.fingerprint[:12],
+                stored.source,
+            )
+        logger.info(
+            "benchmark of %s: %s (%d texts, %s)",
+            config.registry.model_name,
+            stored.fingerprint[:12],
+            stored.texts,
+            stored.source,
+        )
         return stored
     defined = _define_benchmark(config, prepared, folder)
-    logger.info("%s has no benchmark yet: its first version fixes %s (%d texts, %s)", config.registry.model_name,
-                defined.fingerprint[:12], defined.texts, defined.source)
+    logger.info(
+        "%s has no benchmark yet: its first version fixes %s (%d texts, %s)",
+        config.registry.model_name,
+        defined.fingerprint[:12],
+        defined.texts,
+        defined.source,
+    )
     return defined
 
 
@@ -65,11 +82,17 @@ def store_benchmark(benchmark: Benchmark, config: PipelineConfig, uri: str, run_
     name = config.registry.model_name
     kept = benchmark if benchmark.stored else champion.store_benchmark(uri, name, benchmark, config.tracking.experiment)
     if kept.fingerprint != benchmark.fingerprint:  # a concurrent first registration fixed another one
-        get_run_logger().warning("%s got benchmark %s from a concurrent run; this run was scored on %s, so its "
-                                 "version stays out of the champion race", name, kept.fingerprint[:12],
-                                 benchmark.fingerprint[:12])
+        get_run_logger().warning(
+            "%s got benchmark %s from a concurrent run; this run was scored on %s, so its "
+            "version stays out of the champion race",
+            name,
+            kept.fingerprint[:12],
+            benchmark.fingerprint[:12],
+        )
     champion.log_documents(uri, run_id, benchmark, name, context="benchmark")
-    tracking.set_tags(uri, run_id, {"benchmark_fingerprint": benchmark.fingerprint, "benchmark_source": benchmark.source})
+    tracking.set_tags(
+        uri, run_id, {"benchmark_fingerprint": benchmark.fingerprint, "benchmark_source": benchmark.source}
+    )
     return kept
 
 
@@ -83,14 +106,20 @@ def score_champion_on_benchmark(config: PipelineConfig, benchmark: Benchmark, ur
     if holder is None:
         return None
     logger = get_run_logger()
-    logger.info("champion %s/%s has no %s on benchmark %s: scoring it now", name, holder, metric,
-                benchmark.fingerprint[:12])
+    logger.info(
+        "champion %s/%s has no %s on benchmark %s: scoring it now", name, holder, metric, benchmark.fingerprint[:12]
+    )
     try:
-        scores = evaluation.score_registered_on_benchmark(uri, f"models:/{name}/{holder}", benchmark,
-                                                          config.eval.batch_size)
+        scores = evaluation.score_registered_on_benchmark(
+            uri, f"models:/{name}/{holder}", benchmark, config.eval.batch_size
+        )
     except Exception as error:  # noqa: BLE001 - the decision goes on without it, and says so
-        logger.warning("could not score champion %s/%s on the benchmark (%s): it is left out of the race",
-                       name, holder, str(error).splitlines()[0][:200])
+        logger.warning(
+            "could not score champion %s/%s on the benchmark (%s): it is left out of the race",
+            name,
+            holder,
+            str(error).splitlines()[0][:200],
+        )
         return None
     champion.record_scores(uri, name, holder, benchmark, scores, reason="scored when first compared")
     logger.info("champion %s/%s: %s %.6g on the benchmark", name, holder, metric, scores[metric])

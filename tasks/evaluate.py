@@ -29,20 +29,41 @@ def _log_evaluation(result: dict, output_dir: str, uri: str, run_id: str) -> dic
     if rows:
         tracking.log_table(uri, run_id, {k: [r[k] for r in rows] for k in rows[0]}, "samples/samples_table.json")
     tracking.log_artifact(uri, run_id, result["samples_md"], "samples")
-    table = [{"metric": name, "base": metrics[f"base_{name}"], "tuned": metrics[name],
-              "delta": metrics[f"delta_{name}"]} for name in metrics if f"base_{name}" in metrics]
+    table = [
+        {"metric": name, "base": metrics[f"base_{name}"], "tuned": metrics[name], "delta": metrics[f"delta_{name}"]}
+        for name in metrics
+        if f"base_{name}" in metrics
+    ]
     create_table_artifact(table, key="base-vs-tuned", description="test metrics, base vs tuned, same test articles")
     bars = plots.plot_comparison(metrics, PLOTTED, Path(output_dir) / "base_vs_tuned.png", evaluation.LOWER_IS_BETTER)
     tracking.log_artifact(uri, run_id, bars, "plots")
-    get_run_logger().info("test perplexity %.2f -> %.2f, bits/byte %.3f -> %.3f", metrics["base_test_perplexity"],
-                          metrics["test_perplexity"], metrics["base_test_bits_per_byte"], metrics["test_bits_per_byte"])
-    return {"metrics": metrics, "samples_md": result["samples_md"], "samples_json": result["samples_json"],
-            "samples": rows[:SUMMARY_SAMPLES], "plot": str(bars), "bleu_signature": result["bleu_signature"]}
+    get_run_logger().info(
+        "test perplexity %.2f -> %.2f, bits/byte %.3f -> %.3f",
+        metrics["base_test_perplexity"],
+        metrics["test_perplexity"],
+        metrics["base_test_bits_per_byte"],
+        metrics["test_bits_per_byte"],
+    )
+    return {
+        "metrics": metrics,
+        "samples_md": result["samples_md"],
+        "samples_json": result["samples_json"],
+        "samples": rows[:SUMMARY_SAMPLES],
+        "plot": str(bars),
+        "bleu_signature": result["bleu_signature"],
+    }
 
 
 @task
-def evaluate_adapter(dataset_path: str, adapter_dir: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str,
-                     benchmark: Benchmark | None = None) -> dict:
+def evaluate_adapter(
+    dataset_path: str,
+    adapter_dir: str,
+    config: PipelineConfig,
+    output_dir: str,
+    uri: str,
+    run_id: str,
+    benchmark: Benchmark | None = None,
+) -> dict:
     """Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`, and `benchmark_<m>` with a benchmark),
     `samples` (the first 3 rows), file paths."""
     result = evaluation.evaluate_adapter(dataset_path, adapter_dir, config, Path(output_dir) / "evaluation", benchmark)
@@ -56,25 +77,41 @@ def resolve_registered(uri: str, registered_uri: str) -> dict:
 
 
 @task
-def evaluate_registered_adapter(target: dict, csv_path: str, config: PipelineConfig, output_dir: str, uri: str,
-                                run_id: str) -> dict:
+def evaluate_registered_adapter(
+    target: dict, csv_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str
+) -> dict:
     """Re-evaluate a registered version into the evaluation run `run_id`; same return keys as
     `evaluate_adapter` plus `dataset_fingerprint` and whether it equals the training run's."""
-    tracking.set_tags(uri, run_id, {
-        "mlflow.runName": f"evaluate-{target['name']}-v{target['version']}",
-        "mlflow.note.content": f"Re-evaluation of `{target['uri']}` (trained in run `{target['run_id']}`) on {csv_path}",
-    })
+    tracking.set_tags(
+        uri,
+        run_id,
+        {
+            "mlflow.runName": f"evaluate-{target['name']}-v{target['version']}",
+            "mlflow.note.content": (
+                f"Re-evaluation of `{target['uri']}` (trained in run `{target['run_id']}`) on {csv_path}"
+            ),
+        },
+    )
     result = evaluation.evaluate_registered(uri, target["uri"], csv_path, config, Path(output_dir) / "evaluation")
     same = result["dataset_fingerprint"] == target.get("dataset_fingerprint")
-    tracking.set_tags(uri, run_id, {"dataset_fingerprint": result["dataset_fingerprint"], "same_data_as_training": same})
+    tracking.set_tags(
+        uri, run_id, {"dataset_fingerprint": result["dataset_fingerprint"], "same_data_as_training": same}
+    )
     tracking.log_params(uri, run_id, {"dataset.fingerprint": result["dataset_fingerprint"], "data.csv": csv_path})
     tracking.log_metrics(uri, run_id, {"data_test_articles": result["test_articles"]})
     if not same:
-        get_run_logger().warning("data differs from the training run's (fingerprint %s vs %s): the test articles may "
-                                 "include ones %s was trained on", result["dataset_fingerprint"][:12],
-                                 str(target.get("dataset_fingerprint"))[:12], target["uri"])
-    return {**_log_evaluation(result, output_dir, uri, run_id), "dataset_fingerprint": result["dataset_fingerprint"],
-            "same_data_as_training": same}
+        get_run_logger().warning(
+            "data differs from the training run's (fingerprint %s vs %s): the test articles may "
+            "include ones %s was trained on",
+            result["dataset_fingerprint"][:12],
+            str(target.get("dataset_fingerprint"))[:12],
+            target["uri"],
+        )
+    return {
+        **_log_evaluation(result, output_dir, uri, run_id),
+        "dataset_fingerprint": result["dataset_fingerprint"],
+        "same_data_as_training": same,
+    }
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])

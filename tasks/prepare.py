@@ -33,9 +33,16 @@ def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
     # split). Precision, attention kernel, checkpointing matter to training only.
     model_keys = {"name", "revision", "trust_remote_code"} | ({"tiny"} if model.name == TINY_MODEL else set())
     model_slice = model.model_dump(mode="json", include=model_keys)
-    return hash_objects("prepare_dataset", code_version(context.task.fn, PREPARE_MODULES), str(csv_path),
-                        file_state(csv_path), data_slice, model_slice, int(parameters["max_length"]),
-                        raise_on_failure=True)
+    return hash_objects(
+        "prepare_dataset",
+        code_version(context.task.fn, PREPARE_MODULES),
+        str(csv_path),
+        file_state(csv_path),
+        data_slice,
+        model_slice,
+        int(parameters["max_length"]),
+        raise_on_failure=True,
+    )
 
 
 @task(cache_key_fn=_prepare_cache_key, persist_result=True, result_serializer="json")
@@ -60,12 +67,15 @@ def record_dataset(info: dict, uri: str, run_id: str, kaggle: dict | None = None
     split as a dataset input of the run (`kaggle`: {"dataset", "version"} when it came from Kaggle)."""
     # A cache hit returns paths from an earlier run; if someone deleted them since, say so here
     # rather than as a load error deep inside training.
-    local = [("prepared dataset", info["path"])] + ([("base model", info["base"])] if Path(info["base"]).is_absolute() else [])
+    local = [("prepared dataset", info["path"])] + (
+        [("base model", info["base"])] if Path(info["base"]).is_absolute() else []
+    )
     for label, path in local:
         if not Path(path).exists():
             raise FileNotFoundError(
                 f"{label} {path} is gone but a cached prepare_dataset result points at it; "
-                f"rerun with PREFECT_TASKS_REFRESH_CACHE=true or delete the prefect-results folder in data.cache_dir")
+                f"rerun with PREFECT_TASKS_REFRESH_CACHE=true or delete the prefect-results folder in data.cache_dir"
+            )
     stats = info["stats"]
     tracking.set_tags(uri, run_id, {"dataset_fingerprint": info["fingerprint"]})
     tracking.log_params(uri, run_id, {"dataset.fingerprint": info["fingerprint"], "dataset.path": info["path"]})
@@ -77,12 +87,15 @@ def record_dataset(info: dict, uri: str, run_id: str, kaggle: dict | None = None
     source = _source(info, kaggle)
     for split, context in (("train", "training"), ("validation", "validation"), ("test", "testing")):
         profile = {**stats["splits"].get(split, {}), **stats["blocks"].get(split, {})}  # articles, chars, tokens
-        tracking.log_dataset_input(uri, run_id, f"lenta-{split}", f"{info['fingerprint'][:24]}-{split}", source,
-                                   profile, context)
+        tracking.log_dataset_input(
+            uri, run_id, f"lenta-{split}", f"{info['fingerprint'][:24]}-{split}", source, profile, context
+        )
     create_markdown_artifact(
         key="dataset-stats",
-        markdown="## Prepared dataset\n\n" + f"fingerprint `{info['fingerprint']}`\n\n```json\n"
-        + json.dumps(stats, ensure_ascii=False, indent=2) + "\n```\n",
+        markdown="## Prepared dataset\n\n"
+        + f"fingerprint `{info['fingerprint']}`\n\n```json\n"
+        + json.dumps(stats, ensure_ascii=False, indent=2)
+        + "\n```\n",
         description="lenta-lora dataset statistics",
     )
     get_run_logger().info("dataset %s: %s", info["fingerprint"][:12], flat)

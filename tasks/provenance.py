@@ -20,9 +20,12 @@ from lib.config import PipelineConfig
 @task(retries=2, retry_delay_seconds=[2, 10])
 def training_key(config: PipelineConfig, prepared: dict, kaggle_version: int | None, uri: str, run_id: str) -> str:
     """The key of what this run would train; logged as the run's `training_key` tag and `training_key.json`."""
-    key, payload = provenance.training_key(config, prepared["fingerprint"], prepared["path"], prepared["base"],
-                                           kaggle_version)
-    tracking.set_tags(uri, run_id, {"training_key": key, **({"kaggle_version": kaggle_version} if kaggle_version else {})})
+    key, payload = provenance.training_key(
+        config, prepared["fingerprint"], prepared["path"], prepared["base"], kaggle_version
+    )
+    tracking.set_tags(
+        uri, run_id, {"training_key": key, **({"kaggle_version": kaggle_version} if kaggle_version else {})}
+    )
     if kaggle_version is not None:
         tracking.log_params(uri, run_id, {"data.kaggle_version": kaggle_version})
     tracking.log_artifact_text(uri, run_id, json.dumps(payload, indent=2, ensure_ascii=False), "training_key.json")
@@ -39,14 +42,24 @@ def version_with_training_key(uri: str, model_name: str, key: str) -> dict | Non
 @task(retries=2, retry_delay_seconds=[2, 10])
 def record_up_to_date(uri: str, run_id: str, holder: dict, key: str) -> str:
     """Say, in the MLflow run, the Prefect UI and the logs, that nothing was trained and why."""
-    message = (f"up to date: version {holder['version']} holds this ({holder['uri']}, training key {key[:12]}); "
-               "nothing trained or registered. Pass force (CLI: --force) to train anyway.")
-    tracking.set_tags(uri, run_id, {"up_to_date_version": holder["version"], "lenta_lora.outcome": "up_to_date",
-                                    "mlflow.note.content": message})
+    message = (
+        f"up to date: version {holder['version']} holds this ({holder['uri']}, training key {key[:12]}); "
+        "nothing trained or registered. Pass force (CLI: --force) to train anyway."
+    )
+    tracking.set_tags(
+        uri,
+        run_id,
+        {"up_to_date_version": holder["version"], "lenta_lora.outcome": "up_to_date", "mlflow.note.content": message},
+    )
     link = reports.run_link(uri, run_id)
-    create_markdown_artifact(key="finetune-summary", description="lenta-lora run: up to date", markdown=(
-        f"## lenta-lora: up to date\n\n{message}\n\n**MLflow run** `{run_id}`: {link['url']}\n\n"
-        f"Same dataset, training config, code and base as the run `{holder['run_id']}` that trained "
-        f"`{holder['uri']}` (champion: {'yes' if holder['champion'] else 'no'}).\n"))
+    create_markdown_artifact(
+        key="finetune-summary",
+        description="lenta-lora run: up to date",
+        markdown=(
+            f"## lenta-lora: up to date\n\n{message}\n\n**MLflow run** `{run_id}`: {link['url']}\n\n"
+            f"Same dataset, training config, code and base as the run `{holder['run_id']}` that trained "
+            f"`{holder['uri']}` (champion: {'yes' if holder['champion'] else 'no'}).\n"
+        ),
+    )
     get_run_logger().info(message)
     return message

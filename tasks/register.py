@@ -25,9 +25,20 @@ def worth_retrying(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=worth_retrying)
-def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metrics: dict[str, float],
-                     fingerprint: str, benchmark: Benchmark, training_key: str, force: bool, uri: str, run_id: str,
-                     extra_tags: dict[str, str], example: dict | None = None) -> dict:
+def register_adapter(
+    adapter_dir: str,
+    base: str,
+    config: PipelineConfig,
+    metrics: dict[str, float],
+    fingerprint: str,
+    benchmark: Benchmark,
+    training_key: str,
+    force: bool,
+    uri: str,
+    run_id: str,
+    extra_tags: dict[str, str],
+    example: dict | None = None,
+) -> dict:
     """Register a version and decide `champion` on the model's benchmark, as one unit.
 
     Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, the decision,
@@ -37,25 +48,49 @@ def register_adapter(adapter_dir: str, base: str, config: PipelineConfig, metric
     """
     described = describe_base(base, config.model)
     registry_cfg = config.registry
-    targets = lora.targets_for_base(config.lora, base, config.model)  # "auto" resolved as training did, from config.json
-    tags = {"base_model": config.model.name, "precision": described["precision"], "dtype": described["dtype"],
-            "dataset_fingerprint": fingerprint,
-            "base_identity": identity_label(described["identity"]),
-            **({"base_revision": described["revision"]} if described.get("revision") else {}),
-            "lora": lora.describe(config.lora, targets),
-            **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics}, **extra_tags,
-            **({"forced": "true"} if force else {})}
-    generation = {"max_new_tokens": config.eval.max_new_tokens, "do_sample": config.eval.do_sample,
-                  "temperature": config.eval.temperature, "top_p": config.eval.top_p, "seed": config.eval.seed}
+    targets = lora.targets_for_base(
+        config.lora, base, config.model
+    )  # "auto" resolved as training did, from config.json
+    tags = {
+        "base_model": config.model.name,
+        "precision": described["precision"],
+        "dtype": described["dtype"],
+        "dataset_fingerprint": fingerprint,
+        "base_identity": identity_label(described["identity"]),
+        **({"base_revision": described["revision"]} if described.get("revision") else {}),
+        "lora": lora.describe(config.lora, targets),
+        **{k: f"{metrics[k]:.6g}" for k in KEY_METRICS if k in metrics},
+        **extra_tags,
+        **({"forced": "true"} if force else {}),
+    }
+    generation = {
+        "max_new_tokens": config.eval.max_new_tokens,
+        "do_sample": config.eval.do_sample,
+        "temperature": config.eval.temperature,
+        "top_p": config.eval.top_p,
+        "seed": config.eval.seed,
+    }
     registered = registry.register_adapter(
-        uri, run_id, adapter_dir, described, generation, registry_cfg.model_name, tags, metrics,
-        champion_metric=registry_cfg.champion_metric, benchmark_fingerprint=benchmark.fingerprint,
-        min_improvement=registry_cfg.min_improvement, training_key=None if force else training_key,
-        example={"prompt": example["prompt"], "output": example["tuned_output"]} if example else None)
+        uri,
+        run_id,
+        adapter_dir,
+        described,
+        generation,
+        registry_cfg.model_name,
+        tags,
+        metrics,
+        champion_metric=registry_cfg.champion_metric,
+        benchmark_fingerprint=benchmark.fingerprint,
+        min_improvement=registry_cfg.min_improvement,
+        training_key=None if force else training_key,
+        example={"prompt": example["prompt"], "output": example["tuned_output"]} if example else None,
+    )
     logger = get_run_logger()
     if registered["up_to_date"]:
-        logger.warning("a concurrent run registered the same training key first: %s holds it; nothing registered",
-                       registered["uri"])
+        logger.warning(
+            "a concurrent run registered the same training key first: %s holds it; nothing registered",
+            registered["uri"],
+        )
     else:
         logger.info("registered %s: %s", registered["uri"], registered["decision"]["reason"])
     return registered

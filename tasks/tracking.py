@@ -15,8 +15,9 @@ from lib.config import PipelineConfig, flatten_config
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent.parent)
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent.parent
+        )
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -35,8 +36,12 @@ def provenance_tags() -> dict[str, str]:
     """Tags that link the MLflow run and registry version back to the Prefect run and the code."""
     from prefect.runtime import flow_run
 
-    return {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
-            **_git_state(), **tracking.owner_tags()}
+    return {
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": str(flow_run.name),
+        **_git_state(),
+        **tracking.owner_tags(),
+    }
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -47,8 +52,12 @@ def start_run(config: PipelineConfig, uri: str, tags: dict[str, str]) -> str:
     run_id = tracking.start_run(uri, config.tracking.experiment, name, flatten_config(config), tags, config_yaml)
     sweep_stale_runs(uri, run_id)
     link = reports.run_link(uri, run_id)
-    create_link_artifact(key="mlflow-run", link=link["url"], link_text=f"MLflow run {run_id}",
-                         description=f"Start the UI first: `{link['command']}`" if link["command"] else "MLflow run")
+    create_link_artifact(
+        key="mlflow-run",
+        link=link["url"],
+        link_text=f"MLflow run {run_id}",
+        description=f"Start the UI first: `{link['command']}`" if link["command"] else "MLflow run",
+    )
     return run_id
 
 

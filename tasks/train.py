@@ -36,20 +36,29 @@ def _close_interrupted_run(uri: str, found: checkpoint.Checkpoint, run_id: str, 
         logger.warning("MLflow run %s that wrote %s not found in %s (%s); left as it is", old, found.path, uri, error)
         return
     if summary["status"] == "RUNNING" or (summary["status"] == "FAILED" and "stale_reason" in summary["tags"]):
-        tracking.set_tags(uri, old, {"resumed_in_run": run_id, "killed_reason":
-                                     f"training process died after checkpoint step {found.step} of "
-                                     f"{found.total_steps}; training resumed in run {run_id}"})
+        tracking.set_tags(
+            uri,
+            old,
+            {
+                "resumed_in_run": run_id,
+                "killed_reason": f"training process died after checkpoint step {found.step} of "
+                f"{found.total_steps}; training resumed in run {run_id}",
+            },
+        )
         tracking.finish_run(uri, old, "KILLED")
         logger.info("marked MLflow run %s KILLED (its process died; resumed here)", old)
 
 
 @task
-def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str,
-                  checkpoint_dir: str | None = None) -> dict:
+def train_adapter(
+    dataset_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str, checkpoint_dir: str | None = None
+) -> dict:
     """Returns `adapter_dir`, `steps`, `tokens`, `seconds`, `final_loss`, `validation_loss`, `resumed_from_step`."""
     logger = get_run_logger()
     train = config.train
-    tracking.log_params(uri, run_id, {"train.effective_batch": train.batch_size * train.grad_accum * train.num_processes})
+    tracking.log_params(
+        uri, run_id, {"train.effective_batch": train.batch_size * train.grad_accum * train.num_processes}
+    )
 
     bar = create_progress_artifact(0.0, key="training-progress", description="optimizer steps done, %")
     updated = [0.0]  # monotonic seconds of the last update: at most one API call every 2 s
@@ -60,27 +69,51 @@ def train_adapter(dataset_path: str, config: PipelineConfig, output_dir: str, ur
             update_progress_artifact(bar, 100.0 * step / progress.total)
             updated[0] = time.monotonic()
         if progress is not None:
-            logger.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %s", step, progress.total, record["train_loss"],
-                        record["learning_rate"], record["tokens_per_second"],
-                        timedelta(seconds=round(progress.eta_seconds)))
+            logger.info(
+                "step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %s",
+                step,
+                progress.total,
+                record["train_loss"],
+                record["learning_rate"],
+                record["tokens_per_second"],
+                timedelta(seconds=round(progress.eta_seconds)),
+            )
 
     def on_resume(found: checkpoint.Checkpoint) -> None:
         tracking.set_tags(uri, run_id, {"resumed_from_run": found.run_id or "unknown", "resumed_from_step": found.step})
-        logger.info("resuming from %s: step %d of %d (MLflow run %s)", found.path, found.step, found.total_steps, found.run_id)
+        logger.info(
+            "resuming from %s: step %d of %d (MLflow run %s)", found.path, found.step, found.total_steps, found.run_id
+        )
         _close_interrupted_run(uri, found, run_id, logger)
 
     with tracking.system_metrics(uri, run_id):  # this process only: rank 0 under data parallelism
-        result = training.train_adapter(dataset_path, config, output_dir, on_log=on_log, checkpoint_dir=checkpoint_dir,
-                                        run_id=run_id, on_resume=on_resume)
+        result = training.train_adapter(
+            dataset_path,
+            config,
+            output_dir,
+            on_log=on_log,
+            checkpoint_dir=checkpoint_dir,
+            run_id=run_id,
+            on_resume=on_resume,
+        )
     # The modules `lora.target_modules` (say "auto") resolved to on this base, as trained.
     tracking.set_tags(uri, run_id, {"lora_target_modules": ",".join(result.lora_targets)})
     plot = plots.plot_loss(result.history, Path(output_dir) / "loss_curve.png")
     tracking.log_artifact(uri, run_id, plot, "plots")
-    tracking.log_metrics(uri, run_id, {"train_steps": result.steps, "train_tokens": result.tokens,
-                                       "train_seconds": result.seconds,
-                                       "train_tokens_per_second": result.tokens / max(result.seconds, 1e-9)})
+    tracking.log_metrics(
+        uri,
+        run_id,
+        {
+            "train_steps": result.steps,
+            "train_tokens": result.tokens,
+            "train_seconds": result.seconds,
+            "train_tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        },
+    )
     summary = {k: v for k, v in asdict(result).items() if k != "history"}
-    logger.info("trained %d steps on %d tokens in %.1fs -> %s", result.steps, result.tokens, result.seconds, result.adapter_dir)
+    logger.info(
+        "trained %d steps on %d tokens in %.1fs -> %s", result.steps, result.tokens, result.seconds, result.adapter_dir
+    )
     return summary
 
 

@@ -79,7 +79,7 @@ def tiny_overrides(cache_dir: str, **extra) -> list[str]:
 
 @pytest.fixture
 def tiny_config(shared_cache, tracking_uri):
-    from lib.config import load_config
     from flows.cli import DEFAULT_PROFILE
+    from lib.config import load_config
 
     return load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))

@@ -28,15 +28,33 @@ pytestmark = pytest.mark.slow  # the shared trained adapter (tests/support/adapt
 
 def register(uri: str, name: str, adapter: Path, base: dict) -> None:
     run_id = tracking.start_run(uri, name, name, {}, {}, "{}\n")
-    registry.register_adapter(uri, run_id, adapter, base, {"max_new_tokens": 4}, name, {},
-                              {"benchmark_bits_per_byte": 3.0}, **CHAMPION_POLICY)
+    registry.register_adapter(
+        uri, run_id, adapter, base, {"max_new_tokens": 4}, name, {}, {"benchmark_bits_per_byte": 3.0}, **CHAMPION_POLICY
+    )
     tracking.finish_run(uri, run_id)
 
 
 def generate_cli(uri: str, name: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--model", name, "--version", "1",
-                           "--tracking-uri", uri, "Заголовок"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "generate",
+            "--model",
+            name,
+            "--version",
+            "1",
+            "--tracking-uri",
+            uri,
+            "Заголовок",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
@@ -63,8 +81,10 @@ def test_a_version_records_its_base_weights_and_resolved_precision(trained, loca
     # `auto` is resolved on the training machine (CPU here): a GPU must not reload it in bf16.
     assert described["precision"] == "fp32" and described["precision_requested"] == "auto"
     assert described["dtype"] == "float32"
-    assert described["identity"] == {"kind": "files",
-                                      "sha256": {"model.safetensors": sha256_file(local_base / "model.safetensors")}}
+    assert described["identity"] == {
+        "kind": "files",
+        "sha256": {"model.safetensors": sha256_file(local_base / "model.safetensors")},
+    }
     assert identity_label(described["identity"]).startswith("sha256:")
     hub = {"kind": "hub", "name": "org/model", "commit": "0123abcd", "resolved": True}
     assert identity_label(hub) == "0123abcd"
@@ -96,9 +116,14 @@ def test_a_hub_revision_that_cannot_be_had_is_one_clear_line(trained, tmp_path):
     clear error naming the base and the commit, not transformers' traceback."""
     uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "hub-base"
     commit = "0" * 40
-    base = {"kind": "hub", "name": "EleutherAI/gpt-neo-1.3B", "revision": "main", "precision": "fp32",
-            "dtype": "float32", "identity": {"kind": "hub", "name": "EleutherAI/gpt-neo-1.3B", "commit": commit,
-                                             "resolved": True}}
+    base = {
+        "kind": "hub",
+        "name": "EleutherAI/gpt-neo-1.3B",
+        "revision": "main",
+        "precision": "fp32",
+        "dtype": "float32",
+        "identity": {"kind": "hub", "name": "EleutherAI/gpt-neo-1.3B", "commit": commit, "resolved": True},
+    }
     register(uri, name, trained["adapter"], base)
     done = generate_cli(uri, name)
     assert_one_line_error(done, "EleutherAI/gpt-neo-1.3B", commit, "cannot be loaded")

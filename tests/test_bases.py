@@ -25,23 +25,27 @@ def save_config(folder, name: str):
     if name == "GPT2Config":
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=300)
     elif name == "GPTNeoConfig":
-        config = transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=2, vocab_size=300,
-                                           attention_types=[[["global", "local"], 1]])
+        config = transformers.GPTNeoConfig(
+            hidden_size=32, num_layers=2, num_heads=2, vocab_size=300, attention_types=[[["global", "local"], 1]]
+        )
     else:
         config = getattr(transformers, name)(**SHAPE)
     config.save_pretrained(folder)
     return str(folder)
 
 
-@pytest.mark.parametrize("config_class, expected", [
-    ("GPTNeoConfig", ["q_proj", "v_proj"]),
-    ("GPT2Config", ["c_attn"]),
-    ("LlamaConfig", ["q_proj", "v_proj"]),
-    ("Qwen2Config", ["q_proj", "v_proj"]),
-    ("MistralConfig", ["q_proj", "v_proj"]),
-    # No PEFT default for phi3: every linear layer but the output head.
-    ("Phi3Config", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
-])
+@pytest.mark.parametrize(
+    "config_class, expected",
+    [
+        ("GPTNeoConfig", ["q_proj", "v_proj"]),
+        ("GPT2Config", ["c_attn"]),
+        ("LlamaConfig", ["q_proj", "v_proj"]),
+        ("Qwen2Config", ["q_proj", "v_proj"]),
+        ("MistralConfig", ["q_proj", "v_proj"]),
+        # No PEFT default for phi3: every linear layer but the output head.
+        ("Phi3Config", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),
+    ],
+)
 def test_auto_targets_follow_the_architecture_from_config_json_alone(tmp_path, config_class, expected):
     base = save_config(tmp_path, config_class)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
@@ -53,16 +57,24 @@ def test_auto_targets_follow_the_architecture_from_config_json_alone(tmp_path, c
 def test_all_linear_and_explicit_targets(tmp_path):
     base = save_config(tmp_path, "LlamaConfig")
     every = build_config({}, ["lora.target_modules=all-linear"])
-    assert lora.targets_for_base(every.lora, base, every.model) == ["down_proj", "gate_proj", "k_proj", "o_proj",
-                                                                    "q_proj", "up_proj", "v_proj"]
+    assert lora.targets_for_base(every.lora, base, every.model) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     explicit = build_config({}, ["lora.target_modules=[v_proj, q_proj]"])
     assert lora.targets_for_base(explicit.lora, "no/such-base", explicit.model) == ["q_proj", "v_proj"]  # no lookup
 
 
 def test_the_version_tag_names_every_variant_setting():
     config = build_config({}, ["lora.use_dora=true", "lora.plus_lr_ratio=16"])
-    assert lora.describe(config.lora, ["c_attn"]) == ("r=8 alpha=16 dropout=0.1 targets=c_attn dora=true rslora=false "
-                                                     "init=true plus_lr_ratio=16")
+    assert lora.describe(config.lora, ["c_attn"]) == (
+        "r=8 alpha=16 dropout=0.1 targets=c_attn dora=true rslora=false init=true plus_lr_ratio=16"
+    )
     pissa = build_config({}, ["lora.init_weights=pissa", "lora.use_rslora=true"])
     assert "rslora=true init=pissa (saved as plain LoRA r=16)" in lora.describe(pissa.lora, ["q_proj"])
 
@@ -74,8 +86,9 @@ def tokenizers():
 
 
 @pytest.mark.parametrize("family, starts_with", [("gpt2", None), ("llama", "<s>"), ("qwen2", None)])
-def test_packed_documents_get_one_eos_between_them_and_bos_only_where_the_family_uses_it(tokenizers, family,
-                                                                                          starts_with):
+def test_packed_documents_get_one_eos_between_them_and_bos_only_where_the_family_uses_it(
+    tokenizers, family, starts_with
+):
     tokenizer = tokenizers[family]
     docs = ["Первая новость.", "Вторая новость, подлиннее.", "Третья."]
     ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]

@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib import dataset, training
 from lib.config import load_config
-from tests.support.adapter_fixtures import PROMPT
 from tests.conftest import tiny_overrides
+from tests.support.adapter_fixtures import PROMPT
 from tests.support.family_models import FAMILIES, build_family
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,9 @@ def bases(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_flow_trains_registers_and_reloads_each_family(family, bases, prefect_server, shared_cache, tracking_uri,
-                                                       tmp_path):
+def test_flow_trains_registers_and_reloads_each_family(
+    family, bases, prefect_server, shared_cache, tracking_uri, tmp_path
+):
     import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -59,8 +60,13 @@ def test_flow_trains_registers_and_reloads_each_family(family, bases, prefect_se
     from flows.finetune import finetune
 
     name = f"family-{family}"
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
-        "model.name": str(bases[family]), "lora.target_modules": "auto", "registry.model_name": name}))
+    config = load_config(
+        DEFAULT_PROFILE,
+        tiny_overrides(
+            shared_cache,
+            **{"model.name": str(bases[family]), "lora.target_modules": "auto", "registry.model_name": name},
+        ),
+    )
     summary = finetune(config=config)
     client = MlflowClient(tracking_uri)
     version = client.get_model_version(name, "1")
@@ -68,10 +74,13 @@ def test_flow_trains_registers_and_reloads_each_family(family, bases, prefect_se
     assert client.get_run(summary["run_id"]).data.tags["lora_target_modules"] == TARGETS[family]
     assert version.tags["base_model"] == str(bases[family])
     metrics = summary["metrics"]
-    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
-                                   config.train.max_length, f"{shared_cache}/datasets")  # the flow's, reused
-    print(f"\n{family}: train {summary['train']['seconds']:.2f} s, test bits/byte {metrics['test_bits_per_byte']:.3f} "
-          f"(base {metrics['base_test_bits_per_byte']:.3f}), tokens/char {info['stats']['tokens_per_char']:.3f}")
+    info = dataset.prepare_dataset(
+        dataset.corpus_path(config.data), config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
+    )  # the flow's, reused
+    print(
+        f"\n{family}: train {summary['train']['seconds']:.2f} s, test bits/byte {metrics['test_bits_per_byte']:.3f} "
+        f"(base {metrics['base_test_bits_per_byte']:.3f}), tokens/char {info['stats']['tokens_per_char']:.3f}"
+    )
     assert 0 < metrics["test_bits_per_byte"] < 100
 
     # The trained model in memory: training is seeded, so it is the flow's adapter bit for bit.
@@ -85,8 +94,14 @@ def test_flow_trains_registers_and_reloads_each_family(family, bases, prefect_se
     save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(tmp_path / "reference.safetensors"))
 
     args = {"uri": tracking_uri, "target": f"models:/{name}/1", "reference": str(tmp_path / "reference.safetensors")}
-    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(args)], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, json.dumps(args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.split("RESULT ", 1)[1])
     print(f"{family}: max |logits difference| registered vs trained {report['diff']:.2e}")

@@ -66,7 +66,10 @@ def test_training_change_reuses_data_stages_and_preprocessing_change_reprepares(
         return load_config(DEFAULT_PROFILE, tiny_overrides(str(cache), **overrides))
 
     assert data_stages(config()) == {"acquire_corpus": "Cached", "prepare_dataset": "Cached"}
-    assert data_stages(config(**{"train.max_length": 32})) == {"acquire_corpus": "Cached", "prepare_dataset": "Completed"}
+    assert data_stages(config(**{"train.max_length": 32})) == {
+        "acquire_corpus": "Cached",
+        "prepare_dataset": "Completed",
+    }
     splits = {"data.splits": "{train: 0.7, validation: 0.15, test: 0.15}"}
     assert data_stages(config(**splits)) == {"acquire_corpus": "Cached", "prepare_dataset": "Completed"}
     assert data_stages(config(**splits)) == {"acquire_corpus": "Cached", "prepare_dataset": "Cached"}
@@ -77,8 +80,9 @@ def data_stages_flow(config: PipelineConfig) -> dict:
     """The flow's first two stages exactly as flows/finetune.py calls them."""
     results = result_storage_for(config.data)
     csv_path = acquire_corpus.with_options(result_storage=results)(config.data)
-    return prepare_dataset.with_options(result_storage=results)(csv_path, config.data, config.model,
-                                                                config.train.max_length)
+    return prepare_dataset.with_options(result_storage=results)(
+        csv_path, config.data, config.model, config.train.max_length
+    )
 
 
 def data_stages(config) -> dict[str, str]:
@@ -97,12 +101,13 @@ def test_local_csv_is_reread_after_an_edit(prefect_server, tmp_path):
 
     csv = tmp_path / "news.csv"
     csv.write_bytes(SAMPLE_CSV.read_bytes())
-    data = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        "data.source": "csv", "data.path": str(csv)})).data
+    data = load_config(
+        DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{"data.source": "csv", "data.path": str(csv)})
+    ).data
     assert acquire_only(data).name == "Completed"
     assert acquire_only(data).name == "Cached"
     with csv.open("a", encoding="utf-8") as handle:  # an edit: a new size, and a new mtime even on
-        handle.write("\n")                           # file systems with 1-2 s timestamps
+        handle.write("\n")  # file systems with 1-2 s timestamps
     os.utime(csv, ns=(csv.stat().st_atime_ns, csv.stat().st_mtime_ns + 2 * 10**9))
     assert acquire_only(data).name == "Completed"
     assert acquire_only(data).name == "Cached"

@@ -31,8 +31,9 @@ def new_model(store, tmp_path, values: dict[str, tuple[float, str] | None]) -> t
     them: {key: (value, "bench" | "other")} ("other": measured on another text set)."""
     uri, client = store
     name = f"m-{uuid4().hex[:8]}"
-    benchmark = champion.store_benchmark(uri, name, write_benchmark(TEXTS, 64, None, "test texts", tmp_path / name),
-                                         "champion-tests")
+    benchmark = champion.store_benchmark(
+        uri, name, write_benchmark(TEXTS, 64, None, "test texts", tmp_path / name), "champion-tests"
+    )
     for key, scored in values.items():
         add_version(client, name, benchmark.fingerprint, key, scored)
     return name, benchmark.fingerprint
@@ -112,8 +113,9 @@ def test_numbers_from_other_texts_never_enter_the_decision(store, tmp_path):
 def test_champion_converges_after_a_stale_write(store, tmp_path):
     """Two registrations race: the worse one's alias write lands last. Re-checking undoes it."""
     _, client = store
-    name, fingerprint = new_model(store, tmp_path, {"a": (2.0, "bench"), "b": (1.5, "bench"), "c": None,
-                                                    "d": (1.5, "bench")})
+    name, fingerprint = new_model(
+        store, tmp_path, {"a": (2.0, "bench"), "b": (1.5, "bench"), "c": None, "d": (1.5, "bench")}
+    )
     client.set_registered_model_alias(name, "champion", "1")  # the slower racer's stale write
     decision = decide(store, name, fingerprint, "1")
     assert decision["promoted"] is False and holder(client, name) == "2"  # of the tied 2 and 4 the older

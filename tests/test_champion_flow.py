@@ -26,13 +26,22 @@ def write_easy_corpus(path, articles: int = 60) -> str:
             # One pattern, a different number each: distinct articles (duplicates are removed).
             text = " ".join([f"В Москве {i} числа солнечно, ветер слабый, осадков не ожидается."] * 12)
             # Tagged sport, the demo profile's fine-tuning topic, so that the same selection applies.
-            writer.writerow([f"https://example.test/weather/{i}", f"Погода на {i % 28 + 1} число", text,
-                             "Спорт", "Москва", "2020/01/01"])
+            writer.writerow(
+                [
+                    f"https://example.test/weather/{i}",
+                    f"Погода на {i % 28 + 1} число",
+                    text,
+                    "Спорт",
+                    "Москва",
+                    "2020/01/01",
+                ]
+            )
     return str(path)
 
 
-def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(prefect_server, shared_cache,
-                                                                         tracking_uri, tmp_path):
+def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(
+    prefect_server, shared_cache, tracking_uri, tmp_path
+):
     from flows.finetune import finetune
 
     client = MlflowClient(tracking_uri)
@@ -42,20 +51,32 @@ def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(prefect
     easy_data = {"data.source": "csv", "data.path": easy_csv, "model.tiny.pretrain_corpus": "train_split"}
     easy = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **easy_data)))
     one, two = first["metrics"], easy["metrics"]
-    print(f"\ntest bits/byte: v1 {one['test_bits_per_byte']:.4f}, v2 {two['test_bits_per_byte']:.4f} (own test splits); "
-          f"benchmark bits/byte: v1 {one['benchmark_bits_per_byte']:.4f}, v2 {two['benchmark_bits_per_byte']:.4f}")
+    print(
+        f"\ntest bits/byte: v1 {one['test_bits_per_byte']:.4f}, v2 {two['test_bits_per_byte']:.4f} (own test splits); "
+        f"benchmark bits/byte: v1 {one['benchmark_bits_per_byte']:.4f}, v2 {two['benchmark_bits_per_byte']:.4f}"
+    )
     assert two["test_bits_per_byte"] < one["test_bits_per_byte"]  # its own texts are easier...
     assert two["benchmark_bits_per_byte"] > one["benchmark_bits_per_byte"]  # ...the model's benchmark is not
     assert easy["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]
     assert easy["model"]["version"] == 2 and easy["model"]["champion"] is False
     assert str(client.get_model_version_by_alias("test-adapter", "champion").version) == "1"
     decision = json.loads(client.get_model_version("test-adapter", "2").tags["champion_decision"])
-    assert decision["value"] == two["benchmark_bits_per_byte"] and decision["previous_value"] == one["benchmark_bits_per_byte"]
+    assert (
+        decision["value"] == two["benchmark_bits_per_byte"]
+        and decision["previous_value"] == one["benchmark_bits_per_byte"]
+    )
     assert decision["benchmark_fingerprint"] == first["benchmark"]["fingerprint"] and not decision["promoted"]
 
     # A new model trained on the easy corpus but judged on the sample's test split, by choice.
-    chosen = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        **easy_data, "registry.model_name": "judged-on-sample", "registry.benchmark": str(SAMPLE_CSV)})))
+    chosen = finetune(
+        config=load_config(
+            DEFAULT_PROFILE,
+            tiny_overrides(
+                str(tmp_path / "cache"),
+                **{**easy_data, "registry.model_name": "judged-on-sample", "registry.benchmark": str(SAMPLE_CSV)},
+            ),
+        )
+    )
     assert chosen["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]  # same texts, same windows
     assert "lenta-sample.csv" in client.get_registered_model("judged-on-sample").tags["benchmark.source"]
     assert chosen["metrics"]["benchmark_bits_per_byte"] == pytest.approx(two["benchmark_bits_per_byte"], rel=1e-6)

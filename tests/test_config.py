@@ -18,7 +18,11 @@ def test_the_russian_native_profile_differs_from_the_fast_one_only_in_its_base()
     assert russian.model.name == "ai-forever/rugpt3small_based_on_gpt2" and russian.lora.target_modules == "auto"
     for section in ("data", "train", "eval"):
         assert getattr(russian, section) == getattr(fast, section), section
-    assert (russian.lora.r, russian.lora.alpha, russian.lora.dropout) == (fast.lora.r, fast.lora.alpha, fast.lora.dropout)
+    assert (russian.lora.r, russian.lora.alpha, russian.lora.dropout) == (
+        fast.lora.r,
+        fast.lora.alpha,
+        fast.lora.dropout,
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -54,7 +58,10 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_flatten_gives_dotted_scalars():
     flat = flatten_config(PipelineConfig())
     assert flat["lora.r"] == 8 and flat["lora.target_modules"] == "auto"
-    assert flatten_config(build_config({}, ["lora.target_modules=[q_proj, v_proj]"]))["lora.target_modules"] == "q_proj,v_proj"
+    assert (
+        flatten_config(build_config({}, ["lora.target_modules=[q_proj, v_proj]"]))["lora.target_modules"]
+        == "q_proj,v_proj"
+    )
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
 
 
@@ -69,16 +76,37 @@ def test_a_mistyped_key_names_the_valid_keys_and_the_closest_one():
 
 def test_lora_variants_validate_with_errors_naming_the_field():
     lora = build_config({}).lora
-    assert (lora.target_modules, lora.use_dora, lora.use_rslora, lora.init_weights, lora.plus_lr_ratio) == \
-        ("auto", False, False, True, None)
-    c = build_config({}, ["lora.use_dora=true", "lora.use_rslora=true", "lora.init_weights=gaussian",
-                          "lora.plus_lr_ratio=16", "lora.target_modules=all-linear"])
-    assert (c.lora.use_dora, c.lora.use_rslora, c.lora.init_weights, c.lora.plus_lr_ratio) == (True, True, "gaussian", 16)
+    assert (lora.target_modules, lora.use_dora, lora.use_rslora, lora.init_weights, lora.plus_lr_ratio) == (
+        "auto",
+        False,
+        False,
+        True,
+        None,
+    )
+    c = build_config(
+        {},
+        [
+            "lora.use_dora=true",
+            "lora.use_rslora=true",
+            "lora.init_weights=gaussian",
+            "lora.plus_lr_ratio=16",
+            "lora.target_modules=all-linear",
+        ],
+    )
+    assert (c.lora.use_dora, c.lora.use_rslora, c.lora.init_weights, c.lora.plus_lr_ratio) == (
+        True,
+        True,
+        "gaussian",
+        16,
+    )
     for overrides, fragment in [
         (["lora.target_modules=q_proj"], "lora.target_modules must be 'auto', 'all-linear' or a list"),
         (["lora.target_modules=[]"], "lora.target_modules is an empty list"),
         (["lora.init_weights=eva"], "lora.init_weights: Input should be True, 'gaussian', 'orthogonal', 'pissa' or"),
-        (["lora.init_weights=pissa", "lora.use_dora=true"], "lora.init_weights='pissa' cannot be combined with lora.use_dora"),
+        (
+            ["lora.init_weights=pissa", "lora.use_dora=true"],
+            "lora.init_weights='pissa' cannot be combined with lora.use_dora",
+        ),
         (["lora.init_weights=olora", "model.precision=nf4"], "lora.init_weights='olora' needs an unquantized base"),
         (["lora.init_weights=orthogonal", "lora.r=5"], "needs an even lora.r, got 5"),
         (["lora.plus_lr_ratio=0.5"], "lora.plus_lr_ratio: Input should be greater than or equal to 1"),

@@ -1,4 +1,5 @@
 """Tests for lib/corpus.py (reading, cleaning) and lib/splits.py (selection, splits, fingerprints)."""
+
 from __future__ import annotations
 
 import csv
@@ -11,15 +12,20 @@ import pandas as pd
 import pytest
 
 from lib.corpus import Article, CorpusError, article_key, iter_articles, join_title_and_text, text_digest
-from lib.splits import (assign_split, describe_splits, fingerprint_articles, sample_priority, select_articles,
-                        split_articles)
+from lib.splits import (
+    assign_split,
+    describe_splits,
+    fingerprint_articles,
+    sample_priority,
+    select_articles,
+    split_articles,
+)
 
 HEADER = ["url", "title", "text", "topic", "tags", "date"]
 RATIOS = {"train": 0.9, "validation": 0.05, "test": 0.05}
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[str]], *, bom: bool = False,
-              line_end: str = "\n") -> Path:
+def write_csv(path: Path, header: list[str], rows: list[list[str]], *, bom: bool = False, line_end: str = "\n") -> Path:
     with open(path, "w", encoding="utf-8", newline="") as handle:
         if bom:
             handle.write("\ufeff")
@@ -31,15 +37,33 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]], *, bom: bool
 
 # Every quirk the real Kaggle file has, one per row, behind a pandas-style index column.
 QUIRKY_ROWS = [
-    ["https://lenta.ru/news/2018/12/14/a/", "Обычный  заголовок", "Обычный текст новости.", "Россия", "Общество",
-     "2018/12/14"],
-    ["https://lenta.ru/news/2018/12/15/b/", "Заголовок\nв две строки", 'Он сказал: "Да".\r\n\r\n\r\nВторой абзац.',
-     "Мир", "Политика", "2018-12-15"],
+    [
+        "https://lenta.ru/news/2018/12/14/a/",
+        "Обычный  заголовок",
+        "Обычный текст новости.",
+        "Россия",
+        "Общество",
+        "2018/12/14",
+    ],
+    [
+        "https://lenta.ru/news/2018/12/15/b/",
+        "Заголовок\nв две строки",
+        'Он сказал: "Да".\r\n\r\n\r\nВторой абзац.',
+        "Мир",
+        "Политика",
+        "2018-12-15",
+    ],
     ["https://lenta.ru/news/2018/12/16/c/", "", "Текст без заголовка.", "Спорт", "", "2018/12/16"],
     ["https://lenta.ru/news/2018/12/17/d/", "Пустой текст", "   \u00a0  ", "Россия", "", "2018/12/17"],
     ["https://lenta.ru/news/2018/12/18/e/", "NaN-текст", "nan", "Россия", "", "2018/12/18"],
-    ["https://lenta.ru/news/2018/12/19/f/", "nan", "Пробелы\u00a0\u00a0и\u202fузкие\t\tпробелы  тут ",
-     " Экономика ", "Рынки", "2018/13/40"],
+    [
+        "https://lenta.ru/news/2018/12/19/f/",
+        "nan",
+        "Пробелы\u00a0\u00a0и\u202fузкие\t\tпробелы  тут ",
+        " Экономика ",
+        "Рынки",
+        "2018/13/40",
+    ],
     ["https://lenta.ru/news/2018/12/20/g/", "Плохая дата", "Текст с плохой датой.", "Россия", "", "вчера"],
     ["", "Без адреса", "Текст без адреса.", "Культура", "Кино", ""],
     ["https://lenta.ru/news/2018/12/21/h/", "Дубль", "Обычный текст новости.", "Россия", "Общество", "2018/12/21"],
@@ -60,8 +84,14 @@ def test_reader_cleans_every_quirk(quirky_csv: Path):
     assert len(articles) == 8  # two rows with empty / "nan" text dropped
     assert stats["rows"] == 10 and stats["empty_text"] == 2 and stats["bad_date"] == 2
     first = by_url["https://lenta.ru/news/2018/12/14/a/"]
-    assert first == Article("https://lenta.ru/news/2018/12/14/a/", "Обычный заголовок", "Обычный текст новости.",
-                            "Россия", "Общество", "2018-12-14")
+    assert first == Article(
+        "https://lenta.ru/news/2018/12/14/a/",
+        "Обычный заголовок",
+        "Обычный текст новости.",
+        "Россия",
+        "Общество",
+        "2018-12-14",
+    )
     quoted = by_url["https://lenta.ru/news/2018/12/15/b/"]
     assert quoted.title == "Заголовок в две строки"
     assert quoted.text == 'Он сказал: "Да".\nВторой абзац.'
@@ -111,6 +141,7 @@ def test_selection_dedupes_near_duplicates_and_filters(quirky_csv: Path):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def assert_error(call, path: Path | str, *fragments: str) -> None:
     with pytest.raises(CorpusError) as info:
@@ -163,8 +194,9 @@ def test_not_utf8_reports_offset_and_line(tmp_path: Path):
 
 
 def test_no_usable_text(tmp_path: Path):
-    path = write_csv(tmp_path / "blank_text.csv", HEADER, [["u1", "t", " \u00a0", "", "", ""], ["u2", "t", "nan",
-                                                                                             "", "", ""]])
+    path = write_csv(
+        tmp_path / "blank_text.csv", HEADER, [["u1", "t", " \u00a0", "", "", ""], ["u2", "t", "nan", "", "", ""]]
+    )
     assert_error(lambda: iter_articles(path), path, "none of the 2 rows has text")
 
 
@@ -176,18 +208,28 @@ def test_row_with_too_many_fields(tmp_path: Path):
 
 
 def test_selection_errors_name_the_source(quirky_csv: Path):
-    assert_error(lambda: select_articles(iter_articles(quirky_csv), topics=["Нет такой"], source=quirky_csv),
-                 quirky_csv, "no articles left", "dropped_topic 8")
+    assert_error(
+        lambda: select_articles(iter_articles(quirky_csv), topics=["Нет такой"], source=quirky_csv),
+        quirky_csv,
+        "no articles left",
+        "dropped_topic 8",
+    )
     assert_error(lambda: select_articles([], max_articles=0, source=quirky_csv), quirky_csv, "max_articles")
-    assert_error(lambda: select_articles([], date_from="2019-01-01", date_to="2018-01-01", source=quirky_csv),
-                 quirky_csv, "after date_to")
+    assert_error(
+        lambda: select_articles([], date_from="2019-01-01", date_to="2018-01-01", source=quirky_csv),
+        quirky_csv,
+        "after date_to",
+    )
 
 
-@pytest.mark.parametrize("ratios, problem", [
-    ({"train": 0.9, "test": 0.05}, "sum to 0.95, not 1"),
-    ({"train": 1.1, "test": -0.1}, "must be a number >= 0"),
-    ({}, "empty"),
-])
+@pytest.mark.parametrize(
+    "ratios, problem",
+    [
+        ({"train": 0.9, "test": 0.05}, "sum to 0.95, not 1"),
+        ({"train": 1.1, "test": -0.1}, "must be a number >= 0"),
+        ({}, "empty"),
+    ],
+)
 def test_bad_ratios(ratios, problem):
     with pytest.raises(CorpusError, match=problem):
         split_articles([], ratios)
@@ -197,10 +239,19 @@ def test_bad_ratios(ratios, problem):
 
 # ---------------------------------------------------------------- splits
 
+
 def make_articles(count: int, start: int = 0) -> list[Article]:
-    return [Article(f"https://lenta.ru/news/{i}/", f"Заголовок {i}", f"Текст номер {i} " + "слово " * (i % 7),
-                    random.Random(i).choice(["Россия", "Мир", "Спорт"]), "", f"2018-01-{i % 28 + 1:02d}")
-            for i in range(start, start + count)]
+    return [
+        Article(
+            f"https://lenta.ru/news/{i}/",
+            f"Заголовок {i}",
+            f"Текст номер {i} " + "слово " * (i % 7),
+            random.Random(i).choice(["Россия", "Мир", "Спорт"]),
+            "",
+            f"2018-01-{i % 28 + 1:02d}",
+        )
+        for i in range(start, start + count)
+    ]
 
 
 def test_split_determinism_and_ratios():
@@ -226,6 +277,7 @@ def test_split_ignores_zero_ratio_and_url_scheme():
 
 # ---------------------------------------------------------------- selection
 
+
 def duplicated_corpus() -> list[Article]:
     """300 distinct stories, each re-published 1-4 times as near-duplicates under other URLs,
     plus URL duplicates with changed text."""
@@ -242,12 +294,13 @@ def duplicated_corpus() -> list[Article]:
 
 def reference_selection(articles: list[Article], max_articles: int, seed: int) -> list[Article]:
     """Dedupe everything first (group minimum by priority), then take the smallest priorities."""
+
     def rank(a):
         return (sample_priority(seed, article_key(a)), article_key(a), a.title, a.text, a.topic, a.tags, a.date, a.url)
+
     kept: dict[bytes, Article] = {}
     for article in sorted(articles, key=rank):
-        if text_digest(article.text) not in kept and all(article_key(k) != article_key(article)
-                                                         for k in kept.values()):
+        if text_digest(article.text) not in kept and all(article_key(k) != article_key(article) for k in kept.values()):
             kept[text_digest(article.text)] = article
     return sorted(sorted(kept.values(), key=rank)[:max_articles], key=article_key)
 
@@ -268,6 +321,7 @@ def test_selection_is_order_independent_and_dedupes_before_sampling():
 
 # ---------------------------------------------------------------- fingerprint and statistics
 
+
 def test_fingerprint_changes_only_with_rows_or_settings():
     corpus = duplicated_corpus()
     settings = {"max_articles": 100, "seed": 3, "ratios": RATIOS, "date_from": date(2018, 1, 1)}
@@ -282,8 +336,13 @@ def test_fingerprint_changes_only_with_rows_or_settings():
     assert base != fingerprint(corpus, {**settings, "date_from": date(2018, 1, 2)})
     selected = select_articles(corpus, max_articles=100, seed=3)
     splits = split_articles(selected, RATIOS)
-    edited = {name: [Article(a.url, a.title, a.text + " Правка.", a.topic, a.tags, a.date) if i == 0 else a
-                     for i, a in enumerate(rows)] for name, rows in splits.items()}
+    edited = {
+        name: [
+            Article(a.url, a.title, a.text + " Правка.", a.topic, a.tags, a.date) if i == 0 else a
+            for i, a in enumerate(rows)
+        ]
+        for name, rows in splits.items()
+    }
     assert fingerprint_articles(edited, settings) != fingerprint_articles(splits, settings)
     moved = {**splits, "test": splits["test"] + splits["train"][:1], "train": splits["train"][1:]}
     assert fingerprint_articles(moved, settings) != fingerprint_articles(splits, settings)

@@ -36,7 +36,9 @@ def test_padding_reproduces_the_seed_tokenizer_call(shared_cache):
     # The seed's collator (DataCollatorForLanguageModeling, pad = EOS) scores exactly the unmasked tokens.
     stats = info["stats"]["blocks"]["train"]
     assert stats["real_tokens"] == int(np.sum(seed["attention_mask"]))
-    assert stats["dropped_tokens"] == sum(max(0, len(t) - 64) for t in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    assert stats["dropped_tokens"] == sum(
+        max(0, len(t) - 64) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_pad_documents_truncates_and_masks():

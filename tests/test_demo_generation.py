@@ -26,10 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CYRILLIC_WORD = re.compile(r"\b[а-яё]{3,}\b", re.IGNORECASE)
 # Small enough for ~15 s on one core, trained long enough to write Cyrillic words (measured: at 150
 # steps greedy and sampled outputs were byte fragments).
-TALKING = {"model.tiny.vocab_size": 1024, "model.tiny.hidden_size": 96, "model.tiny.num_heads": 4,
-           "model.tiny.pretrain_steps": 400, "model.tiny.pretrain_learning_rate": 0.006,
-           "model.tiny.pretrain_batch_size": 8, "model.tiny.pretrain_length": 64,
-           "train.max_steps": 10, "train.learning_rate": 0.003}
+TALKING = {
+    "model.tiny.vocab_size": 1024,
+    "model.tiny.hidden_size": 96,
+    "model.tiny.num_heads": 4,
+    "model.tiny.pretrain_steps": 400,
+    "model.tiny.pretrain_learning_rate": 0.006,
+    "model.tiny.pretrain_batch_size": 8,
+    "model.tiny.pretrain_length": 64,
+    "train.max_steps": 10,
+    "train.learning_rate": 0.003,
+}
 
 
 def config_for(cache: str):
@@ -58,8 +65,9 @@ def greedy(model, tokenizer, prompts, **extra):
 def sampled(model, tokenizer, prompts):
     """The demo's evaluation settings: seeded sampling (greedy decoding of a model this small
     repeats a newline or a byte fragment)."""
-    return generate_continuations(model, tokenizer, prompts, max_new_tokens=24, do_sample=True, temperature=0.7,
-                                  top_p=0.9, seed=0, batch_size=4)
+    return generate_continuations(
+        model, tokenizer, prompts, max_new_tokens=24, do_sample=True, temperature=0.7, top_p=0.9, seed=0, batch_size=4
+    )
 
 
 def test_the_demo_base_never_saw_the_held_out_topic(demo_model):
@@ -134,11 +142,25 @@ print(json.dumps([greedy, sampled]))
 def test_greedy_and_seeded_decoding_are_reproducible_across_processes(demo_model, tmp_path):
     model, tokenizer, info = demo_model["model"], demo_model["tokenizer"], demo_model["info"]
     adapter = training.save_adapter(model, tokenizer, tmp_path)
-    args = {"profile": str(DEFAULT_PROFILE), "overrides": tiny_overrides(demo_model["cache"], **TALKING),
-            "tokenizer": str(Path(info["path"]) / "tokenizer"), "base": info["base"], "adapter": str(adapter),
-            "prompts": titles(info)}
-    runs = [subprocess.run([sys.executable, "-c", GREEDY_IN_A_NEW_PROCESS, json.dumps(args)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300, check=True) for _ in range(2)]
+    args = {
+        "profile": str(DEFAULT_PROFILE),
+        "overrides": tiny_overrides(demo_model["cache"], **TALKING),
+        "tokenizer": str(Path(info["path"]) / "tokenizer"),
+        "base": info["base"],
+        "adapter": str(adapter),
+        "prompts": titles(info),
+    }
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", GREEDY_IN_A_NEW_PROCESS, json.dumps(args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [json.loads(run.stdout.strip().splitlines()[-1]) for run in runs]
     here = [greedy(model, tokenizer, args["prompts"]), sampled(model, tokenizer, args["prompts"])]
     assert outputs[0] == outputs[1] == here
@@ -151,8 +173,9 @@ def test_the_pretraining_corpus_leaves_out_the_topic_and_every_evaluation_articl
     from lib.splits import select_articles, split_articles
 
     config = load_config(DEFAULT_PROFILE)
-    splits = split_articles(select_articles(iter_articles(SAMPLE_CSV), topics=config.data.topics),
-                            config.data.splits.model_dump())
+    splits = split_articles(
+        select_articles(iter_articles(SAMPLE_CSV), topics=config.data.topics), config.data.splits.model_dump()
+    )
     docs = pretraining_documents(SAMPLE_CSV, config.data, config.model.tiny, splits, [])
     everything = {join_title_and_text(a): a.topic for a in iter_articles(SAMPLE_CSV)}
     assert docs and all(everything[d] != "Спорт" for d in docs)
@@ -190,10 +213,10 @@ def parse_generate_output(stdout: str, prompts: list[str]) -> list[str]:
     texts, rest = [], stdout
     for prompt, following in zip(prompts, [*prompts[1:], None]):
         assert rest.startswith(prompt + "\n"), (rest[:200], prompt)
-        rest = rest[len(prompt) + 1:]
+        rest = rest[len(prompt) + 1 :]
         end = rest.index("\n\n" + following) if following else len(rest.rstrip("\n"))
         texts.append(rest[:end].rstrip("\n"))
-        rest = rest[end + 2:]
+        rest = rest[end + 2 :]
     return texts
 
 
@@ -222,22 +245,67 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path):
     uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "one-path"
     adapter = training.save_adapter(model, tokenizer, tmp_path / "trained")
     run_id = tracking.start_run(uri, "one-path", "one-path", {}, {}, "{}\n")
-    registry.register_adapter(uri, run_id, adapter, describe_base(info["base"], config.model), settings, name, {},
-                              {"benchmark_bits_per_byte": 3.0}, champion_metric="benchmark_bits_per_byte",
-                              benchmark_fingerprint="f" * 64, min_improvement=0.002,
-                              example={"prompt": prompts[0], "output": evaluated[0]})
+    registry.register_adapter(
+        uri,
+        run_id,
+        adapter,
+        describe_base(info["base"], config.model),
+        settings,
+        name,
+        {},
+        {"benchmark_bits_per_byte": 3.0},
+        champion_metric="benchmark_bits_per_byte",
+        benchmark_fingerprint="f" * 64,
+        min_improvement=0.002,
+        example={"prompt": prompts[0], "output": evaluated[0]},
+    )
     tracking.finish_run(uri, run_id)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}
-    done = subprocess.run([sys.executable, "-c", EVERY_PATH_IN_A_NEW_PROCESS,
-                           json.dumps({"uri": uri, "name": name, "prompts": prompts, "settings": settings})],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            EVERY_PATH_IN_A_NEW_PROCESS,
+            json.dumps({"uri": uri, "name": name, "prompts": prompts, "settings": settings}),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     paths = json.loads(done.stdout.split("RESULT ", 1)[1])
     signature = paths.pop("signature")
-    cli = subprocess.run([sys.executable, "-m", "flows.cli", "generate", "--model", name, "--version", "1",
-                          "--tracking-uri", uri, "--max-new-tokens", "24", "--temperature", "0.7", "--top-p", "0.9",
-                          "--seed", "0", *prompts], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "generate",
+            "--model",
+            name,
+            "--version",
+            "1",
+            "--tracking-uri",
+            uri,
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "0",
+            *prompts,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     paths["cli"] = parse_generate_output(cli.stdout, prompts)
     print("\n", json.dumps({"evaluation": evaluated, **paths}, ensure_ascii=False, indent=1))

@@ -47,7 +47,9 @@ def test_deployment_parameters_are_generated_from_the_profiles(tmp_path):
     assert generate(text.replace("max_new_tokens: 48", "max_new_tokens: 7")) == text
     (tmp_path / "configs").mkdir()
     for name in ("demo.yaml", "gpt-neo-1.3b.yaml"):
-        edited = (ROOT / "configs" / name).read_text(encoding="utf-8").replace("max_new_tokens: 48", "max_new_tokens: 7")
+        edited = (
+            (ROOT / "configs" / name).read_text(encoding="utf-8").replace("max_new_tokens: 48", "max_new_tokens: 7")
+        )
         (tmp_path / "configs" / name).write_text(edited, encoding="utf-8")
     regenerated = generate(text, tmp_path)
     assert regenerated != text and regenerated == text.replace("max_new_tokens: 48", "max_new_tokens: 7", 1)
@@ -77,7 +79,9 @@ def test_demo_deployment_runs_on_a_process_worker(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     model_name = f"deployed-{tmp_path.name}"
     # The deployment keeps its config; the run changes some settings the way `--set` does.
-    overrides = tiny_overrides(str(tmp_path / "cache"), **{"registry.model_name": model_name, "tracking.uri": tracking_uri})
+    overrides = tiny_overrides(
+        str(tmp_path / "cache"), **{"registry.model_name": model_name, "tracking.uri": tracking_uri}
+    )
     param = f"overrides={json.dumps(overrides)}"  # as the README runs it: --param 'overrides=[...]'
     worker_dir = tmp_path / "elsewhere"  # the pull step, not the worker's folder, decides where code runs
     worker_dir.mkdir()
@@ -88,7 +92,8 @@ def test_demo_deployment_runs_on_a_process_worker(tmp_path):
         name = urllib.parse.quote("finetune")
         nightly = api(server.url, f"/deployments/name/{name}/lenta-nightly")
         assert [s["schedule"] for s in nightly["schedules"]] == [
-            {"cron": "0 2 * * *", "timezone": "Europe/Moscow", "day_or": True}]
+            {"cron": "0 2 * * *", "timezone": "Europe/Moscow", "day_or": True}
+        ]
         assert nightly["work_queue_name"] == "nightly" and nightly["work_pool_name"] == POOL
         demo = api(server.url, f"/deployments/name/{name}/demo")
         assert demo["schedules"] == [] and demo["work_queue_name"] == "default"
@@ -106,17 +111,24 @@ def test_demo_deployment_runs_on_a_process_worker(tmp_path):
             # A failing run: its state message (the UI, `prefect flow-run inspect`) says why, in one line.
             missing = str(tmp_path / "missing.csv")
             bad = json.dumps([*overrides, "data.source=csv", f"data.path={missing}"])
-            watched = subprocess.run([PREFECT_CLI, "deployment", "run", "finetune/demo", "--watch", "--param",
-                                      f"overrides={bad}"], env=server.env, cwd=ROOT, capture_output=True, text=True,
-                                     timeout=RUN_TIMEOUT_S)
+            watched = subprocess.run(
+                [PREFECT_CLI, "deployment", "run", "finetune/demo", "--watch", "--param", f"overrides={bad}"],
+                env=server.env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT_S,
+            )
         assert watched.returncode == 1 and "prefect.flow-run.Failed" in watched.stdout, watched.stdout[-3000:]
         failed_id = re.search(r"UUID:\s*([0-9a-f-]{36})", watched.stdout).group(1)
         message = api(server.url, f"/flow_runs/{failed_id}")["state"]["message"]
         assert f"CorpusError: {missing}: file does not exist" in message and "\n" not in message, message
 
     client = MlflowClient(tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
     assert [r.info.status for r in runs] == ["FINISHED"]
     # The overrides reached the run, on top of the deployment's demo profile.
     params_logged = runs[0].data.params

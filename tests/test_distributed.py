@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lib import checkpoint, dataset, training
+
 # The same tiny settings and prepared dataset as the single-process training tests.
 from tests.conftest import tiny_overrides
 from tests.support.training import tiny  # and the `prepared` fixture (tests/conftest.py)
@@ -30,10 +31,16 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
 def test_two_processes_make_the_update_of_one_process_with_twice_the_batch(prepared, shared_cache):
     # Same global micro-batches, loss divided by the same token count, gradients summed: the first
     # update (and the second, after an optimizer state built from all-reduced gradients) must match.
-    single, _, one = training.train_model(prepared, tiny(shared_cache, **{
-        "train.max_steps": 2, "train.batch_size": 4, "train.grad_accum": 2}))
-    double, _, two = training.train_model(prepared, tiny(shared_cache, **{
-        "train.max_steps": 2, "train.batch_size": 2, "train.grad_accum": 2, "train.num_processes": 2}))
+    single, _, one = training.train_model(
+        prepared, tiny(shared_cache, **{"train.max_steps": 2, "train.batch_size": 4, "train.grad_accum": 2})
+    )
+    double, _, two = training.train_model(
+        prepared,
+        tiny(
+            shared_cache,
+            **{"train.max_steps": 2, "train.batch_size": 2, "train.grad_accum": 2, "train.num_processes": 2},
+        ),
+    )
     a, b = lora_weights(single), lora_weights(double)
     assert a.keys() == b.keys() and a
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
@@ -47,11 +54,25 @@ def test_two_processes_train_an_adapter_that_loads(prepared, shared_cache, tmp_p
 
     from lib.base_model import load_base_model
 
-    config = tiny(shared_cache, **{"train.max_steps": 30, "train.learning_rate": 0.01, "train.batch_size": 4,
-                                   "train.num_processes": 2, "train.checkpoint_every": 10})
+    config = tiny(
+        shared_cache,
+        **{
+            "train.max_steps": 30,
+            "train.learning_rate": 0.01,
+            "train.batch_size": 4,
+            "train.num_processes": 2,
+            "train.checkpoint_every": 10,
+        },
+    )
     logged: list[int] = []
-    result = training.train_adapter(prepared, config, tmp_path / "out", on_log=lambda step, record, progress: logged.append(step),
-                                    checkpoint_dir=tmp_path / "ckpt", run_id="r")
+    result = training.train_adapter(
+        prepared,
+        config,
+        tmp_path / "out",
+        on_log=lambda step, record, progress: logged.append(step),
+        checkpoint_dir=tmp_path / "ckpt",
+        run_id="r",
+    )
     # on_log and checkpoints come from rank 0 only: one call per step (+ the final validation), one writer.
     assert logged == list(range(1, 31)) + [30]
     assert checkpoint.latest(tmp_path / "ckpt").step == 30
@@ -66,7 +87,9 @@ def test_two_processes_train_an_adapter_that_loads(prepared, shared_cache, tmp_p
 
 
 def test_an_epoch_is_shared_by_the_processes(shared_cache):
-    config = tiny(shared_cache, **{"train.max_steps": "null", "train.epochs": 1, "train.batch_size": 4, "train.grad_accum": 2})
+    config = tiny(
+        shared_cache, **{"train.max_steps": "null", "train.epochs": 1, "train.batch_size": 4, "train.grad_accum": 2}
+    )
     # 100 blocks: 25 micro-batches of 4 -> 13 steps alone; 13 global micro-batches of 2 x 4 -> 7 steps with 2 ranks
     assert training.count_steps(100, config.train) == 13
     assert training.count_steps(100, config.train, world=2) == 7
@@ -80,6 +103,7 @@ def crash_at(step_to_fail: int):
     def on_log(step, record, progress):
         if step == step_to_fail:
             raise Crash(step)
+
     return on_log
 
 
@@ -87,8 +111,10 @@ def crash_at(step_to_fail: int):
 def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, shared_cache, tmp_path):
     """2 ranks, 6 steps straight vs a crash while logging step 4 (rank 0 checkpoints step 4, the
     other rank is terminated), then a resume with 2 ranks: every rank restores rank 0's checkpoint."""
-    config = tiny(shared_cache, **{"train.max_steps": 6, "train.batch_size": 2, "train.num_processes": 2,
-                                   "train.checkpoint_every": 3})
+    config = tiny(
+        shared_cache,
+        **{"train.max_steps": 6, "train.batch_size": 2, "train.num_processes": 2, "train.checkpoint_every": 3},
+    )
     straight, _, expected = training.train_model(prepared, config)
     folder = tmp_path / "ckpt"
     with pytest.raises(Crash):
@@ -96,8 +122,9 @@ def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, sh
     assert checkpoint.latest(folder).step == 4
     resumed, _, result = training.train_model(prepared, config, checkpoint_dir=folder, run_id="b")
     assert result.resumed_from_step == 4 and result.steps == 6
-    assert [h["train_loss"] for h in result.history] == pytest.approx([h["train_loss"] for h in expected.history],
-                                                                      abs=1e-6)
+    assert [h["train_loss"] for h in result.history] == pytest.approx(
+        [h["train_loss"] for h in expected.history], abs=1e-6
+    )
     a, b = lora_weights(straight), lora_weights(resumed)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
@@ -108,13 +135,43 @@ def test_accelerate_launch_trains_with_the_launchers_process_group(prepared, sha
     train.num_processes=2 does, and only rank 0 saves the adapter and prints the result."""
     settings = {"train.max_steps": 3, "train.batch_size": 2}
     expected, _, _ = training.train_model(prepared, tiny(shared_cache, **settings, **{"train.num_processes": 2}))
-    overrides = [f"--set={o}" for o in tiny_overrides(shared_cache, **{
-        "lora.dropout": 0.0, "train.eval_every": "null", "train.warmup_steps": 0, **settings})]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "lib.train_entry",
-               "--config", "configs/demo.yaml", *overrides, "--dataset", prepared, "--output", str(tmp_path / "out")]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    overrides = [
+        f"--set={o}"
+        for o in tiny_overrides(
+            shared_cache, **{"lora.dropout": 0.0, "train.eval_every": "null", "train.warmup_steps": 0, **settings}
+        )
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--multi_gpu",
+        "-m",
+        "lib.train_entry",
+        "--config",
+        "configs/demo.yaml",
+        *overrides,
+        "--dataset",
+        prepared,
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 1 and results[0]["world_size"] == 2 and results[0]["steps"] == 3

@@ -17,8 +17,17 @@ from tests.support.artifacts import artifact_paths
 
 pytestmark = pytest.mark.slow
 
-COMPARED = ("base_test_perplexity", "test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte",
-            "test_word_perplexity", "chrf", "base_chrf", "bleu", "rougeL")
+COMPARED = (
+    "base_test_perplexity",
+    "test_perplexity",
+    "test_bits_per_byte",
+    "base_test_bits_per_byte",
+    "test_word_perplexity",
+    "chrf",
+    "base_chrf",
+    "bleu",
+    "rougeL",
+)
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -33,11 +42,14 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 
 def evaluation_runs(client: MlflowClient) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments, "tags.evaluated_model = 'test-adapter'", order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        experiments, "tags.evaluated_model = 'test-adapter'", order_by=["attributes.start_time ASC"]
+    )
 
 
-def test_evaluate_reproduces_the_registered_numbers_and_links_both_ways(prefect_server, shared_cache, tracking_uri,
-                                                                        tmp_path):
+def test_evaluate_reproduces_the_registered_numbers_and_links_both_ways(
+    prefect_server, shared_cache, tracking_uri, tmp_path
+):
     from prefect.artifacts import Artifact
 
     from flows.finetune import finetune
@@ -53,18 +65,29 @@ def test_evaluate_reproduces_the_registered_numbers_and_links_both_ways(prefect_
     assert run.info.status == "FINISHED" and run.info.run_name == "evaluate-test-adapter-v1"
     assert run_id != trained["run_id"] and f"MLflow run:        {run_id}" in printed
     tags = run.data.tags
-    assert (tags["evaluated_model"], tags["evaluated_version"], tags["evaluated_run_id"]) == ("test-adapter", "1", source.info.run_id)
+    assert (tags["evaluated_model"], tags["evaluated_version"], tags["evaluated_run_id"]) == (
+        "test-adapter",
+        "1",
+        source.info.run_id,
+    )
     # Default config = the training run's, default data = the bundled sample: the very same test articles...
-    assert tags["same_data_as_training"] == "True" and tags["dataset_fingerprint"] == source.data.tags["dataset_fingerprint"]
+    assert (
+        tags["same_data_as_training"] == "True"
+        and tags["dataset_fingerprint"] == source.data.tags["dataset_fingerprint"]
+    )
     assert run.data.params["train.max_length"] == "64" and run.data.params["data.source"] == "sample"
     # ...so the registered adapter, reloaded from the registry, reproduces the numbers it was registered with.
     for name in COMPARED:
         assert run.data.metrics[name] == pytest.approx(source.data.metrics[name], rel=1e-4, abs=1e-6), name
     assert run.data.metrics["data_test_articles"] >= 1
-    assert {"samples/samples.md", "samples/samples_table.json", "plots/base_vs_tuned.png"} <= artifact_paths(client, run_id)
+    assert {"samples/samples.md", "samples/samples_table.json", "plots/base_vs_tuned.png"} <= artifact_paths(
+        client, run_id
+    )
     version = client.get_model_version("test-adapter", "1")
     assert version.tags["last_evaluation_run_id"] == run_id
-    assert float(version.tags["last_evaluation_test_bits_per_byte"]) == pytest.approx(run.data.metrics["test_bits_per_byte"], rel=1e-5)
+    assert float(version.tags["last_evaluation_test_bits_per_byte"]) == pytest.approx(
+        run.data.metrics["test_bits_per_byte"], rel=1e-5
+    )
 
     summary = Artifact.get("evaluation-summary").data
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in summary and f"/runs/{run_id}" in summary
@@ -75,8 +98,20 @@ def test_evaluate_reproduces_the_registered_numbers_and_links_both_ways(prefect_
     with open(SAMPLE_CSV, newline="", encoding="utf-8") as src, open(other, "w", newline="", encoding="utf-8") as dst:
         rows = list(csv.reader(src))
         csv.writer(dst).writerows(rows[:1] + rows[2:])
-    assert run_cli("evaluate", "--model", "test-adapter", "--alias", "champion", "--csv", str(other),
-                   "--set", "eval.num_samples=1")[0] == 0
+    assert (
+        run_cli(
+            "evaluate",
+            "--model",
+            "test-adapter",
+            "--alias",
+            "champion",
+            "--csv",
+            str(other),
+            "--set",
+            "eval.num_samples=1",
+        )[0]
+        == 0
+    )
     first, second = evaluation_runs(client)
     assert first.info.run_id == run_id
     assert second.data.tags["same_data_as_training"] == "False" and second.data.params["data.path"] == str(other)
@@ -88,12 +123,23 @@ def test_evaluate_reproduces_the_registered_numbers_and_links_both_ways(prefect_
     assert code == 2 and "train.max_length=256 exceeds the tiny model's context" in err
     assert len(evaluation_runs(client)) == 2
     # A window of 256 fits the demo profile's tiny model (512) but not this one (128): one line, run FAILED.
-    code, _, err = run_cli("evaluate", "--model", "test-adapter", "--version", "1", "--config", str(DEFAULT_PROFILE),
-                           "--set", "train.max_length=256")
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        "test-adapter",
+        "--version",
+        "1",
+        "--config",
+        str(DEFAULT_PROFILE),
+        "--set",
+        "train.max_length=256",
+    )
     assert code == 2
     [err] = [line for line in err.splitlines() if line.startswith("lenta-lora")]
-    assert err == ("lenta-lora: error: models:/test-adapter/1: train.max_length=256 (the scoring window) exceeds the "
-                   "model's context of 128 tokens; pass --set train.max_length=128")
+    assert err == (
+        "lenta-lora: error: models:/test-adapter/1: train.max_length=256 (the scoring window) exceeds the "
+        "model's context of 128 tokens; pass --set train.max_length=128"
+    )
     assert evaluation_runs(client)[-1].info.status == "FAILED"
     assert client.get_model_version("test-adapter", "1").tags["last_evaluation_run_id"] == second.info.run_id
 
@@ -108,9 +154,8 @@ def test_evaluate_unknown_version_is_one_clear_line(tracking_uri):
 
 
 def test_run_link_on_a_tracking_server_names_the_experiment(tmp_path):
-    from lib.reports import render_summary
+    from lib.reports import render_summary, run_link
     from lib.tracking import start_run
-    from lib.reports import run_link
     from tests.support.mlflow_server import running_mlflow_server
 
     with running_mlflow_server(tmp_path / "server") as server:
@@ -118,6 +163,12 @@ def test_run_link_on_a_tracking_server_names_the_experiment(tmp_path):
         experiment = MlflowClient(server.uri).get_run(run_id).info.experiment_id
         link = run_link(server.uri + "/", run_id)
         assert link["url"] == f"{server.uri}/#/experiments/{experiment}/runs/{run_id}" and link["command"] is None
-        text = render_summary({"run_id": run_id, "tracking_uri": server.uri, "model": {"uri": "models:/m/1", "champion": False},
-                               "metrics": {}})
+        text = render_summary(
+            {
+                "run_id": run_id,
+                "tracking_uri": server.uri,
+                "model": {"uri": "models:/m/1", "champion": False},
+                "metrics": {},
+            }
+        )
         assert f"[{link['url']}]({link['url']})" in text and "(champion: no)" in text

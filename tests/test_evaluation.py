@@ -13,8 +13,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
 
 from lib.config import build_config
-from lib.evaluation import (generate_both, markdown_cell, metrics_markdown, name_metrics, reference_continuation,
-                            samples_markdown, score_both, write_samples)
+from lib.evaluation import (
+    generate_both,
+    markdown_cell,
+    metrics_markdown,
+    name_metrics,
+    reference_continuation,
+    samples_markdown,
+    score_both,
+    write_samples,
+)
 from lib.generation import generate_continuations
 from lib.metrics import score_corpus
 
@@ -33,8 +41,12 @@ def bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
@@ -48,12 +60,22 @@ def tokenizer():
 def base_and_tuned(tokenizer):
     """(plain GPT-Neo, PeftModel around an identical copy whose LoRA B matrices are non-zero)."""
     torch.manual_seed(0)
-    config = GPTNeoConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
-                          attention_types=[[["global", "local"], 1]], max_position_embeddings=128, window_size=16,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          initializer_range=0.5)
+    config = GPTNeoConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=128,
+        window_size=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.5,
+    )
     plain = GPTNeoForCausalLM(config).eval()
-    tuned = get_peft_model(copy.deepcopy(plain), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_fc", "c_proj"]))
+    tuned = get_peft_model(
+        copy.deepcopy(plain), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_fc", "c_proj"])
+    )
     with torch.no_grad():  # a fresh LoRA B is zero (adapter = identity); make the adapter matter
         for name, param in tuned.named_parameters():
             if "lora_B" in name:
@@ -74,7 +96,8 @@ def test_base_numbers_are_the_model_without_any_adapter(base_and_tuned, tokenize
     assert base_out != tuned_out
     # disable_adapter is a context: afterwards the adapter is active again.
     assert score_corpus(tuned, tokenizer, TEXTS, max_length=32, stride=16)["nll_sum"] == pytest.approx(
-        with_adapter["nll_sum"], rel=1e-5)
+        with_adapter["nll_sum"], rel=1e-5
+    )
 
 
 def test_reference_continuation_is_the_first_tokens_of_the_article(tokenizer):
@@ -98,10 +121,20 @@ def test_reference_never_ends_in_half_a_letter():
 
 
 def test_name_metrics_gives_base_tuned_and_delta():
-    out = name_metrics({"perplexity": 10.0, "chrf": 20.0, "other": 1}, {"perplexity": 7.5, "chrf": 23.5, "other": 2},
-                       ("perplexity", "chrf"), prefix="test_")
-    assert out == {"base_test_perplexity": 10.0, "test_perplexity": 7.5, "delta_test_perplexity": -2.5,
-                   "base_test_chrf": 20.0, "test_chrf": 23.5, "delta_test_chrf": 3.5}
+    out = name_metrics(
+        {"perplexity": 10.0, "chrf": 20.0, "other": 1},
+        {"perplexity": 7.5, "chrf": 23.5, "other": 2},
+        ("perplexity", "chrf"),
+        prefix="test_",
+    )
+    assert out == {
+        "base_test_perplexity": 10.0,
+        "test_perplexity": 7.5,
+        "delta_test_perplexity": -2.5,
+        "base_test_chrf": 20.0,
+        "test_chrf": 23.5,
+        "delta_test_chrf": 3.5,
+    }
 
 
 def unescaped_pipes(line: str) -> int:
@@ -109,9 +142,17 @@ def unescaped_pipes(line: str) -> int:
 
 
 def test_samples_markdown_escapes_pipes_and_line_breaks(tmp_path):
-    rows = [{"prompt": "Курс | рубля", "reference": "строка 1\nстрока 2\r\nстрока 3\u2028конец",
-             "base_output": "", "tuned_output": "a|b||c\n\n|", "base_chrf": 12.345, "tuned_chrf": 0.0},
-            {"prompt": "x", "reference": "y", "base_output": "z", "tuned_output": "w", "base_chrf": 1.0, "tuned_chrf": 2.0}]
+    rows = [
+        {
+            "prompt": "Курс | рубля",
+            "reference": "строка 1\nстрока 2\r\nстрока 3\u2028конец",
+            "base_output": "",
+            "tuned_output": "a|b||c\n\n|",
+            "base_chrf": 12.345,
+            "tuned_chrf": 0.0,
+        },
+        {"prompt": "x", "reference": "y", "base_output": "z", "tuned_output": "w", "base_chrf": 1.0, "tuned_chrf": 2.0},
+    ]
     json_path, md_path = write_samples(rows, tmp_path / "out")
     assert json.loads(json_path.read_text(encoding="utf-8")) == rows
     lines = md_path.read_text(encoding="utf-8").splitlines()
@@ -125,13 +166,27 @@ def test_samples_markdown_escapes_pipes_and_line_breaks(tmp_path):
 
 
 def test_metrics_table_orders_metrics_and_says_which_way_is_better():
-    metrics = {**name_metrics({"chrf": 20.0, "repeated_4gram_share": 0.1}, {"chrf": 25.0, "repeated_4gram_share": 0.3},
-                              ("chrf", "repeated_4gram_share")),
-               **name_metrics({"bits_per_byte": 3.0, "perplexity": 50.0}, {"bits_per_byte": 2.5, "perplexity": 40.0},
-                              ("bits_per_byte", "perplexity"), prefix="test_"), "test_tokens": 100.0}
+    metrics = {
+        **name_metrics(
+            {"chrf": 20.0, "repeated_4gram_share": 0.1},
+            {"chrf": 25.0, "repeated_4gram_share": 0.3},
+            ("chrf", "repeated_4gram_share"),
+        ),
+        **name_metrics(
+            {"bits_per_byte": 3.0, "perplexity": 50.0},
+            {"bits_per_byte": 2.5, "perplexity": 40.0},
+            ("bits_per_byte", "perplexity"),
+            prefix="test_",
+        ),
+        "test_tokens": 100.0,
+    }
     lines = metrics_markdown(metrics).splitlines()
     assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == [
-        "test_perplexity", "test_bits_per_byte", "chrf", "repeated_4gram_share"]
+        "test_perplexity",
+        "test_bits_per_byte",
+        "chrf",
+        "repeated_4gram_share",
+    ]
     assert lines[3] == "| test_bits_per_byte | 3 | 2.5 | -0.5 | lower (tuned better) |"
     assert lines[4] == "| chrf | 20 | 25 | +5 | higher (tuned better) |"
     assert lines[5] == "| repeated_4gram_share | 0.1 | 0.3 | +0.2 | lower |"
@@ -145,13 +200,23 @@ def test_run_summary_links_the_run_and_shows_samples(tracking_uri):
 
     run_id = start_run(tracking_uri, "summary-test", "r", {}, {}, "a: 1\n")
     experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    rows = [{"prompt": f"title {i}", "reference": f"ref | {i}", "base_output": "b\nb", "tuned_output": "t"} for i in range(3)]
-    summary = {"run_id": run_id, "tracking_uri": tracking_uri, "samples": rows, "bleu_signature": "nrefs:1|tok:intl",
-               "model": {"uri": "models:/m/2", "champion": True},
-               "metrics": name_metrics({"bits_per_byte": 3.0}, {"bits_per_byte": 2.0}, ("bits_per_byte",), "test_")}
+    rows = [
+        {"prompt": f"title {i}", "reference": f"ref | {i}", "base_output": "b\nb", "tuned_output": "t"}
+        for i in range(3)
+    ]
+    summary = {
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "samples": rows,
+        "bleu_signature": "nrefs:1|tok:intl",
+        "model": {"uri": "models:/m/2", "champion": True},
+        "metrics": name_metrics({"bits_per_byte": 3.0}, {"bits_per_byte": 2.0}, ("bits_per_byte",), "test_"),
+    }
     text = render_summary(summary)
-    assert f"`mlflow ui --backend-store-uri {tracking_uri}`, then open " \
-           f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}" in text
+    assert (
+        f"`mlflow ui --backend-store-uri {tracking_uri}`, then open "
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}" in text
+    )
     assert "`models:/m/2` (champion: yes)" in text and "| test_bits_per_byte | 3 | 2 | -1 |" in text
     assert "tok:intl" in text and r"| title 2 | ref \| 2 | b b | t |" in text
 
@@ -160,4 +225,9 @@ def test_run_link_for_a_server_that_cannot_be_reached():
     from lib.reports import run_link
 
     link = run_link("http://127.0.0.1:9/", "abc123")  # port 9 (discard): connection refused
-    assert link == {"url": "http://127.0.0.1:9/#/runs/abc123", "command": None, "experiment_id": None, "run_id": "abc123"}
+    assert link == {
+        "url": "http://127.0.0.1:9/#/runs/abc123",
+        "command": None,
+        "experiment_id": None,
+        "run_id": "abc123",
+    }

@@ -50,8 +50,14 @@ print("RESULT " + json.dumps(report))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "export", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "export", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
@@ -66,8 +72,9 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> 
 
 def register(uri: str, name: str, adapter: Path, base: dict) -> None:
     run_id = tracking.start_run(uri, name, name, {}, {}, "{}\n")
-    registry.register_adapter(uri, run_id, adapter, base, {"max_new_tokens": 4}, name, {},
-                              {"benchmark_bits_per_byte": 3.0}, **CHAMPION_POLICY)
+    registry.register_adapter(
+        uri, run_id, adapter, base, {"max_new_tokens": 4}, name, {}, {"benchmark_bits_per_byte": 3.0}, **CHAMPION_POLICY
+    )
     tracking.finish_run(uri, run_id)
 
 
@@ -99,9 +106,17 @@ def test_adapter_export_is_the_registered_peft_folder_with_a_readme_that_loads_i
 
     readme = (out / "README.md").read_text()
     base, lora = registered["base"], trained["config"].lora
-    for fact in (NAME, f"models:/{NAME}/1", registered["run_id"], base["path"],
-                 base["identity"]["sha256"]["model.safetensors"], "trained in: fp32", f"r={lora.r}",
-                 "PeftModel.from_pretrained", "`benchmark_bits_per_byte`: 3.25 (benchmark ffffffffffff)"):
+    for fact in (
+        NAME,
+        f"models:/{NAME}/1",
+        registered["run_id"],
+        base["path"],
+        base["identity"]["sha256"]["model.safetensors"],
+        "trained in: fp32",
+        f"r={lora.r}",
+        "PeftModel.from_pretrained",
+        "`benchmark_bits_per_byte`: 3.25 (benchmark ffffffffffff)",
+    ):
         assert fact in readme, (fact, readme)
     # The README's own snippet loads it and gives the trained model's logits.
     code = python_block(readme)
@@ -119,8 +134,10 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tra
     uri = registered["tracking_uri"]
     fp32, bf16 = tmp_path / "merged-fp32", tmp_path / "merged-bf16"
     fp32.mkdir()  # an empty folder is fine: replaced
-    done = {"fp32": export_version(uri, f"models:/{NAME}/1", fp32, merged=True),
-            "bf16": export_version(uri, f"models:/{NAME}@champion", bf16, merged=True, dtype="bf16")}
+    done = {
+        "fp32": export_version(uri, f"models:/{NAME}/1", fp32, merged=True),
+        "bf16": export_version(uri, f"models:/{NAME}@champion", bf16, merged=True, dtype="bf16"),
+    }
     assert done["fp32"]["dtype"] == "fp32" and done["fp32"]["precision"] == "fp32"  # default: the version's
     assert done["bf16"]["dtype"] == "bf16"
     for label, folder in (("fp32", fp32), ("bf16", bf16)):
@@ -136,8 +153,14 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tra
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    ran = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(trained["reference"]), str(fp32), str(bf16)],
-                         cwd=cwd, capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
+    ran = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(trained["reference"]), str(fp32), str(bf16)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads(ran.stdout.split("RESULT ", 1)[1])
     print("\nmerged vs adapter, max |logit difference|:", {Path(k).name: v["max_abs_diff"] for k, v in report.items()})
@@ -159,8 +182,14 @@ def test_a_quantized_version_merges_into_the_unquantized_base_in_fp32(trained, r
     assert done["precision"] == "nf4" and done["dtype"] == "fp32", done
     assert "trained on an nf4-quantized base" in (out / "README.md").read_text()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    ran = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(trained["reference"]), str(out)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
+    ran = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(trained["reference"]), str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
     report = json.loads(ran.stdout.split("RESULT ", 1)[1])[str(out)]
     assert report["dtype"] == "torch.float32" and report["max_abs_diff"] < FP32_TOLERANCE, report
@@ -251,17 +280,32 @@ def test_readme_of_a_hub_version_pins_the_commit_and_its_snippet_is_python():
     from lib.export import readme
 
     commit = "a" * 40
-    base = {"kind": "hub", "name": "EleutherAI/gpt-neo-1.3B", "revision": "main", "precision": "nf4",
-            "dtype": "bfloat16", "identity": {"kind": "hub", "commit": commit, "resolved": True}}
-    version = {"name": "lenta", "version": 7, "run_id": "r" * 32,
-               "tags": {"test_perplexity": "41.2", "benchmark_fingerprint": "b" * 64, "git_commit": "c" * 40}}
+    base = {
+        "kind": "hub",
+        "name": "EleutherAI/gpt-neo-1.3B",
+        "revision": "main",
+        "precision": "nf4",
+        "dtype": "bfloat16",
+        "identity": {"kind": "hub", "commit": commit, "resolved": True},
+    }
+    version = {
+        "name": "lenta",
+        "version": 7,
+        "run_id": "r" * 32,
+        "tags": {"test_perplexity": "41.2", "benchmark_fingerprint": "b" * 64, "git_commit": "c" * 40},
+    }
     lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["v_proj", "q_proj"], "bias": "none"}
     text = readme(version, base, lora, None)
     code = python_block(text)
     ast.parse(code)
     assert f'from_pretrained("EleutherAI/gpt-neo-1.3B", revision="{commit}", dtype=torch.bfloat16)' in code, code
-    for fact in (f"commit `{commit}`", "trained in: nf4", "targets: q_proj, v_proj", "BitsAndBytesConfig",
-                 "`test_perplexity`: 41.2"):
+    for fact in (
+        f"commit `{commit}`",
+        "trained in: nf4",
+        "targets: q_proj, v_proj",
+        "BitsAndBytesConfig",
+        "`test_perplexity`: 41.2",
+    ):
         assert fact in text, (fact, text)
     assert "git_commit" not in text and "benchmark_fingerprint" not in text  # tags that are not metrics
     merged = readme(version, base, lora, "fp32")
@@ -280,10 +324,21 @@ def test_an_adapted_tied_output_head_is_merged_into_an_untied_copy(tmp_path):
     from lib.export import _untie_adapted_head
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64,
-                          attention_types=[[["global", "local"], 1]], window_size=16, bos_token_id=0, eos_token_id=0)
-    model = get_peft_model(GPTNeoForCausalLM(config).eval(),
-                           LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights="gaussian"))
+    config = GPTNeoConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        max_position_embeddings=64,
+        attention_types=[[["global", "local"], 1]],
+        window_size=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = get_peft_model(
+        GPTNeoForCausalLM(config).eval(),
+        LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights="gaussian"),
+    )
     for name, weight in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(weight, std=0.5)  # B = 0 at init would make the adapter a no-op

@@ -22,16 +22,22 @@ from tests.support.family_models import build_family
 pytestmark = pytest.mark.slow
 
 
-def test_bases_with_different_tokenizers_are_scored_on_one_benchmark(prefect_server, shared_cache, tracking_uri,
-                                                                      tmp_path):
+def test_bases_with_different_tokenizers_are_scored_on_one_benchmark(
+    prefect_server, shared_cache, tracking_uri, tmp_path
+):
     from flows.finetune import finetune
 
     name = "fair-comparison"
-    first = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
-        "registry.model_name": name})))
+    first = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"registry.model_name": name})))
     gpt2 = build_family("gpt2", tmp_path / "gpt2")
-    second = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
-        "registry.model_name": name, "model.name": str(gpt2), "lora.target_modules": "auto"})))
+    second = finetune(
+        config=load_config(
+            DEFAULT_PROFILE,
+            tiny_overrides(
+                shared_cache, **{"registry.model_name": name, "model.name": str(gpt2), "lora.target_modules": "auto"}
+            ),
+        )
+    )
 
     client = MlflowClient(tracking_uri)
     v1, v2 = (client.get_model_version(name, str(v)) for v in (1, 2))
@@ -49,5 +55,7 @@ def test_bases_with_different_tokenizers_are_scored_on_one_benchmark(prefect_ser
     assert decision["benchmark_fingerprint"] == fingerprint and decision["metric"] == "benchmark_bits_per_byte"
     assert decision["previous_champion"] == "1" and decision["previous_value"] == values[0]
     assert decision["value"] == values[1]
-    print(f"\ntiny GPT-Neo: {values[0]:.4f} bits/byte ({tokens[0]:.0f} tokens); "
-          f"GPT-2 arch., other BPE: {values[1]:.4f} bits/byte ({tokens[1]:.0f} tokens); {decision['reason']}")
+    print(
+        f"\ntiny GPT-Neo: {values[0]:.4f} bits/byte ({tokens[0]:.0f} tokens); "
+        f"GPT-2 arch., other BPE: {values[1]:.4f} bits/byte ({tokens[1]:.0f} tokens); {decision['reason']}"
+    )

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lib.config import load_config
 from flows.cli import DEFAULT_PROFILE
+from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.artifacts import artifact_paths
 
@@ -32,9 +32,22 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert params["dataset.fingerprint"] == summary["dataset_fingerprint"]
 
     metrics = run.data.metrics
-    for name in ("base_test_perplexity", "test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte",
-                 "test_bits_per_char", "test_word_perplexity", "delta_test_perplexity", "chrf", "base_chrf",
-                 "bleu", "rougeL", "distinct_2", "validation_loss", "train_tokens_per_second"):
+    for name in (
+        "base_test_perplexity",
+        "test_perplexity",
+        "test_bits_per_byte",
+        "base_test_bits_per_byte",
+        "test_bits_per_char",
+        "test_word_perplexity",
+        "delta_test_perplexity",
+        "chrf",
+        "base_chrf",
+        "bleu",
+        "rougeL",
+        "distinct_2",
+        "validation_loss",
+        "train_tokens_per_second",
+    ):
         assert name in metrics, name
     assert metrics["test_perplexity"] > 1 and metrics["base_test_perplexity"] > 1
     losses = client.get_metric_history(summary["run_id"], "train_loss")
@@ -48,26 +61,44 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     source = json.loads(splits["training"].source)
     assert source["type"] == "local" and source["path"].endswith("lenta-sample.csv") and len(source["sha256"]) == 64
     profile = json.loads(splits["training"].profile)
-    assert profile["articles"] > 0 and profile["tokens"] > 0 and profile["blocks"] > 0 and splits["training"].digest.startswith(summary["dataset_fingerprint"][:24])
+    assert (
+        profile["articles"] > 0
+        and profile["tokens"] > 0
+        and profile["blocks"] > 0
+        and splits["training"].digest.startswith(summary["dataset_fingerprint"][:24])
+    )
 
     tags = run.data.tags
     assert tags["prefect.flow_run_id"] and tags["git_commit"] and tags["dataset_fingerprint"]
     assert tags["git_dirty"] in ("true", "false")  # whether the commit alone says what code ran
 
     artifacts = artifact_paths(client, summary["run_id"])
-    for path in ("config.yaml", "dataset_stats.json", "plots/loss_curve.png", "plots/base_vs_tuned.png",
-                 "samples/samples.md", "samples/samples_table.json", "training_key.json", "champion_decision.json"):
+    for path in (
+        "config.yaml",
+        "dataset_stats.json",
+        "plots/loss_curve.png",
+        "plots/base_vs_tuned.png",
+        "samples/samples.md",
+        "samples/samples_table.json",
+        "training_key.json",
+        "champion_decision.json",
+    ):
         assert path in artifacts, (path, sorted(artifacts))
 
     # The adapter is an MLflow 3 logged model of this run ("Logged models"), its scores linked to the
     # text sets they were measured on; the registered version points at it.
     version = client.get_model_version("test-adapter", "1")
-    [logged] = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    [logged] = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
     assert version.source == logged.artifact_location and version.tags["logged_model_id"] == logged.model_id
     assert str(logged.status) == "READY"
     assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
-    files = {str(p.relative_to(Path(logged.artifact_location.removeprefix("file://"))))
-             for p in Path(logged.artifact_location.removeprefix("file://")).rglob("*") if p.is_file()}
+    files = {
+        str(p.relative_to(Path(logged.artifact_location.removeprefix("file://"))))
+        for p in Path(logged.artifact_location.removeprefix("file://")).rglob("*")
+        if p.is_file()
+    }
     assert {"MLmodel", "artifacts/adapter/adapter_config.json", "artifacts/adapter/adapter_model.safetensors"} <= files
     scores = {m.key: m for m in logged.metrics}
     assert scores["test_bits_per_byte"].value == metrics["test_bits_per_byte"]
@@ -75,7 +106,9 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert scores["benchmark_bits_per_byte"].dataset_name == "benchmark"
 
     assert version.run_id == summary["run_id"]
-    assert version.tags["base_model"] == "tiny" and version.tags["dataset_fingerprint"] == summary["dataset_fingerprint"]
+    assert (
+        version.tags["base_model"] == "tiny" and version.tags["dataset_fingerprint"] == summary["dataset_fingerprint"]
+    )
     assert "test_bits_per_byte" in version.tags and version.tags["prefect.flow_run_id"] == tags["prefect.flow_run_id"]
     assert int(client.get_model_version_by_alias("test-adapter", "champion").version) == 1
 
@@ -84,7 +117,11 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     model = client.get_registered_model("test-adapter")
     fingerprint = model.tags["benchmark.fingerprint"]
     assert summary["benchmark"]["fingerprint"] == fingerprint == version.tags["benchmark_fingerprint"]
-    assert float(version.tags["benchmark_bits_per_byte"]) == metrics["benchmark_bits_per_byte"] == metrics["test_bits_per_byte"]
+    assert (
+        float(version.tags["benchmark_bits_per_byte"])
+        == metrics["benchmark_bits_per_byte"]
+        == metrics["test_bits_per_byte"]
+    )
     assert "benchmark/benchmark.json" in artifact_paths(client, model.tags["benchmark.run_id"])
     inputs = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
     assert ("test-adapter-benchmark", fingerprint[:36], "benchmark") in inputs
@@ -128,16 +165,22 @@ def artifact_data(key: str) -> str:
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
     return str(found[0].data)
 
 
 def test_failed_flow_marks_run_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri, tmp_path):
     from flows.finetune import finetune
 
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
-        "data.source": "csv", "data.path": str(tmp_path / "missing.csv"), "registry.model_name": "never"}))
+    config = load_config(
+        DEFAULT_PROFILE,
+        tiny_overrides(
+            shared_cache,
+            **{"data.source": "csv", "data.path": str(tmp_path / "missing.csv"), "registry.model_name": "never"},
+        ),
+    )
     with pytest.raises(Exception, match="missing.csv"):
         finetune(config=config)
     client = MlflowClient(tracking_uri)

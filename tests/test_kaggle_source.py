@@ -4,6 +4,7 @@ The official kagglesdk client runs unmodified: it is pointed at the fake server 
 the environment (KAGGLE_API_ENVIRONMENT=TEST plus http_proxy), and HOME / KAGGLE_CONFIG_DIR /
 XDG_CONFIG_HOME are temporary directories so no real credentials are ever read.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN",
-                "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_API_ENVIRONMENT"):
+    for var in (
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "KAGGLE_API_TOKEN",
+        "KAGGLE_API_V1_TOKEN",
+        "KAGGLE_KERNEL_RUN_TYPE",
+        "KAGGLE_API_ENVIRONMENT",
+    ):
         monkeypatch.delenv(var, raising=False)
     return home
 
@@ -73,6 +80,7 @@ def assert_nothing_cached(cache: Path) -> None:
 
 
 # --- happy paths and the cache ----------------------------------------------------------
+
 
 def test_downloads_zip_unpacks_and_writes_marker(server, creds, cache):
     path = fetch(cache)
@@ -125,9 +133,11 @@ def test_leftover_partial_download_is_discarded(server, creds, cache):
 @pytest.mark.slow  # two interpreters, about 4 s
 def test_two_processes_share_one_download(server, creds, cache):
     server.default, server.slow_s = "slow", 3.0
-    script = ("import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO);"
-              "from lib.kaggle_source import download_kaggle_file as d;"
-              "print(d(sys.argv[1], sys.argv[2], Path(sys.argv[3])))")
+    script = (
+        "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO);"
+        "from lib.kaggle_source import download_kaggle_file as d;"
+        "print(d(sys.argv[1], sys.argv[2], Path(sys.argv[3])))"
+    )
     command = [sys.executable, "-c", script, DATASET, FILE, str(cache)]
 
     def start():
@@ -144,6 +154,7 @@ def test_two_processes_share_one_download(server, creds, cache):
 
 
 # --- damaged transfers ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("damage", ["corrupt", "crc", "drop", "error503", "storage503"])
 def test_transient_failure_is_retried_then_succeeds(server, creds, cache, damage):
@@ -187,6 +198,7 @@ def test_signed_url_never_appears_in_the_error(server, creds, cache):
 
 # --- credentials and client errors ----------------------------------------------------------
 
+
 def test_rejected_key_is_not_retried_and_never_leaks(server, cache, monkeypatch, caplog, capsys):
     wrong = "wrong-s3cret-key-xyz"
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
@@ -210,8 +222,7 @@ def test_no_credentials_says_what_to_set(server, cache):
     with pytest.raises(KaggleError) as err:
         fetch(cache)
     message = str(err.value)
-    for hint in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "kaggle.json",
-                 "data.source: csv", "data.path"):
+    for hint in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "kaggle.json", "data.source: csv", "data.path"):
         assert hint in message
     assert server.api_calls == 0
 

@@ -10,8 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The MLflow layer, one job each: the store connection, runs, versions, the champion, loading a
 # version, the version's folder, and the model-from-code file MLflow runs at load time.
-MLFLOW_ALLOWED = {"lib/store.py", "lib/tracking.py", "lib/registry.py", "lib/champion.py", "lib/loading.py",
-                  "lib/packaging.py", "lib/adapter_pyfunc.py"}
+MLFLOW_ALLOWED = {
+    "lib/store.py",
+    "lib/tracking.py",
+    "lib/registry.py",
+    "lib/champion.py",
+    "lib/loading.py",
+    "lib/packaging.py",
+    "lib/adapter_pyfunc.py",
+}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -62,11 +69,20 @@ def test_importing_modules_has_no_side_effects(tmp_path):
     (Prefect itself creates its PREFECT_HOME on import; that lives outside the folder watched.)"""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    modules = [f"{p.parent.name}.{p.stem}" for pkg in ("lib", "tasks", "flows") for p in files(pkg)
-               if p.stem not in ("__init__", "adapter_pyfunc")]
+    modules = [
+        f"{p.parent.name}.{p.stem}"
+        for pkg in ("lib", "tasks", "flows")
+        for p in files(pkg)
+        if p.stem not in ("__init__", "adapter_pyfunc")
+    ]
     code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "PREFECT_HOME": str(tmp_path / ".prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PREFECT_HOME": str(tmp_path / ".prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     subprocess.run([sys.executable, "-c", code, *modules], cwd=cwd, env=env, check=True, timeout=300)
     created = sorted(p.name for p in cwd.iterdir())
     assert created == [], f"importing created {created}"
@@ -82,8 +98,11 @@ def test_modules_stay_readable_in_size():
 def test_no_import_cycles_among_flows_tasks_and_lib():
     """Every import counts, a function's lazy one too: a cycle broken only by importing late is
     still two modules that need each other (split the module by job instead)."""
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for package in ("flows", "tasks", "lib")
-               for p in files(package)}
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts): p
+        for package in ("flows", "tasks", "lib")
+        for p in files(package)
+    }
     graph = {name: set() for name in modules}
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -101,7 +120,7 @@ def test_no_import_cycles_among_flows_tasks_and_lib():
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -134,7 +153,7 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
     return names
 
@@ -147,8 +166,9 @@ def test_helpers_live_in_tests_support():
         if rel.parts[1] == "support":
             assert not path.name.startswith("test_"), f"{rel}: a test module in tests/support/"
         else:
-            assert path.name.startswith("test_") or path.name in ("conftest.py", "__init__.py"), \
+            assert path.name.startswith("test_") or path.name in ("conftest.py", "__init__.py"), (
                 f"{rel}: a helper outside tests/support/"
+            )
 
 
 def test_no_test_module_imports_another_and_tests_import_only_support_and_conftest():
@@ -158,6 +178,11 @@ def test_no_test_module_imports_another_and_tests_import_only_support_and_confte
         other_tests = {n for n in imported for m in test_modules if n == m or n.startswith(m + ".")}
         assert not other_tests, f"{rel} imports test modules {sorted(other_tests)}"
         if path.name.startswith("test_"):
-            bad = {n for n in imported if n.startswith("tests.") and not n.startswith((f"{SUPPORT}.", "tests.conftest."))
-                   and n not in (SUPPORT, "tests.conftest")}
+            bad = {
+                n
+                for n in imported
+                if n.startswith("tests.")
+                and not n.startswith((f"{SUPPORT}.", "tests.conftest."))
+                and n not in (SUPPORT, "tests.conftest")
+            }
             assert not bad, f"{rel} imports {sorted(bad)}: tests may import tests.support.* and tests.conftest only"

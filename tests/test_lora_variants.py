@@ -17,8 +17,8 @@ from flows.cli import DEFAULT_PROFILE
 from lib import dataset, registry, tracking, training
 from lib.base_model import describe_base
 from lib.config import load_config
-from tests.support.adapter_fixtures import CHAMPION_POLICY, PROMPT
 from tests.conftest import tiny_overrides
+from tests.support.adapter_fixtures import CHAMPION_POLICY, PROMPT
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +57,20 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
     import torch
     from safetensors.torch import save_file
 
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{
-        "lora.target_modules": "[q_proj, v_proj]", "registry.model_name": f"variant-{variant}", **VARIANTS[variant]}))
-    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
-                                   config.train.max_length, f"{shared_cache}/datasets")
+    config = load_config(
+        DEFAULT_PROFILE,
+        tiny_overrides(
+            shared_cache,
+            **{
+                "lora.target_modules": "[q_proj, v_proj]",
+                "registry.model_name": f"variant-{variant}",
+                **VARIANTS[variant],
+            },
+        ),
+    )
+    info = dataset.prepare_dataset(
+        dataset.corpus_path(config.data), config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
+    )
     model, tokenizer, result = training.train_model(info["path"], config)
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
     with torch.no_grad():
@@ -79,17 +89,38 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "variants", variant, {"lora.r": config.lora.r}, {}, "{}\n")
     metrics = {"test_bits_per_byte": 3.0, "benchmark_bits_per_byte": 3.0}
-    registry.register_adapter(uri, run_id, adapter, describe_base(info["base"], config.model), {"max_new_tokens": 8},
-                              config.registry.model_name, {}, metrics, **CHAMPION_POLICY)
+    registry.register_adapter(
+        uri,
+        run_id,
+        adapter,
+        describe_base(info["base"], config.model),
+        {"max_new_tokens": 8},
+        config.registry.model_name,
+        {},
+        metrics,
+        **CHAMPION_POLICY,
+    )
     tracking.finish_run(uri, run_id)
 
-    args = {"uri": uri, "target": f"models:/{config.registry.model_name}/1", "base": info["base"],
-            "reference": str(tmp_path / "reference.safetensors")}
-    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(args)], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    args = {
+        "uri": uri,
+        "target": f"models:/{config.registry.model_name}/1",
+        "base": info["base"],
+        "reference": str(tmp_path / "reference.safetensors"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, json.dumps(args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.split("RESULT ", 1)[1])
-    print(f"\n{variant}: max |logits difference| registered vs trained {report['diff']:.2e}, "
-          f"base vs trained {report['vs_base']:.2e}")
+    print(
+        f"\n{variant}: max |logits difference| registered vs trained {report['diff']:.2e}, "
+        f"base vs trained {report['vs_base']:.2e}"
+    )
     assert report["dtype"] == "torch.float32" and report["diff"] < 1e-4, report
     assert report["vs_base"] > 1e-3, report  # the adapter changes the model: the comparison can fail

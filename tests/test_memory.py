@@ -35,15 +35,25 @@ def test_training_and_evaluation_release_the_base(tmp_path, precision):
     level, quiet.level = quiet.level, logging.ERROR
     # The seed recipe's q/v targets: bitsandbytes 0.50's CPU nf4 kernel fails the backward pass of a
     # layer with a bias (GPT-Neo's out_proj, c_fc, c_proj): "a view of a leaf Variable ... in-place".
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        "model.precision": precision, "lora.target_modules": "[q_proj,v_proj]"}))
-    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
-                                   config.train.max_length, f"{config.data.cache_dir}/datasets")
+    config = load_config(
+        DEFAULT_PROFILE,
+        tiny_overrides(
+            str(tmp_path / "cache"), **{"model.precision": precision, "lora.target_modules": "[q_proj,v_proj]"}
+        ),
+    )
+    info = dataset.prepare_dataset(
+        dataset.corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
+    )
     weights = Path(info["base"]).resolve() / "model.safetensors"
     assert mappings(weights) == 0
     during: list[int] = []
-    result = training.train_adapter(info["path"], config, tmp_path / "run",
-                                    on_log=lambda step, record, progress: during.append(mappings(weights)))
+    result = training.train_adapter(
+        info["path"], config, tmp_path / "run", on_log=lambda step, record, progress: during.append(mappings(weights))
+    )
     assert during and min(during) >= 1  # the training model maps the base file while it trains
     assert mappings(weights) == 0, "the trained model outlived the training stage"
     evaluation.evaluate_adapter(info["path"], result.adapter_dir, config, tmp_path / "evaluation")
@@ -60,8 +70,13 @@ def test_evaluating_on_an_nf4_base_releases_it(tmp_path):
     level, quiet.level = quiet.level, logging.ERROR
     overrides = tiny_overrides(str(tmp_path / "cache"), **{"lora.target_modules": "[q_proj,v_proj]"})
     config = load_config(DEFAULT_PROFILE, overrides)
-    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
-                                   config.train.max_length, f"{config.data.cache_dir}/datasets")
+    info = dataset.prepare_dataset(
+        dataset.corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
+    )
     result = training.train_adapter(info["path"], config, tmp_path / "run")
     weights = Path(info["base"]).resolve() / "model.safetensors"
     nf4 = load_config(DEFAULT_PROFILE, [*overrides, "model.precision=nf4"])

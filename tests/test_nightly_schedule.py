@@ -26,16 +26,26 @@ POOL = "lenta-process"  # the work pool prefect.yaml deploys to
 
 CYCLE_TIMEOUT_S = 420  # one tiny flow run is ~30 s here; a loaded 2-core machine is much slower
 # The scheduler looks for work every 60 s and fills 100 runs ahead by default: every 2 s, 4 ahead.
-FAST_SCHEDULER = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "4",
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "2"}
+FAST_SCHEDULER = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "4",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "2",
+}
 
 
 def completed_runs(url: str, deployment_id: str) -> list[dict]:
-    runs = api(url, "/flow_runs/filter", "POST", {"flow_runs": {"deployment_id": {"any_": [deployment_id]},
-                                                               "state": {"type": {"any_": ["COMPLETED", "FAILED",
-                                                                                           "CRASHED"]}}},
-                                                 "sort": "EXPECTED_START_TIME_ASC"})
+    runs = api(
+        url,
+        "/flow_runs/filter",
+        "POST",
+        {
+            "flow_runs": {
+                "deployment_id": {"any_": [deployment_id]},
+                "state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}},
+            },
+            "sort": "EXPECTED_START_TIME_ASC",
+        },
+    )
     bad = [r for r in runs if r["state_type"] != "COMPLETED"]
     assert not bad, [(r["name"], r["state_name"], (r.get("state") or {}).get("message")) for r in bad]
     return runs
@@ -52,8 +62,10 @@ def wait_for(url: str, deployment_id: str, done, what: str, worker_log) -> list[
 
 
 def mlflow_run(client: MlflowClient, flow_run_id: str):
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                               filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    [run] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
     return run
 
 
@@ -68,8 +80,12 @@ def test_scheduled_nightly_trains_once_skips_unchanged_and_retrains_on_change(tm
         server.cli("deploy", "--all", cwd=ROOT)
         deployment = api(server.url, f"/deployments/name/{urllib.parse.quote('finetune')}/demo")
         did = deployment["id"]
-        api(server.url, f"/deployments/{did}", "PATCH", {"parameters": {**deployment["parameters"],
-                                                                        "overrides": overrides}})
+        api(
+            server.url,
+            f"/deployments/{did}",
+            "PATCH",
+            {"parameters": {**deployment["parameters"], "overrides": overrides}},
+        )
         api(server.url, f"/deployments/{did}/schedules", "POST", [{"schedule": {"interval": 10}, "active": True}])
         worker_log = server.home / f"worker-{POOL}.log"
         with server.worker(POOL, cwd=tmp_path, queues=("default",)):
@@ -86,10 +102,19 @@ def test_scheduled_nightly_trains_once_skips_unchanged_and_retrains_on_change(tm
 
             # A person changes the deployment's config: future cycles use the new parameters.
             changed = [*overrides, "train.learning_rate=0.01"]
-            api(server.url, f"/deployments/{did}", "PATCH", {"parameters": {**deployment["parameters"],
-                                                                            "overrides": changed}})
-            runs = wait_for(server.url, did, lambda r: any(x["parameters"].get("overrides") == changed for x in r),
-                            "a cycle with the changed config", worker_log)
+            api(
+                server.url,
+                f"/deployments/{did}",
+                "PATCH",
+                {"parameters": {**deployment["parameters"], "overrides": changed}},
+            )
+            runs = wait_for(
+                server.url,
+                did,
+                lambda r: any(x["parameters"].get("overrides") == changed for x in r),
+                "a cycle with the changed config",
+                worker_log,
+            )
         print(f"\n{len(runs)} scheduled cycles completed: {[r['name'] for r in runs]}")
         assert len(runs) >= 3
         changed_run = next(r for r in runs if r["parameters"].get("overrides") == changed)

@@ -67,16 +67,21 @@ def train_and_record(prepared_path, config, caplog):
 
 
 @pytest.mark.parametrize("interval, expected", [(1e-6, [1, 2, 3, 4]), (30.0, [4])])
-def test_a_step_is_logged_when_the_interval_passed_whatever_log_every_says(prepared, shared_cache, caplog,
-                                                                          interval, expected):
+def test_a_step_is_logged_when_the_interval_passed_whatever_log_every_says(
+    prepared, shared_cache, caplog, interval, expected
+):
     """log_every 1000 over 4 steps: only the last step is due by count; a microsecond interval makes
     every step due by time (each takes milliseconds). 4 tiny steps never take 30 s."""
-    config = tiny(shared_cache, **{"train.max_steps": 4, "train.log_every": 1000, "train.grad_accum": 3,
-                                   "train.progress_interval_s": interval})
+    config = tiny(
+        shared_cache,
+        **{"train.max_steps": 4, "train.log_every": 1000, "train.grad_accum": 3, "train.progress_interval_s": interval},
+    )
     assert train_and_record(prepared, config, caplog) == expected
     heartbeats = [m for m in caplog.messages if "micro-batch" in m]
     if interval < 1:  # every micro-batch but each step's last one; the step's own line follows that one
-        assert len(heartbeats) == 4 * 2 and re.fullmatch(r"step 3/4: micro-batch 2/3, \d+ s into this step", heartbeats[5])
+        assert len(heartbeats) == 4 * 2 and re.fullmatch(
+            r"step 3/4: micro-batch 2/3, \d+ s into this step", heartbeats[5]
+        )
     else:
         assert heartbeats == []
 
@@ -116,6 +121,8 @@ def test_evaluation_loops_log_progress_only_without_a_bar(model, tokenizer, capl
     if bar_shown:
         assert lines == []
     else:
-        assert [m.split(",")[0] for m in lines if m.startswith("generate")] == [f"generate: batch {i}/3" for i in (1, 2, 3)]
+        assert [m.split(",")[0] for m in lines if m.startswith("generate")] == [
+            f"generate: batch {i}/3" for i in (1, 2, 3)
+        ]
         scored = [m for m in lines if m.startswith("score_corpus")]
         assert scored and re.fullmatch(r"score_corpus: batch (\d+)/\1, [\d.e+-]+ s/batch, ETA 0:00:00", scored[-1])

@@ -71,17 +71,30 @@ print("RESULT " + json.dumps(report, ensure_ascii=False))
 @pytest.mark.slow
 def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained, registered, tmp_path):
     assert registered["version"] == 1 and registered["champion"] is True
-    args = {"uri": registered["tracking_uri"], "name": NAME, "reference": str(trained["reference"]),
-            "base": trained["info"]["base"]}
+    args = {
+        "uri": registered["tracking_uri"],
+        "name": NAME,
+        "reference": str(trained["reference"]),
+        "base": trained["info"]["base"],
+    }
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    done = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(args)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, json.dumps(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.split("RESULT ", 1)[1])
-    print("\nmax |logits difference| vs the in-memory model:",
-          {k: report[k]["max_abs_diff"] for k in ("version", "champion", "latest", "plain_peft")},
-          "predict:", report["predict"])
+    print(
+        "\nmax |logits difference| vs the in-memory model:",
+        {k: report[k]["max_abs_diff"] for k in ("version", "champion", "latest", "plain_peft")},
+        "predict:",
+        report["predict"],
+    )
     for label in ("version", "champion", "latest", "plain_peft"):
         assert report[label]["dtype"] == "torch.float32", report[label]
         assert report[label]["max_abs_diff"] < 1e-4, (label, report[label])
@@ -106,15 +119,25 @@ def test_version_records_provenance_metrics_and_checksums(trained, registered):
     tags, fingerprint = version.tags, trained["info"]["fingerprint"]
     assert version.run_id == registered["run_id"]
     assert tags["base_model"] == "tiny" and tags["dataset_fingerprint"] == fingerprint
-    assert tags["git_commit"] == git_commit() and tags["prefect.flow_run_id"] == registered["tags"]["prefect.flow_run_id"]
+    assert (
+        tags["git_commit"] == git_commit() and tags["prefect.flow_run_id"] == registered["tags"]["prefect.flow_run_id"]
+    )
     assert tags["champion_metric"] == "benchmark_bits_per_byte" and float(tags["champion_metric_value"]) == 3.25
     assert tags["benchmark_fingerprint"] == "f" * 64 and float(tags["benchmark_bits_per_byte"]) == 3.25
-    for fact in (fingerprint, git_commit(), registered["tags"]["prefect.flow_run_id"], "benchmark_bits_per_byte 3.25",
-                 registered["run_id"], "tiny"):
+    for fact in (
+        fingerprint,
+        git_commit(),
+        registered["tags"]["prefect.flow_run_id"],
+        "benchmark_bits_per_byte 3.25",
+        registered["run_id"],
+        "tiny",
+    ):
         assert fact in version.description, (fact, version.description)
     # Checksums: the tags equal the files that were trained and the files now in the store.
     adapter = registered["model_dir"] / "artifacts" / "adapter" / "adapter_model.safetensors"
-    assert tags["adapter_sha256"] == sha256_file(trained["adapter"] / "adapter_model.safetensors") == sha256_file(adapter)
+    assert (
+        tags["adapter_sha256"] == sha256_file(trained["adapter"] / "adapter_model.safetensors") == sha256_file(adapter)
+    )
     assert tags["base_weights_sha256"] == sha256_file(Path(trained["info"]["base"]) / "model.safetensors")
     meta = json.loads((registered["model_dir"] / "artifacts" / "base_model.json").read_text())
     assert meta["sha256"]["adapter"]["adapter_model.safetensors"] == tags["adapter_sha256"]
@@ -140,8 +163,17 @@ def test_a_failed_champion_decision_leaves_no_version(trained, registered, monke
     run_id = tracking.start_run(uri, "registry-test", "atomic", {}, {}, "")
     monkeypatch.setenv("LENTA_LORA_FAULT", "register.after-version:raise")
     with pytest.raises(faults.InjectedFault):  # would have been champion: 1.0 beats 3.25 by far
-        registry.register_adapter(uri, run_id, trained["adapter"], registered["base"], {}, NAME, {},
-                                  {"benchmark_bits_per_byte": 1.0}, **CHAMPION_POLICY)
+        registry.register_adapter(
+            uri,
+            run_id,
+            trained["adapter"],
+            registered["base"],
+            {},
+            NAME,
+            {},
+            {"benchmark_bits_per_byte": 1.0},
+            **CHAMPION_POLICY,
+        )
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     tracking.finish_run(uri, run_id, "FAILED")
@@ -186,10 +218,12 @@ def model_with_versions(client: MlflowClient, values: dict[str, float | None]) -
 def test_unknown_model_version_and_alias_are_one_line_lookup_errors(store):
     uri, client = store
     name = model_with_versions(client, {"a": 2.0, "b": 1.0})
-    cases = {"models:/nope/1": rf"no registered model 'nope' in sqlite:.*known: .*{name}",
-             f"models:/{name}/7": rf"model '{name}' has no version '7' in sqlite:.*versions: \[1, 2\]",
-             f"models:/{name}/abc": rf"model '{name}' has no version 'abc'",
-             f"models:/{name}@gold": rf"model '{name}' has no alias 'gold' in sqlite:"}
+    cases = {
+        "models:/nope/1": rf"no registered model 'nope' in sqlite:.*known: .*{name}",
+        f"models:/{name}/7": rf"model '{name}' has no version '7' in sqlite:.*versions: \[1, 2\]",
+        f"models:/{name}/abc": rf"model '{name}' has no version 'abc'",
+        f"models:/{name}@gold": rf"model '{name}' has no alias 'gold' in sqlite:",
+    }
     for target, message in cases.items():
         with pytest.raises(LookupError, match=message) as caught:
             loading.load_registered(uri, target)
@@ -204,8 +238,11 @@ def test_unknown_model_version_and_alias_are_one_line_lookup_errors(store):
 def test_version_whose_files_are_gone_is_a_file_not_found(store):
     uri, client = store
     name = model_with_versions(client, {"a": 1.0})
-    with pytest.raises(FileNotFoundError, match=rf"models:/{name}/1 \(version 1 of '{name}', run None\): its files "
-                                                r"are not in the artifact store at file:///nonexistent/a"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"models:/{name}/1 \(version 1 of '{name}', run None\): its files "
+        r"are not in the artifact store at file:///nonexistent/a",
+    ):
         loading.load_registered(uri, f"models:/{name}/1")
 
 
@@ -217,8 +254,17 @@ def test_pickle_weights_are_never_registered(store, tmp_path):
     (adapter / "adapter_model.bin").write_bytes(b"pickle")
     run_id = tracking.start_run(uri, "pickles", "r", {}, {}, "")
     with pytest.raises(ArtifactIntegrityError, match=r"pickle weight files \['adapter_model\.bin'\]"):
-        registry.register_adapter(uri, run_id, adapter, {"kind": "hub", "name": "x"}, {}, "pickled", {},
-                                  {"benchmark_bits_per_byte": 1.0}, **CHAMPION_POLICY)
+        registry.register_adapter(
+            uri,
+            run_id,
+            adapter,
+            {"kind": "hub", "name": "x"},
+            {},
+            "pickled",
+            {},
+            {"benchmark_bits_per_byte": 1.0},
+            **CHAMPION_POLICY,
+        )
     assert client.search_model_versions("name = 'pickled'") == []
 
 
@@ -235,16 +281,23 @@ def test_listing_reads_past_the_first_page_of_registered_models(tmp_path):
 @pytest.mark.slow
 def test_loading_a_version_prints_nothing_unless_verbose(registered, tmp_path):
     """No download bars, weight-loading bars or third-party notices around a loaded version."""
-    code = ("import sys; from lib.loading import load_registered; "
-            "load_registered(sys.argv[1], sys.argv[2]); print('loaded')")
+    code = (
+        "import sys; from lib.loading import load_registered; "
+        "load_registered(sys.argv[1], sys.argv[2]); print('loaded')"
+    )
     printed = {}
     # As a user's own process: none of the settings the CLI (run in-process by other tests) puts in
     # this process's environment.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
     for verbose in ("0", "1"):
-        done = subprocess.run([sys.executable, "-c", code, registered["tracking_uri"], f"models:/{NAME}/1"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**env, "PYTHONPATH": str(ROOT), "LENTA_LORA_VERBOSE": verbose})
+        done = subprocess.run(
+            [sys.executable, "-c", code, registered["tracking_uri"], f"models:/{NAME}/1"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**env, "PYTHONPATH": str(ROOT), "LENTA_LORA_VERBOSE": verbose},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         printed[verbose] = done.stdout + done.stderr
     assert printed["0"] == "loaded\n"
@@ -268,9 +321,25 @@ def test_a_version_requirements_name_public_versions(registered, tmp_path):
     nf4 = tmp_path / "nf4-requirements.txt"
     nf4.write_text("\n".join(provenance.requirements("nf4")) + "\n")
     for path in (registered["model_dir"] / "requirements.txt", nf4):
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
-                               "-q", "-r", str(path), "--report", str(tmp_path / "report.json")],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--no-deps",
+                "--ignore-installed",
+                "-q",
+                "-r",
+                str(path),
+                "--report",
+                str(tmp_path / "report.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, (path.read_text(), done.stderr[-2000:])
         report = json.loads((tmp_path / "report.json").read_text())
         found = {item["metadata"]["name"].lower() for item in report["install"]}
@@ -292,8 +361,18 @@ def test_registering_loads_no_model_and_keeps_the_evaluation_example(trained, tm
     base = {"kind": "hub", "name": "no-such-org/no-such-model", "revision": "main", "precision": "fp32"}
     example = {"prompt": "Заголовок\n\n", "output": "текст, который написала модель"}
     with caplog.at_level(logging.INFO, logger="mlflow"):
-        result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, "no-load", {},
-                                           {"benchmark_bits_per_byte": 3.0}, **CHAMPION_POLICY, example=example)
+        result = registry.register_adapter(
+            uri,
+            run_id,
+            trained["adapter"],
+            base,
+            {"max_new_tokens": 8},
+            "no-load",
+            {},
+            {"benchmark_bits_per_byte": 3.0},
+            **CHAMPION_POLICY,
+            example=example,
+        )
     tracking.finish_run(uri, run_id)
     assert result["version"] == 1
     mlflow_lines = [r.getMessage() for r in caplog.records if r.name.startswith("mlflow")]

@@ -40,14 +40,17 @@ print("RESULT " + json.dumps({"max_abs_diff": diff, "kind": base["kind"]}))
 """
 
 
-def test_flow_over_http_registers_a_version_another_process_loads(prefect_server, mlflow_server, shared_cache, tmp_path):
+def test_flow_over_http_registers_a_version_another_process_loads(
+    prefect_server, mlflow_server, shared_cache, tmp_path
+):
     from flows.cli import DEFAULT_PROFILE
     from flows.finetune import finetune
     from lib.config import load_config
 
     uri = mlflow_server.uri
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"tracking.uri": uri,
-                                                                          "registry.model_name": "remote-adapter"}))
+    config = load_config(
+        DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"tracking.uri": uri, "registry.model_name": "remote-adapter"})
+    )
     summary = finetune(config=config)
     assert summary["tracking_uri"] == uri and summary["model"]["version"] == 1 and summary["model"]["champion"]
 
@@ -66,23 +69,29 @@ def test_flow_over_http_registers_a_version_another_process_loads(prefect_server
     stored = list((mlflow_server.root / "art").rglob("adapter_model.safetensors"))
     assert len(stored) == 1, stored
 
-    done = subprocess.run([sys.executable, "-c", LOAD_OVER_HTTP, uri, "models:/remote-adapter@champion",
-                           summary["train"]["adapter_dir"]], cwd=tmp_path,
-                          env=child_env(tracking_uri=uri, pythonpath=True),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_OVER_HTTP, uri, "models:/remote-adapter@champion", summary["train"]["adapter_dir"]],
+        cwd=tmp_path,
+        env=child_env(tracking_uri=uri, pythonpath=True),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
     print(f"\nHTTP-loaded vs local adapter, max |logits difference|: {result['max_abs_diff']}")
     assert result["max_abs_diff"] < 1e-4 and result["kind"] == "tiny"
 
 
-def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(prefect_server, mlflow_server, shared_cache,
-                                                                         tmp_path):
+def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(
+    prefect_server, mlflow_server, shared_cache, tmp_path
+):
     uri, name = mlflow_server.uri, "race-adapter"
     children = []
     for seed in (1, 2):
-        overrides = tiny_overrides(shared_cache, **{"tracking.uri": uri, "registry.model_name": name,
-                                                    "train.seed": seed})
+        overrides = tiny_overrides(
+            shared_cache, **{"tracking.uri": uri, "registry.model_name": name, "train.seed": seed}
+        )
         command = [sys.executable, "-m", "flows.cli", "run"] + [a for o in overrides for a in ("--set", o)]
         log = open(tmp_path / f"flow-{seed}.log", "w")
         env = child_env(tracking_uri=uri, pythonpath=True)
@@ -124,8 +133,9 @@ def test_racing_champion_updates_over_http_end_on_the_best(mlflow_server):
         try:
             start.wait()
             tags = {champion.BENCHMARK_TAG: "f" * 64, "benchmark_bits_per_byte": repr(value)}
-            created = client.create_model_version(name, f"{run.info.artifact_uri}/adapter_model", run_id=run.info.run_id,
-                                                  tags=tags)
+            created = client.create_model_version(
+                name, f"{run.info.artifact_uri}/adapter_model", run_id=run.info.run_id, tags=tags
+            )
             champion.update_champion(client, name, created.version, "benchmark_bits_per_byte", "f" * 64, 0.002)
         except Exception as error:  # reported below with the thread's value
             errors.append((value, error))
@@ -138,5 +148,8 @@ def test_racing_champion_updates_over_http_end_on_the_best(mlflow_server):
     assert not errors, errors
     holder = client.get_model_version_by_alias(name, "champion")
     assert float(holder.tags["benchmark_bits_per_byte"]) == min(values)
-    writes = [json.loads(v.tags["champion_decision"])["alias_writes"] for v in client.search_model_versions(f"name = '{name}'")]
+    writes = [
+        json.loads(v.tags["champion_decision"])["alias_writes"]
+        for v in client.search_model_versions(f"name = '{name}'")
+    ]
     print(f"\nalias writes per registration: {writes}")

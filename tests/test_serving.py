@@ -34,8 +34,24 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
     bin_dir = str(Path(sys.executable).parent)  # `serve` starts uvicorn by name: the venv's bin on PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     log = tmp_path / "serve.log"
-    server = start_process([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env, log, tmp_path)
+    server = start_process(
+        [
+            str(Path(bin_dir) / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env,
+        log,
+        tmp_path,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -53,9 +69,11 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
         assert len(predictions) == 2 and all(isinstance(p, str) and p for p in predictions)
         assert post(f"{url}/invocations", json.dumps(request).encode())[1] == answer  # greedy: the same again
         # Malformed requests: a clear 4xx naming the problem, never a 500.
-        for body, says in ((b"not json", "valid JSON"), (b'{"prompts": ["x"]}', "inputs"),
-                           (json.dumps({"inputs": ["x"], "params": {"max_new_tokens": "many"}}).encode(),
-                            "max_new_tokens")):
+        for body, says in (
+            (b"not json", "valid JSON"),
+            (b'{"prompts": ["x"]}', "inputs"),
+            (json.dumps({"inputs": ["x"], "params": {"max_new_tokens": "many"}}).encode(), "max_new_tokens"),
+        ):
             status, error = post(f"{url}/invocations", body)
             assert 400 <= status < 500 and says in error["message"], (status, error)
     finally:

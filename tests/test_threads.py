@@ -57,8 +57,15 @@ print(json.dumps({**chosen, "torch": torch.get_num_threads()}))
 
 def probe(setting: str, **env) -> dict:
     environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LENTA_LORA_THREADS")}
-    out = subprocess.run([sys.executable, "-c", PROBE, setting], cwd=ROOT, env={**environ, **env}, check=True,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, setting],
+        cwd=ROOT,
+        env={**environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -71,9 +78,12 @@ def test_configure_threads_in_a_fresh_process():
 
 
 def test_the_cli_sets_the_wait_policy_before_torch_loads():
-    code = ("import os, sys; from flows import cli; cli._quiet_environment(); "
-            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    code = (
+        "import os, sys; from flows import cli; cli._quiet_environment(); "
+        "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    )
     environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, check=True, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environ, check=True, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.split() == ["PASSIVE", "False"]

@@ -9,7 +9,6 @@ import torch
 from lib import checkpoint, dataset, training
 from tests.support.training import tiny  # and the `prepared` fixture (tests/conftest.py)
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -63,22 +62,32 @@ def crash_at(step_to_crash: int):
     def on_log(step, record, progress):
         if step == step_to_crash:
             raise Crash(step)
+
     return on_log
 
 
-@pytest.mark.parametrize("dropout, variant", [
-    (0.0, {}), (0.1, {}),
-    # PiSSA rewrites the base at init (a resumed run redoes it) and LoRA+ has two learning rates in its optimizer
-    # state; warm-up to step 8 puts the resume (after step 7) inside the warm-up.
-    (0.0, {"lora.init_weights": "pissa", "lora.plus_lr_ratio": 4, "lora.use_rslora": True, "train.warmup_steps": 8}),
-    (0.0, {"lora.use_dora": True}),  # a trained magnitude vector per layer
-], ids=["plain", "dropout", "pissa-loraplus-rslora", "dora"])
+@pytest.mark.parametrize(
+    "dropout, variant",
+    [
+        (0.0, {}),
+        (0.1, {}),
+        # PiSSA rewrites the base at init (a resumed run redoes it) and LoRA+ has two learning rates in its optimizer
+        # state; warm-up to step 8 puts the resume (after step 7) inside the warm-up.
+        (
+            0.0,
+            {"lora.init_weights": "pissa", "lora.plus_lr_ratio": 4, "lora.use_rslora": True, "train.warmup_steps": 8},
+        ),
+        (0.0, {"lora.use_dora": True}),  # a trained magnitude vector per layer
+    ],
+    ids=["plain", "dropout", "pissa-loraplus-rslora", "dora"],
+)
 def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_path, dropout, variant):
     """10 steps straight vs 7 steps (checkpoints at 2, 4, 6), a crash while logging step 7 (which
     saves step 7 first: logging failed, training did not), resume from 7 to 10. With dropout the
     RNG states in the checkpoint must put the same masks on steps 8-10."""
-    config = tiny(shared_cache, **{"train.max_steps": 10, "train.checkpoint_every": 2, "lora.dropout": dropout,
-                                   **variant})
+    config = tiny(
+        shared_cache, **{"train.max_steps": 10, "train.checkpoint_every": 2, "lora.dropout": dropout, **variant}
+    )
     straight, _, expected = training.train_model(prepared, config)  # no checkpoint_dir: no checkpoints
 
     folder = tmp_path / "checkpoints"
@@ -92,9 +101,13 @@ def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_pat
 
     resumed_from, logged = [], []
     resumed, _, result = training.train_model(
-        prepared, config, checkpoint_dir=folder, run_id="run-b",
+        prepared,
+        config,
+        checkpoint_dir=folder,
+        run_id="run-b",
         on_log=lambda step, record, progress: logged.append((step, progress and progress.total)),
-        on_resume=resumed_from.append)
+        on_resume=resumed_from.append,
+    )
     assert [(c.step, c.run_id) for c in resumed_from] == [(7, "run-a")]
     assert not (folder / ".tmp-killed").exists()  # cleared under the lock
     assert result.resumed_from_step == 7 and result.steps == 10
@@ -107,8 +120,13 @@ def test_resume_from_checkpoint_is_bit_identical(prepared, shared_cache, tmp_pat
     # The last checkpoint is the finished run's: a re-run (say after evaluation failed) trains nothing.
     assert (checkpoint.latest(folder).step, checkpoint.latest(folder).run_id) == (10, "run-b")
     logged.clear()
-    again, _, rerun = training.train_model(prepared, config, checkpoint_dir=folder, run_id="run-c",
-                                           on_log=lambda step, record, progress: logged.append(step))
+    again, _, rerun = training.train_model(
+        prepared,
+        config,
+        checkpoint_dir=folder,
+        run_id="run-c",
+        on_log=lambda step, record, progress: logged.append(step),
+    )
     assert rerun.resumed_from_step == 10 and logged == [10]  # only the final validation loss
     assert rerun.history == result.history and max_difference(lora_weights(again), lora_weights(resumed)) == 0
 
@@ -120,8 +138,12 @@ def test_checkpoint_folder_is_keyed_by_what_determines_the_weights(tmp_path):
     again = tiny(str(tmp_path), **{"train.checkpoint_every": 50, "train.log_every": 3})
     assert checkpoint.checkpoint_dir(again, "f" * 64, "/data/abc-L64-packed") == where
     for change in ({"lora.r": 4}, {"train.max_steps": 5}, {"model.tiny.seed": 1}):
-        assert checkpoint.checkpoint_dir(tiny(str(tmp_path), **{"train.checkpoint_every": 5, **change}),
-                                         "f" * 64, "/data/abc-L64-packed") != where, change
+        assert (
+            checkpoint.checkpoint_dir(
+                tiny(str(tmp_path), **{"train.checkpoint_every": 5, **change}), "f" * 64, "/data/abc-L64-packed"
+            )
+            != where
+        ), change
     assert checkpoint.checkpoint_dir(config, "e" * 64, "/data/abc-L64-packed") != where
     assert checkpoint.checkpoint_dir(tiny(str(tmp_path)), "f" * 64, "/data/abc-L64-packed") is None
 
@@ -150,12 +172,24 @@ def test_a_twin_trainer_goes_on_without_checkpoints(prepared, shared_cache, tmp_
 def test_diverging_loss_stops_early_and_saves_no_adapter(prepared, shared_cache, tmp_path):
     # lr 1e6 on every linear layer: finite loss on steps 1-2, NaN on step 3 (measured; the demo's
     # head-only adapter does not diverge within 20 steps).
-    config = tiny(shared_cache, **{"train.max_steps": 20, "train.learning_rate": 1e6, "train.checkpoint_every": 1,
-                                   "lora.target_modules": "all-linear"})
+    config = tiny(
+        shared_cache,
+        **{
+            "train.max_steps": 20,
+            "train.learning_rate": 1e6,
+            "train.checkpoint_every": 1,
+            "lora.target_modules": "all-linear",
+        },
+    )
     logged = []
     with pytest.raises(training.TrainingDiverged) as error:
-        training.train_adapter(prepared, config, tmp_path / "out", checkpoint_dir=tmp_path / "ck",
-                               on_log=lambda step, record, progress: logged.append(step))
+        training.train_adapter(
+            prepared,
+            config,
+            tmp_path / "out",
+            checkpoint_dir=tmp_path / "ck",
+            on_log=lambda step, record, progress: logged.append(step),
+        )
     message = str(error.value)
     assert "at optimizer step 3 of 20" in message and "train.learning_rate=1e+06" in message
     assert "lower train.learning_rate" in message and "no adapter was saved" in message and "\n" not in message
@@ -166,10 +200,19 @@ def test_diverging_loss_stops_early_and_saves_no_adapter(prepared, shared_cache,
 
 def test_an_empty_validation_split_trains_without_validation_loss(shared_cache, tmp_path):
     """`data.splits.validation: 0`: datasets cannot save a split without rows; it loads back empty."""
-    config = tiny(shared_cache, **{"data.splits.train": 0.95, "data.splits.validation": 0.0,
-                                   "data.splits.test": 0.05, "train.max_steps": 2, "train.eval_every": 1})
-    info = dataset.prepare_dataset(dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length,
-                                   tmp_path / "datasets")
+    config = tiny(
+        shared_cache,
+        **{
+            "data.splits.train": 0.95,
+            "data.splits.validation": 0.0,
+            "data.splits.test": 0.05,
+            "train.max_steps": 2,
+            "train.eval_every": 1,
+        },
+    )
+    info = dataset.prepare_dataset(
+        dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, tmp_path / "datasets"
+    )
     data = dataset.load_prepared(info["path"])
     assert len(data["validation"]) == len(data["validation_blocks"]) == 0 and len(data["test"]) > 0
     result = training.train_adapter(info["path"], config, tmp_path / "out")

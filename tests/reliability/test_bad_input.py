@@ -23,8 +23,14 @@ CASES = {
     "missing-columns": (lambda d: write(d / "bad.csv", "url,title\nhttps://x/1,Заголовок\n"), "missing"),
     "empty-file": (lambda d: write(d / "bad.csv", ""), "empty"),
     "header-only": (lambda d: write(d / "bad.csv", HEADER), "bad.csv"),
-    "no-usable-text": (lambda d: write(d / "bad.csv", HEADER + "https://x/1,Заголовок,   ,Мир,Все,2019/01/01\n"), "text"),
-    "not-utf8": (lambda d: write(d / "bad.csv", HEADER.encode() + "https://x/1,Т,Текст,Мир,Все,2019/01/01\n".encode("cp1251")), "UTF-8"),
+    "no-usable-text": (
+        lambda d: write(d / "bad.csv", HEADER + "https://x/1,Заголовок,   ,Мир,Все,2019/01/01\n"),
+        "text",
+    ),
+    "not-utf8": (
+        lambda d: write(d / "bad.csv", HEADER.encode() + "https://x/1,Т,Текст,Мир,Все,2019/01/01\n".encode("cp1251")),
+        "UTF-8",
+    ),
     "does-not-exist": (lambda d: d / "bad.csv", "does not exist"),
     "directory": (lambda d: (d / "bad.csv").mkdir() or d / "bad.csv", "directory"),
 }
@@ -38,8 +44,22 @@ def test_bad_csv_fails_cleanly(case, prefect_server, tracking_uri, tmp_path, cap
     source.mkdir()
     path = make(source)
     cache = tmp_path / "cache"
-    code = main(["run", "--config", str(DEFAULT_PROFILE), *sum((["--set", o] for o in tiny_overrides(
-        str(cache), **{"data.source": "csv", "data.path": str(path), "registry.model_name": "never"})), [])])
+    code = main(
+        [
+            "run",
+            "--config",
+            str(DEFAULT_PROFILE),
+            *sum(
+                (
+                    ["--set", o]
+                    for o in tiny_overrides(
+                        str(cache), **{"data.source": "csv", "data.path": str(path), "registry.model_name": "never"}
+                    )
+                ),
+                [],
+            ),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lenta-lora: error:") and "bad.csv" in err and expected.lower() in err.lower(), err
@@ -53,8 +73,19 @@ def test_bad_csv_fails_cleanly(case, prefect_server, tracking_uri, tmp_path, cap
 
 
 def test_bad_config_fails_before_any_work(tracking_uri, tmp_path, capsys):
-    code = main(["run", "--config", str(DEFAULT_PROFILE), "--set", "data.splits.train=0.5", "--set", "lora.r=0",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    code = main(
+        [
+            "run",
+            "--config",
+            str(DEFAULT_PROFILE),
+            "--set",
+            "data.splits.train=0.5",
+            "--set",
+            "lora.r=0",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "data.splits" in err and "sum to 1" in err and "lora.r" in err
@@ -78,8 +109,9 @@ def test_bad_flow_overrides_fail_the_flow_run_before_any_work(prefect_server, tr
 
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ConfigError) as info:
-        build_config({}, ["lora.r=0", "lora.dropout=1.0", "train.max_length=abc", "trian.max_steps=3",
-                          "lora.target_modules=[]"])
+        build_config(
+            {}, ["lora.r=0", "lora.dropout=1.0", "train.max_length=abc", "trian.max_steps=3", "lora.target_modules=[]"]
+        )
     message = str(info.value)
     for fragment in ("lora.r", "lora.dropout", "train.max_length", "trian", "lora.target_modules", "5 problem"):
         assert fragment in message, message

@@ -26,8 +26,14 @@ def test_two_identical_flows_at_once_keep_one_version(prefect_server, tracking_u
     children = []
     for name in ("a", "b"):
         log = (tmp_path / f"{name}.log").open("w")
-        children.append((subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True), log))
+        children.append(
+            (
+                subprocess.Popen(
+                    command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                ),
+                log,
+            )
+        )
     for child, log in children:
         child.wait(timeout=600)
         log.close()
@@ -49,5 +55,7 @@ def test_two_identical_flows_at_once_keep_one_version(prefect_server, tracking_u
     found = assert_cache_consistent(cache)
     assert len(found["datasets"]) == 1 and found["checkpoints"] == []
     overlapped = sum("trains without checkpoints" in text for text in logs)
-    print(f"\none version kept (run {version.run_id}); trainers that found the other holding the checkpoints: "
-          f"{overlapped}")
+    print(
+        f"\none version kept (run {version.run_id}); trainers that found the other holding the checkpoints: "
+        f"{overlapped}"
+    )

@@ -23,19 +23,33 @@ STEPS, EVERY = 6, 3
 
 @pytest.fixture(scope="module", autouse=True)
 def mount_namespaces_work():
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            "mount -t tmpfs -o size=8k tmpfs /mnt && echo ok"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=8k tmpfs /mnt && echo ok",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert probe.stdout.strip() == "ok", (
         "these tests need `unshare` with user and mount namespaces (util-linux; kernel.unprivileged_userns_clone=1 "
-        f"or root): {probe.stderr.strip()}")
+        f"or root): {probe.stderr.strip()}"
+    )
 
 
 def run_on_small_disk(command, folder, size, tmp_path, name):
     """`command` with a `size` tmpfs mounted over `folder`, in its own mount namespace; returns the exit
     code, the output and what the folder held afterwards (the tmpfs vanishes with the namespace)."""
     listing = tmp_path / f"{name}.listing"
-    script = (f'dir="$1"; shift; mkdir -p "$dir" && mount -t tmpfs -o size={size} tmpfs "$dir" || exit 99; '
-              f'"$@"; rc=$?; (cd "$dir" && find . -mindepth 1 | sort) > {shlex.quote(str(listing))}; exit $rc')
+    script = (
+        f'dir="$1"; shift; mkdir -p "$dir" && mount -t tmpfs -o size={size} tmpfs "$dir" || exit 99; '
+        f'"$@"; rc=$?; (cd "$dir" && find . -mindepth 1 | sort) > {shlex.quote(str(listing))}; exit $rc'
+    )
     wrapped = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(folder), *command]
     code = run_flow(wrapped, tmp_path / f"{name}.log")
     return code, (tmp_path / f"{name}.log").read_text(), listing.read_text().split()

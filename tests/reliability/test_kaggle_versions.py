@@ -30,8 +30,13 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
 
     # Upstream publishes version 2: the sample plus 12 more sport articles (new urls, new texts; the
     # demo profile fine-tunes on sport).
-    extra = (lenta_csv(rows=12).decode().split("\n", 1)[1].replace("Текст новости номер", "Другой текст номер")
-             .replace(",Россия,", ",Спорт,"))
+    extra = (
+        lenta_csv(rows=12)
+        .decode()
+        .split("\n", 1)[1]
+        .replace("Текст новости номер", "Другой текст номер")
+        .replace(",Россия,", ",Спорт,")
+    )
     fake_kaggle.publish(SAMPLE_CSV.read_bytes() + extra.encode())
     moved = finetune(config=config)
     assert fake_kaggle.downloaded_versions == [1, 2] and not moved["up_to_date"]
@@ -40,11 +45,14 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
     assert client.get_run(moved["run_id"]).data.params["data.kaggle_version"] == "2"
     # Judged on the benchmark its model got from version 1, not on its own test split.
     assert moved["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]
-    assert client.get_model_version("test-adapter", "2").tags["benchmark_fingerprint"] == first["benchmark"]["fingerprint"]
+    assert (
+        client.get_model_version("test-adapter", "2").tags["benchmark_fingerprint"] == first["benchmark"]["fingerprint"]
+    )
 
 
-def test_missing_credentials_fail_at_once_without_task_retries(prefect_server, fake_kaggle, tracking_uri, tmp_path,
-                                                               monkeypatch):
+def test_missing_credentials_fail_at_once_without_task_retries(
+    prefect_server, fake_kaggle, tracking_uri, tmp_path, monkeypatch
+):
     """A retry cannot conjure credentials: the acquire task runs once, not three times over 35 s."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -58,10 +66,12 @@ def test_missing_credentials_fail_at_once_without_task_retries(prefect_server, f
     with pytest.raises(KaggleError, match="no Kaggle credentials found"):
         finetune(config=config)
     [run] = MlflowClient(tracking_uri).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()])
+        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]
+    )
     assert run.info.status == "FAILED"
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[run.data.tags["prefect.flow_run_id"]])))
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.data.tags["prefect.flow_run_id"]]))
+        )
     [acquire] = [t for t in tasks if t.name.startswith("acquire_corpus")]
     assert acquire.state_type.value == "FAILED" and acquire.run_count == 1

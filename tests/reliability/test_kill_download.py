@@ -24,16 +24,18 @@ from tests.support.harness import all_runs, flow_command, run_flow
 pytestmark = pytest.mark.slow
 
 
-def test_killed_mid_download_leaves_nothing_published_and_a_rerun_downloads_again(prefect_server, fake_kaggle,
-                                                                                   tracking_uri, tmp_path):
+def test_killed_mid_download_leaves_nothing_published_and_a_rerun_downloads_again(
+    prefect_server, fake_kaggle, tracking_uri, tmp_path
+):
     from flows.finetune import finetune
 
     fake_kaggle.default, fake_kaggle.slow_s = "slow", 30.0  # 10 pieces, 3 s apart
     cache = tmp_path / "cache"
     command = flow_command(cache, **{"data.source": "kaggle"})
     with (tmp_path / "first.log").open("w") as out:
-        first = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            command, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             assert fake_kaggle.file_started.wait(timeout=300), "the flow never started downloading"
             deadline = time.monotonic() + 60  # the client opens its part file as the body starts
@@ -59,7 +61,14 @@ def test_killed_mid_download_leaves_nothing_published_and_a_rerun_downloads_agai
     old, new = all_runs(client)
     assert old.info.status == "FAILED" and new.info.status == "FINISHED"
 
-    reference = finetune(config=load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "reference-cache"), **{
-        "data.source": "kaggle", "tracking.uri": f"sqlite:///{tmp_path / 'reference.db'}"})))
+    reference = finetune(
+        config=load_config(
+            DEFAULT_PROFILE,
+            tiny_overrides(
+                str(tmp_path / "reference-cache"),
+                **{"data.source": "kaggle", "tracking.uri": f"sqlite:///{tmp_path / 'reference.db'}"},
+            ),
+        )
+    )
     assert new.data.params["dataset.fingerprint"] == reference["dataset_fingerprint"]
     assert new.data.metrics["train_steps"] == reference["train"]["steps"]

@@ -15,18 +15,30 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lib.config import load_config
 from flows.cli import DEFAULT_PROFILE
+from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.support.harness import (all_runs, assert_cache_consistent, assert_versions_have_their_files,
-                                       flow_command, run_flow)
+from tests.support.harness import (
+    all_runs,
+    assert_cache_consistent,
+    assert_versions_have_their_files,
+    flow_command,
+    run_flow,
+)
 
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 8, 5  # checkpoints after steps 5 and 8
 SETTINGS = {"train.max_steps": STEPS, "train.checkpoint_every": EVERY}
-CHAIN = ["prepare.before-publish", "train.step-2", "train.step-7", "evaluate.after-scoring",
-         "register.after-artifacts", "register.after-version", "register.after-champion"]
+CHAIN = [
+    "prepare.before-publish",
+    "train.step-2",
+    "train.step-7",
+    "evaluate.after-scoring",
+    "register.after-artifacts",
+    "register.after-version",
+    "register.after-champion",
+]
 
 
 @pytest.fixture
@@ -35,11 +47,15 @@ def uninterrupted(prefect_server, tmp_path):
     from flows.finetune import finetune
 
     uri = f"sqlite:///{tmp_path / 'reference' / 'mlflow.db'}"
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "reference-cache"),
-                                                         **SETTINGS, **{"tracking.uri": uri}))
+    config = load_config(
+        DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "reference-cache"), **SETTINGS, **{"tracking.uri": uri})
+    )
     summary = finetune(config=config)
-    return {"fingerprint": summary["dataset_fingerprint"], "steps": summary["train"]["steps"],
-            "test_perplexity": summary["metrics"]["test_perplexity"]}
+    return {
+        "fingerprint": summary["dataset_fingerprint"],
+        "steps": summary["train"]["steps"],
+        "test_perplexity": summary["metrics"]["test_perplexity"],
+    }
 
 
 def check_after_kill(point: str, cache, client: MlflowClient, killed) -> None:
@@ -59,8 +75,9 @@ def check_after_kill(point: str, cache, client: MlflowClient, killed) -> None:
     if point in ("evaluate.after-scoring", "register.after-artifacts"):
         assert steps[-1] == STEPS and mine == []  # trained to the end; nothing registered
     if point == "register.after-artifacts":
-        [logged] = client.search_logged_models([killed.info.experiment_id],
-                                               filter_string=f"source_run_id = '{killed.info.run_id}'")
+        [logged] = client.search_logged_models(
+            [killed.info.experiment_id], filter_string=f"source_run_id = '{killed.info.run_id}'"
+        )
         assert (Path(logged.artifact_location.removeprefix("file://")) / "MLmodel").is_file()
     if point in ("register.after-version", "register.after-champion"):
         assert len(mine) == 1  # a version of a dead run: the next run must retract it
@@ -68,8 +85,9 @@ def check_after_kill(point: str, cache, client: MlflowClient, killed) -> None:
         assert client.get_model_version_by_alias("test-adapter", "champion").run_id == killed.info.run_id
 
 
-def test_a_kill_at_every_stage_then_a_clean_run_gives_the_uninterrupted_result(prefect_server, tracking_uri,
-                                                                                  uninterrupted, tmp_path):
+def test_a_kill_at_every_stage_then_a_clean_run_gives_the_uninterrupted_result(
+    prefect_server, tracking_uri, uninterrupted, tmp_path
+):
     cache = tmp_path / "cache"
     command, client = flow_command(cache, **SETTINGS), MlflowClient(tracking_uri, tracking_uri)
     killed_runs = []
@@ -101,7 +119,9 @@ def test_a_kill_at_every_stage_then_a_clean_run_gives_the_uninterrupted_result(p
     fingerprint = final.data.params["dataset.fingerprint"]
     steps = int(final.data.metrics["train_steps"])
     perplexity = final.data.metrics["test_perplexity"]
-    print(f"fingerprint {fingerprint[:12]} vs {uninterrupted['fingerprint'][:12]}; steps {steps} vs "
-          f"{uninterrupted['steps']}; test perplexity {perplexity:.6f} vs {uninterrupted['test_perplexity']:.6f}")
+    print(
+        f"fingerprint {fingerprint[:12]} vs {uninterrupted['fingerprint'][:12]}; steps {steps} vs "
+        f"{uninterrupted['steps']}; test perplexity {perplexity:.6f} vs {uninterrupted['test_perplexity']:.6f}"
+    )
     assert fingerprint == uninterrupted["fingerprint"] and steps == uninterrupted["steps"] == STEPS
     assert perplexity == pytest.approx(uninterrupted["test_perplexity"], rel=1e-4)

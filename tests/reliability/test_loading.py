@@ -35,10 +35,20 @@ def test_code_shipped_with_a_model_runs_only_when_the_profile_allows_it(tmp_path
     folder.mkdir()
     marker = tmp_path / "CODE_RAN"  # transformers imports a copy of the code from its modules cache
     (folder / "configuration_evil.py").write_text(EVIL_CONFIG.replace("MARKER", repr(str(marker))))
-    (folder / "config.json").write_text(json.dumps({"model_type": "evil-neo", "auto_map": {
-        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "configuration_evil.EvilConfig"}}))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {
-        "AutoTokenizer": ["configuration_evil.EvilConfig", None]}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil-neo",
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "configuration_evil.EvilConfig",
+                },
+            }
+        )
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["configuration_evil.EvilConfig", None]}})
+    )
     for load in (load_base_model, load_tokenizer):
         with pytest.raises(ValueError, match="trust_remote_code"):
             load(str(folder), ModelConfig(name=str(folder), precision="fp32"))
@@ -51,8 +61,14 @@ def test_code_shipped_with_a_model_runs_only_when_the_profile_allows_it(tmp_path
 
 
 def test_pickled_base_weights_are_refused_unless_the_profile_allows_them(tmp_path):
-    config = GPTNeoConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]],
-                          max_position_embeddings=32)
+    config = GPTNeoConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        attention_types=[[["global"], 1]],
+        max_position_embeddings=32,
+    )
     config.save_pretrained(tmp_path / "pickled")  # transformers 5 writes only safetensors: pickle by hand
     torch.save(GPTNeoForCausalLM(config).state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):

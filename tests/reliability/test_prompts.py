@@ -18,9 +18,25 @@ pytestmark = pytest.mark.slow
 
 def generate(registered, prompt: bytes) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable.encode(), b"-m", b"flows.cli", b"generate", b"--model", NAME.encode(),
-                           b"--version", b"1", b"--max-new-tokens", b"4", prompt], cwd=ROOT, capture_output=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable.encode(),
+            b"-m",
+            b"flows.cli",
+            b"generate",
+            b"--model",
+            NAME.encode(),
+            b"--version",
+            b"1",
+            b"--max-new-tokens",
+            b"4",
+            prompt,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_prompt_bytes_that_are_not_utf8_are_replaced(registered):

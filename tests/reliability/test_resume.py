@@ -38,15 +38,25 @@ def test_killed_flow_resumes_from_its_last_checkpoint(prefect_server, tracking_u
     from prefect.settings import PREFECT_API_URL
 
     cache = tmp_path / "cache"  # its own cache: the only checkpoints under it are this test's
-    command = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/demo.yaml",
-               *(f"--set={o}" for o in tiny_overrides(str(cache), **{"train.max_steps": STEPS,
-                                                                      "train.checkpoint_every": EVERY}))]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--config",
+        "configs/demo.yaml",
+        *(
+            f"--set={o}"
+            for o in tiny_overrides(str(cache), **{"train.max_steps": STEPS, "train.checkpoint_every": EVERY})
+        ),
+    ]
     # The session's Prefect server (not a temporary one per child); one thread: the 0.1M-parameter
     # model is ~10x faster so on a shared 2-core machine, and the kill window stays seconds wide.
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
     log_first = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_first, stderr=subprocess.STDOUT,
-                             start_new_session=True)  # its own process group: the kill takes its children too
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True
+    )  # its own process group: the kill takes its children too
     try:
         folder = wait_for_checkpoint(first, cache, timeout=300)
     finally:
@@ -75,7 +85,7 @@ def test_killed_flow_resumes_from_its_last_checkpoint(prefect_server, tracking_u
     new_steps = [m.step for m in client.get_metric_history(new.info.run_id, "train_loss")]
     old_steps = [m.step for m in client.get_metric_history(found.run_id, "train_loss")]
     assert new_steps == list(range(found.step + 1, STEPS + 1))
-    assert old_steps[:found.step] == list(range(1, found.step + 1))
+    assert old_steps[: found.step] == list(range(1, found.step + 1))
 
     old = client.get_run(found.run_id)
     assert old.info.status == "KILLED" and old.data.tags["resumed_in_run"] == new.info.run_id

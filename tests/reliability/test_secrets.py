@@ -31,12 +31,16 @@ def flow_logs(flow_run_id: str) -> list[str]:
     return asyncio.run(read())
 
 
-def test_kaggle_source_downloads_once_and_never_stores_the_key(prefect_server, fake_kaggle, tracking_uri, tmp_path, capfd):
+def test_kaggle_source_downloads_once_and_never_stores_the_key(
+    prefect_server, fake_kaggle, tracking_uri, tmp_path, capfd
+):
     from flows.finetune import finetune
 
     config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{"data.source": "kaggle"}))
     first = finetune(config=config)
-    second = finetune(config=config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": 0.001})}))
+    second = finetune(
+        config=config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": 0.001})})
+    )
     assert fake_kaggle.file_requests == 1  # the second run used the verified cache
     assert first["dataset_fingerprint"] == second["dataset_fingerprint"]
 
@@ -45,8 +49,11 @@ def test_kaggle_source_downloads_once_and_never_stores_the_key(prefect_server, f
     for summary in (first, second):
         run = client.get_run(summary["run_id"])
         haystack += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
-        local = Path(mlflow.artifacts.download_artifacts(run_id=summary["run_id"], dst_path=str(tmp_path / summary["run_id"]),
-                                                         tracking_uri=tracking_uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=summary["run_id"], dst_path=str(tmp_path / summary["run_id"]), tracking_uri=tracking_uri
+            )
+        )
         haystack += [p.read_bytes().decode("utf-8", "replace") for p in local.rglob("*") if p.is_file()]
         haystack += flow_logs(run.data.tags["prefect.flow_run_id"])
         version = client.get_model_version(summary["model"]["name"], str(summary["model"]["version"]))
@@ -69,8 +76,13 @@ def test_credentials_from_a_prefect_secret_block(prefect_server, fake_kaggle, tr
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     Secret(value=json.dumps({"username": "alice", "key": SECRET})).save("kaggle-test-creds", overwrite=True)
-    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **{
-        "data.source": "kaggle", "data.kaggle_secret_block": "kaggle-test-creds", "train.max_steps": 1}))
+    config = load_config(
+        DEFAULT_PROFILE,
+        tiny_overrides(
+            str(tmp_path / "cache"),
+            **{"data.source": "kaggle", "data.kaggle_secret_block": "kaggle-test-creds", "train.max_steps": 1},
+        ),
+    )
     summary = finetune(config=config)
     assert fake_kaggle.file_requests == 1
     run = MlflowClient(tracking_uri).get_run(summary["run_id"])

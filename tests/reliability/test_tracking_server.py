@@ -26,8 +26,11 @@ STEPS, EVERY = 40, 10
 
 def test_dead_tracking_server_fails_fast_naming_the_uri():
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    for call in (lambda: loading.load_registered(uri, "models:/m/1"), lambda: registry.list_versions(uri),
-                 lambda: tracking.start_run(uri, "e", "r", {}, {}, "")):
+    for call in (
+        lambda: loading.load_registered(uri, "models:/m/1"),
+        lambda: registry.list_versions(uri),
+        lambda: tracking.start_run(uri, "e", "r", {}, {}, ""),
+    ):
         started = time.monotonic()
         with pytest.raises(ConnectionError, match=rf"MLflow tracking server {uri} is not reachable"):
             call()
@@ -78,8 +81,9 @@ def test_server_lost_mid_training_keeps_the_steps_and_a_rerun_finishes(prefect_s
     env = child_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")  # bounded either way; 1 keeps the test short
     with running_mlflow_server(root, port=port) as server:
         with (tmp_path / "first.log").open("w") as out:
-            first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+            first = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
             folder = wait_for_checkpoint(first, cache, timeout=300)
             stop(server)  # the server goes away while the flow trains
             lost_at = checkpoint.latest(folder).step

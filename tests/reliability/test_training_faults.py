@@ -32,8 +32,9 @@ def tiny(cache: str, **extra):
 @pytest.fixture(scope="module")
 def prepared(shared_cache) -> str:
     config = tiny(shared_cache)
-    info = dataset.prepare_dataset(dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length,
-                                   f"{shared_cache}/datasets")
+    info = dataset.prepare_dataset(
+        dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
+    )
     return info["path"]
 
 
@@ -49,8 +50,9 @@ def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_c
     assert run.info.status == "FAILED"
     assert client.search_model_versions("name='nan'") == []
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
-    assert not list(client.search_logged_models([run.info.experiment_id],
-                                                filter_string=f"source_run_id = '{run.info.run_id}'"))
+    assert not list(
+        client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    )
 
 
 # The child maps everything it needs first (one training step at a small batch), then caps its
@@ -76,9 +78,14 @@ except training.OutOfMemory as error:
 
 
 def test_cpu_out_of_memory_is_one_actionable_error(prepared, shared_cache):
-    done = subprocess.run([sys.executable, "-c", OOM_CHILD, shared_cache, prepared], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                                       "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", OOM_CHILD, shared_cache, prepared],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("OOM ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
     message = lines[0]
@@ -93,8 +100,13 @@ def test_gpu_out_of_memory_gets_the_same_advice(prepared, shared_cache, monkeypa
 
     def load_and_fail(path, model_cfg):  # the real model, whose forward then fails the way CUDA does
         model = real_loader(path, model_cfg)
-        model.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError(
-            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB")))
+        model.register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(
+                torch.OutOfMemoryError(
+                    "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB"
+                )
+            )
+        )
         return model
 
     monkeypatch.setattr(training, "load_base_model", load_and_fail)

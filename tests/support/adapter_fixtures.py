@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 NAME = "registry-test"
 PROMPT = "Учёные нашли новый вид бабочек в горах Алтая"
 # How these tests register: the default champion metric, on a benchmark named by a made-up fingerprint.
-CHAMPION_POLICY = {"champion_metric": "benchmark_bits_per_byte", "benchmark_fingerprint": "f" * 64,
-                   "min_improvement": 0.002}
+CHAMPION_POLICY = {
+    "champion_metric": "benchmark_bits_per_byte",
+    "benchmark_fingerprint": "f" * 64,
+    "min_improvement": 0.002,
+}
 
 
 def git_commit() -> str:
@@ -39,8 +42,13 @@ def trained(shared_cache, tmp_path_factory):
     from lib.config import load_config
 
     config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))
-    info = dataset.prepare_dataset(dataset.corpus_path(config.data), config.data, config.model,
-                                   config.train.max_length, f"{config.data.cache_dir}/datasets")
+    info = dataset.prepare_dataset(
+        dataset.corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
+    )
     model, tokenizer, _ = training.train_model(info["path"], config)
     assert not model.training  # eval mode: LoRA dropout off, so logits are deterministic
     out = tmp_path_factory.mktemp("trained")
@@ -62,18 +70,30 @@ def registered(trained, tmp_path_factory):
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     config, info = trained["config"], trained["info"]
-    tags = {"base_model": config.model.name, "dataset_fingerprint": info["fingerprint"], "git_commit": git_commit(),
-            "prefect.flow_run_id": str(uuid4())}
+    tags = {
+        "base_model": config.model.name,
+        "dataset_fingerprint": info["fingerprint"],
+        "git_commit": git_commit(),
+        "prefect.flow_run_id": str(uuid4()),
+    }
     run_id = tracking.start_run(uri, "registry-test", "registry", {"lora.r": config.lora.r}, tags, "{}\n")
     metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5, "benchmark_bits_per_byte": 3.25}
     base = describe_base(info["base"], config.model)
-    result = registry.register_adapter(uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags,
-                                       metrics, **CHAMPION_POLICY)
+    result = registry.register_adapter(
+        uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics, **CHAMPION_POLICY
+    )
     tracking.finish_run(uri, run_id)
     client = MlflowClient(uri, uri)
     model_dir = Path(urlparse(client.get_model_version_download_uri(NAME, "1")).path)
-    return {**result, "tracking_uri": uri, "run_id": run_id, "tags": tags, "base": base, "model_dir": model_dir,
-            "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics)}
+    return {
+        **result,
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "tags": tags,
+        "base": base,
+        "model_dir": model_dir,
+        "register_args": (uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics),
+    }
 
 
 def flip_last_byte(path: Path) -> bytes:

@@ -9,8 +9,15 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository
 FAULT_VARIABLE = "LENTA_LORA_FAULT"  # lib/faults.py
 
 
-def child_env(fault: str | None = None, *, tracking_uri: str | None = None, pythonpath: bool = False,
-              prefect_home: Path | None = None, prefect_api: str | None = None, **extra: str) -> dict[str, str]:
+def child_env(
+    fault: str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    pythonpath: bool = False,
+    prefect_home: Path | None = None,
+    prefect_api: str | None = None,
+    **extra: str,
+) -> dict[str, str]:
     """This process's environment for a child, with:
 
     - Prefect: by default the session's test server (`PREFECT_API_URL`, see the `prefect_server`
@@ -28,19 +35,21 @@ def child_env(fault: str | None = None, *, tracking_uri: str | None = None, pyth
         if prefect_api is None:
             raise ValueError("a standalone Prefect server's children need its API URL (prefect_api)")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MLFLOW_TRACKING_URI"}
-        env.update({
-            "PREFECT_HOME": str(prefect_home),
-            "PREFECT_API_URL": prefect_api,
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # telemetry logs a traceback offline
-            "DO_NOT_TRACK": "1",
-            "PREFECT_CLI_PROMPT": "false",
-            "PREFECT_SERVER_UI_ENABLED": "false",  # nobody looks at it; saves startup time
-            "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10 s between polls: runs start sooner
-            "PREFECT_LOGGING_EXTRA_LOGGERS": "lenta_lora",
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-        })
+        env.update(
+            {
+                "PREFECT_HOME": str(prefect_home),
+                "PREFECT_API_URL": prefect_api,
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # telemetry logs a traceback offline
+                "DO_NOT_TRACK": "1",
+                "PREFECT_CLI_PROMPT": "false",
+                "PREFECT_SERVER_UI_ENABLED": "false",  # nobody looks at it; saves startup time
+                "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10 s between polls: runs start sooner
+                "PREFECT_LOGGING_EXTRA_LOGGERS": "lenta_lora",
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+            }
+        )
     else:
         if prefect_api is None:
             from prefect.settings import PREFECT_API_URL

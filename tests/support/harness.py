@@ -15,15 +15,29 @@ from tests.support.env import ROOT, child_env
 
 
 def flow_command(cache: str | Path, **extra) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", "--config", "configs/demo.yaml",
-            *(f"--set={o}" for o in tiny_overrides(str(cache), **extra))]
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--config",
+        "configs/demo.yaml",
+        *(f"--set={o}" for o in tiny_overrides(str(cache), **extra)),
+    ]
 
 
 def run_flow(command: list[str], log: Path, fault: str | None = None, timeout: float = 600, **env) -> int:
     """Run the flow to its end (or its death); its output goes to `log`. Returns the exit code."""
     with log.open("w") as out:
-        done = subprocess.run(command, cwd=ROOT, env=child_env(fault, **env), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=timeout, start_new_session=True)
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=child_env(fault, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            start_new_session=True,
+        )
     return done.returncode
 
 

@@ -27,6 +27,7 @@ Each ``DownloadDataset`` call takes the next behaviour from ``script`` (then ``d
   error503   HTTP 503 from the API itself
   storage503 HTTP 503 from the storage URL (whose query string holds a fake signature)
 """
+
 from __future__ import annotations
 
 import base64
@@ -51,8 +52,14 @@ def lenta_csv(rows: int = 3, index_column: bool = False) -> bytes:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(([""] if index_column else []) + LENTA_HEADER)
     for i in range(rows):
-        row = [f"https://lenta.ru/news/{i}", f"Заголовок {i}", f"Текст новости номер {i}.",
-               "Россия", "Общество", "2019/12/14"]
+        row = [
+            f"https://lenta.ru/news/{i}",
+            f"Заголовок {i}",
+            f"Текст новости номер {i}.",
+            "Россия",
+            "Общество",
+            "2019/12/14",
+        ]
         writer.writerow(([str(i)] if index_column else []) + row)
     return buf.getvalue().encode("utf-8")
 
@@ -65,10 +72,18 @@ def zip_bytes(name: str, data: bytes, compression: int = zipfile.ZIP_DEFLATED) -
 
 
 class FakeKaggle:
-    def __init__(self, *, dataset: str = "yutkin/corpus-of-russian-news-articles-from-lenta",
-                 file_name: str = "lenta-ru-news.csv", csv_bytes: bytes | None = None,
-                 zipped: bool = True, username: str = "alice", key: str = "k3y-s3cret-abc",
-                 token: str | None = None, refresh_token: str | None = None):
+    def __init__(
+        self,
+        *,
+        dataset: str = "yutkin/corpus-of-russian-news-articles-from-lenta",
+        file_name: str = "lenta-ru-news.csv",
+        csv_bytes: bytes | None = None,
+        zipped: bool = True,
+        username: str = "alice",
+        key: str = "k3y-s3cret-abc",
+        token: str | None = None,
+        refresh_token: str | None = None,
+    ):
         self.dataset, self.file_name, self.zipped = dataset, file_name, zipped
         self.versions = {1: csv_bytes if csv_bytes is not None else lenta_csv()}  # number -> that version's CSV
         self.version_calls = 0
@@ -122,8 +137,13 @@ class FakeKaggle:
     def env(self) -> dict[str, str]:
         """Environment that points the official client at this server."""
         proxy = f"http://127.0.0.1:{self.port}"
-        return {"KAGGLE_API_ENVIRONMENT": "TEST", "http_proxy": proxy, "HTTP_PROXY": proxy,
-                "no_proxy": "", "NO_PROXY": ""}
+        return {
+            "KAGGLE_API_ENVIRONMENT": "TEST",
+            "http_proxy": proxy,
+            "HTTP_PROXY": proxy,
+            "no_proxy": "",
+            "NO_PROXY": "",
+        }
 
     def start(self) -> "FakeKaggle":
         self._thread.start()
@@ -182,8 +202,10 @@ def _make_handler(server: FakeKaggle):
             if behaviour == "error503":
                 return self._json(503, {"code": 503, "message": "Service Unavailable"})
             self.send_response(302)
-            self.send_header("Location", f"http://{STORAGE_HOST}/files/{behaviour}/{version}/"
-                             f"{server.served_name}?X-Goog-Signature={SIGNATURE}")
+            self.send_header(
+                "Location",
+                f"http://{STORAGE_HOST}/files/{behaviour}/{version}/{server.served_name}?X-Goog-Signature={SIGNATURE}",
+            )
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -231,7 +253,7 @@ def _make_handler(server: FakeKaggle):
                     time.sleep(server.stall_s)
                 if behaviour == "slow":
                     for i in range(10):
-                        self.wfile.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
+                        self.wfile.write(data[i * len(data) // 10 : (i + 1) * len(data) // 10])
                         self.wfile.flush()
                         time.sleep(server.slow_s / 10)
                     return

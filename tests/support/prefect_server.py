@@ -34,8 +34,15 @@ PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))  # the CLI of the i
 def start_process(args: list[str], env: dict[str, str], log_path: Path, cwd: str | Path) -> subprocess.Popen:
     log = open(log_path, "ab")  # the child keeps its copy of the descriptor; ours closes now
     try:
-        return subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     finally:
         log.close()
 
@@ -81,11 +88,20 @@ class PrefectServer:
 
     def cli(self, *args: str, cwd: str | Path, timeout_s: float = 180) -> subprocess.CompletedProcess:
         """Run `prefect ARGS` against this server; a failure raises with the command's output."""
-        result = subprocess.run([PREFECT_CLI, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
-                                timeout=timeout_s, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [PREFECT_CLI, *args],
+            env=self.env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode != 0:
-            raise RuntimeError(f"`prefect {' '.join(args)}` exited {result.returncode}:\n"
-                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise RuntimeError(
+                f"`prefect {' '.join(args)}` exited {result.returncode}:\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     @contextmanager
@@ -114,8 +130,9 @@ def api(url: str, path: str, method: str = "GET", body=None, attempts: int = 6):
     """
     data = None if body is None else json.dumps(body).encode()
     for attempt in range(attempts):
-        request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 raw = response.read()
@@ -123,7 +140,7 @@ def api(url: str, path: str, method: str = "GET", body=None, attempts: int = 6):
         except urllib.error.HTTPError as error:
             if error.code not in RETRYABLE_STATUS or attempt == attempts - 1:
                 raise
-            time.sleep(min(2 ** attempt, 10))
+            time.sleep(min(2**attempt, 10))
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
@@ -142,8 +159,9 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: floa
 
 
 @contextmanager
-def prefect_server(home: Path, startup_timeout_s: float = 120,
-                   extra_env: dict[str, str] | None = None) -> Iterator[PrefectServer]:
+def prefect_server(
+    home: Path, startup_timeout_s: float = 120, extra_env: dict[str, str] | None = None
+) -> Iterator[PrefectServer]:
     """`prefect server start` on 127.0.0.1:<free port> with PREFECT_HOME=`home` (a fresh folder);
     `extra_env` (say, a faster scheduler loop) goes to the server, the CLI calls and the workers."""
     home.mkdir(parents=True, exist_ok=True)
@@ -151,8 +169,12 @@ def prefect_server(home: Path, startup_timeout_s: float = 120,
     url = f"http://127.0.0.1:{port}/api"
     env = child_env(prefect_home=home, prefect_api=url, **(extra_env or {}))
     log = home / "server.log"
-    process = start_process([PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--no-ui", "--analytics-off"], env, log, home)
+    process = start_process(
+        [PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"],
+        env,
+        log,
+        home,
+    )
     try:
         wait_healthy(url, process, log, startup_timeout_s)
         yield PrefectServer(url=url, home=home, env=env, log=log)

@@ -14,8 +14,10 @@ def tiny(cache: str, **extra):
     from flows.cli import DEFAULT_PROFILE
     from lib.config import load_config
 
-    return load_config(DEFAULT_PROFILE, tiny_overrides(cache, **{
-        "lora.dropout": 0.0, "train.eval_every": "null", "train.warmup_steps": 0, **extra}))
+    return load_config(
+        DEFAULT_PROFILE,
+        tiny_overrides(cache, **{"lora.dropout": 0.0, "train.eval_every": "null", "train.warmup_steps": 0, **extra}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,9 @@ def prepared(shared_cache) -> str:
     from lib import dataset
 
     config = tiny(shared_cache)
-    info = dataset.prepare_dataset(dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length,
-                                   f"{shared_cache}/datasets")
+    info = dataset.prepare_dataset(
+        dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
+    )
     return info["path"]
 
 

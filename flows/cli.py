@@ -19,6 +19,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from flows import errors
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROFILE = PROJECT_ROOT / "configs" / "demo.yaml"
 
@@ -335,62 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says what to fix: one line, exit 2, no traceback (unless --debug)."""
-    from lib.adapter_pyfunc import ArtifactIntegrityError
-    from lib.checkpoint import CheckpointError, StorageError
-    from lib.config import ConfigError
-    from lib.corpus import CorpusError
-    from lib.export import ExportError
-    from lib.kaggle_source import KaggleError
-    from lib.training import OutOfMemory, TrainingDiverged
-
-    return (
-        ConfigError,
-        CorpusError,
-        KaggleError,
-        TrainingDiverged,
-        OutOfMemory,
-        CheckpointError,
-        StorageError,
-        ArtifactIntegrityError,
-        LookupError,
-        FileNotFoundError,
-        ConnectionError,
-        ExportError,
-    )
-
-
-class _NoUserErrorTracebacks(logging.Filter):
-    """On the terminal's handlers only: Prefect logs every task and flow failure with its traceback;
-    for a user error the one line below says it all. Prefect's API keeps the traceback (its handler
-    sees the record first: it sits on the run loggers, the terminal's on their parents)."""
-
-    def __init__(self, user_errors: tuple[type[BaseException], ...]):
-        super().__init__()
-        self.user_errors = user_errors
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], self.user_errors):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _hide_user_error_tracebacks(user_errors: tuple[type[BaseException], ...]) -> None:
-    import prefect  # noqa: F401 - configures Prefect's logging, whose handlers get the filter
-
-    quiet = _NoUserErrorTracebacks(user_errors)
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if (
-                isinstance(handler, logging.StreamHandler)
-                and "API" not in type(handler).__name__
-                and not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters)
-            ):
-                handler.addFilter(quiet)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_environment()
@@ -400,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "bitsandbytes"):  # per-request lines; an optional-kernel notice on CPU
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    user_errors = _user_errors()
+    user_errors = errors.user_errors()
     if not args.debug:
-        _hide_user_error_tracebacks(user_errors)
+        errors.hide_user_error_tracebacks(user_errors)
     try:
         return args.func(args)
     except user_errors as error:

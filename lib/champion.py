@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from lib.benchmark import FILE_NAME, Benchmark, read_benchmark, write_benchmark
+from lib.store import alias_version, all_versions, ensure_registered_model, not_found
 from lib.store import client as _client
 from lib.tracking import experiment_id, log_dataset_input
 
@@ -49,7 +50,7 @@ def model_benchmark(uri: str, name: str) -> dict | None:
     try:
         tags = _client(uri).get_registered_model(name).tags
     except MlflowException as error:
-        if _not_found(error):
+        if not_found(error):
             return None
         raise
     found = {key: tags[f"benchmark.{key}"] for key in MODEL_TAGS if f"benchmark.{key}" in tags}
@@ -86,7 +87,7 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     so the benchmark outlives any training run and is browsable in the UI.
     """
     client = _client(uri)
-    _ensure_registered_model(client, name)
+    ensure_registered_model(client, name)
     existing = model_benchmark(uri, name)
     if existing:
         return _as_stored(existing, benchmark)
@@ -185,7 +186,7 @@ def unscored_holder(uri: str, name: str, fingerprint: str, metric: str) -> str |
     """The version holding `champion` if it has no `metric` on this benchmark (registered before
     benchmarks existed, or on an older one): it must be scored before anything is compared with it."""
     client = _client(uri)
-    holder = _alias_version(client, name)
+    holder = alias_version(client, name, CHAMPION)
     if holder is None:
         return None
     version = client.get_model_version(name, holder)
@@ -210,7 +211,7 @@ def _scored_versions(client, name: str, metric: str, fingerprint: str) -> dict[s
     """Version -> its `metric` on benchmark `fingerprint`, for every eligible version that has one."""
     return {
         str(v.version): value
-        for v in _all_versions(client, name)
+        for v in all_versions(client, name)
         if v.tags.get(ELIGIBLE_TAG, "").lower() != "false" and (value := score_of(v, metric, fingerprint)) is not None
     }
 
@@ -246,11 +247,11 @@ def update_champion(
     from mlflow.exceptions import MlflowException
 
     version = str(version)
-    previous = _alias_version(client, name)
+    previous = alias_version(client, name, CHAMPION)
     holder, writes, failed, scored = previous, 0, None, {}
     for attempt in range(10):  # each round follows another registrant's write; 10 is far more than a few racers
         scored = _scored_versions(client, name, metric, fingerprint)
-        holder = _alias_version(client, name)
+        holder = alias_version(client, name, CHAMPION)
         if not scored:
             break
         best = _best(scored)
@@ -328,7 +329,7 @@ def promote(uri: str, name: str, version: int, metric: str, min_improvement: flo
     if meta is None:
         raise LookupError(f"model {name!r} has no benchmark yet (it is fixed when a run registers its first version)")
     target = client.get_model_version(name, str(version))
-    holder = _alias_version(client, name)
+    holder = alias_version(client, name, CHAMPION)
     value = score_of(target, metric, meta["fingerprint"])
     held = score_of(client.get_model_version(name, holder), metric, meta["fingerprint"]) if holder else None
     if value is None and not force:
@@ -355,51 +356,6 @@ def promote(uri: str, name: str, version: int, metric: str, min_improvement: flo
     }
     client.set_model_version_tag(name, str(version), "champion_decision", json.dumps({**report, "by": "promote"}))
     return report
-
-
-# --- MLflow helpers shared with lib/registry.py ----------------------------------------------
-
-
-def _alias_version(client, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException as error:
-        if _not_found(error):
-            return None
-        raise
-
-
-def _not_found(error) -> bool:  # INVALID_PARAMETER_VALUE: e.g. version "abc", or an alias never set
-    return getattr(error, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
-def _all_pages(search, *args) -> list:
-    """Every result of an MLflow search call, page after page (a page holds 100 by default)."""
-    found, token = [], None
-    while True:
-        page = search(*args, page_token=token)
-        found += list(page)
-        token = page.token
-        if not token:
-            return found
-
-
-def _all_versions(client, name: str, extra_filter: str = "") -> list:
-    """Every version of `name`, optionally narrowed by another filter clause."""
-    query = f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else "")
-    return _all_pages(client.search_model_versions, query)
-
-
-def _ensure_registered_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="LoRA adapters from lenta-lora")
-    except MlflowException as error:
-        if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":  # made by a concurrent run: fine
-            raise
 
 
 def _finite(value) -> bool:

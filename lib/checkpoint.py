@@ -253,3 +253,22 @@ def discard(directory: str | Path | None) -> bool:
         log.warning("checkpoints kept: %s", busy)
         return False
     return True
+
+
+@contextlib.contextmanager
+def held_folders(checkpoint_dir: str | Path | None, rank: int, world: int) -> Iterator[tuple]:
+    """(the folder to resume from, the folder to write to): rank 0 alone holds the lock and writes.
+
+    A single process whose twin (same dataset and config) is training right now gets (None, None) and
+    trains without checkpoints rather than failing: the twin's cover this work if either dies."""
+    if checkpoint_dir is None or rank != 0:
+        yield checkpoint_dir, None
+        return
+    with exclusive(checkpoint_dir, busy_ok=world == 1) as held:
+        if held is None:
+            log.warning(
+                "another live process is training with %s (same dataset and config): this run trains "
+                "without checkpoints",
+                checkpoint_dir,
+            )
+        yield (checkpoint_dir, checkpoint_dir) if held else (None, None)

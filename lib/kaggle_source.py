@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import requests
-from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+
+from lib.kaggle_auth import KaggleError, open_client, resolve_credentials
 
 log = logging.getLogger("lenta_lora.kaggle")
 
@@ -37,16 +38,6 @@ LENTA_COLUMNS = ("url", "title", "text", "topic", "tags", "date")
 _SLUG = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)/([A-Za-z0-9][A-Za-z0-9_.-]*)$")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _CHUNK = 1 << 20
-_USER_AGENT = "lenta-lora (kagglesdk)"
-_HOW_TO_AUTH = (
-    "set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN, or put kaggle.json in "
-    "$KAGGLE_CONFIG_DIR or ~/.kaggle, or run `kaggle auth login`; or set "
-    "data.source: csv with data.path to use a local CSV instead"
-)
-
-
-class KaggleError(RuntimeError):
-    """Acquisition failed. The message says what and what to do; it never holds a secret."""
 
 
 class _Retryable(Exception):
@@ -98,7 +89,7 @@ def download_kaggle_file(
             log.info("using cached %s (size and sha256 verified)", csv_path)
             return csv_path
         _discard_unverified(cache_dir, f".tmp-{owner}__{name}-", csv_path)
-        auth, source = _resolve_credentials(credentials, timeout_s)
+        auth, source = resolve_credentials(credentials, timeout_s)
         log.info("downloading %s from Kaggle dataset %s (credentials: %s)", file_name, dataset, source)
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{owner}__{name}-", dir=cache_dir))
         try:
@@ -202,95 +193,6 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     os.close(dir_fd)
 
 
-# --- credentials --------------------------------------------------------------------------
-
-
-def _resolve_credentials(explicit: dict[str, str] | None, timeout_s: float) -> tuple[dict, str]:
-    """Return (KaggleClient auth kwargs, where they came from), in the kaggle CLI 2.x order:
-    access token, then legacy username/key (env over kaggle.json), then `kaggle auth login`."""
-    from kagglesdk import KaggleCredentials, get_access_token_from_env
-
-    token, token_source = get_access_token_from_env()  # KAGGLE_API_TOKEN, ~/.kaggle/access_token
-    token_source = {"access_token": "~/.kaggle/access_token"}.get(token_source, token_source)
-    if explicit is not None:
-        if explicit.get("api_token"):
-            return {"api_token": explicit["api_token"]}, "explicit api_token"
-        if not (explicit.get("username") and explicit.get("key")):
-            raise KaggleError(f"credentials need 'username' and 'key' (or 'api_token'); got keys {sorted(explicit)}")
-        if token:  # kagglesdk always prefers a token it finds over a username/key it is given
-            raise KaggleError(
-                f"explicit username/key given but kagglesdk would use the token from {token_source}; "
-                "unset it or pass {'api_token': ...}"
-            )
-        return {"username": explicit["username"], "password": explicit["key"]}, "explicit username/key"
-    if token:
-        return {"api_token": token}, f"access token from {token_source}"
-    from_file, config_path = _read_kaggle_json()
-    username = os.environ.get("KAGGLE_USERNAME") or from_file.get("username")
-    key = os.environ.get("KAGGLE_KEY") or from_file.get("key")
-    if username and key:
-        source = "KAGGLE_USERNAME/KAGGLE_KEY" if os.environ.get("KAGGLE_KEY") else str(config_path)
-        return {"username": username, "password": key}, source
-    with _open_client({}, timeout_s) as client:
-        oauth = KaggleCredentials.load(client=client)  # ~/.kaggle/credentials.json, no network
-        if oauth is not None:
-            try:
-                return {"api_token": oauth.get_access_token()}, "~/.kaggle/credentials.json"
-            except requests.RequestException as exc:
-                raise KaggleError(
-                    f"refreshing the `kaggle auth login` token failed ({type(exc).__name__}); "
-                    "run `kaggle auth login` again"
-                ) from None
-    raise KaggleError(f"no Kaggle credentials found: {_HOW_TO_AUTH}")
-
-
-def _read_kaggle_json() -> tuple[dict, Path | None]:
-    # Same search as kaggle.KaggleApi: $KAGGLE_CONFIG_DIR, else ~/.kaggle, else XDG config.
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
-    config_dir = os.environ.get("KAGGLE_CONFIG_DIR")
-    for directory in [Path(config_dir)] if config_dir else [Path.home() / ".kaggle", xdg]:
-        path = directory / "kaggle.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            raise KaggleError(f"{path} is unreadable or not JSON; fix it or delete it") from None
-        return (data if isinstance(data, dict) else {}), path
-    return {}, None
-
-
-# --- download -----------------------------------------------------------------------------
-
-
-class _TimeoutAdapter(HTTPAdapter):
-    """kagglesdk sends without a timeout, so a stalled connection would hang forever."""
-
-    def __init__(self, timeout_s: float):
-        super().__init__()
-        self._timeout_s = timeout_s
-
-    def send(self, request, **kwargs):
-        kwargs["timeout"] = kwargs.get("timeout") or self._timeout_s
-        return super().send(request, **kwargs)
-
-
-def _open_client(auth: dict, timeout_s: float):
-    from kagglesdk import KaggleClient
-
-    try:  # reads KAGGLE_API_ENVIRONMENT; raises a bare Exception for an unknown value
-        client = KaggleClient(user_agent=_USER_AGENT, **auth)
-    except Exception as exc:
-        raise KaggleError(f"cannot configure the Kaggle client ({exc}); fix KAGGLE_API_ENVIRONMENT") from None
-    client.__enter__()  # creates the requests session, so the adapter can be mounted
-    # Mounting an adapter is requests' own way to set a default timeout; the session is
-    # private to kagglesdk, hence the guard instead of a hard failure if it ever moves.
-    session = getattr(client.http_client(), "_session", None)
-    for prefix in ("http://", "https://") if isinstance(session, requests.Session) else ():
-        session.mount(prefix, _TimeoutAdapter(timeout_s))
-    return client
-
-
 def _download_with_retries(auth, source, dataset, file_name, work, retries, backoff_s, timeout_s, version) -> Path:
     secrets = [value for name, value in auth.items() if name != "username"]
     last: BaseException | None = None
@@ -350,11 +252,11 @@ def current_version(dataset: str, *, credentials: dict[str, str] | None = None, 
 
     if not _SLUG.match(dataset or ""):
         raise KaggleError(f"dataset {dataset!r} is not 'owner/name'")
-    auth, source = _resolve_credentials(credentials, timeout_s)
+    auth, source = resolve_credentials(credentials, timeout_s)
     request = ApiGetDatasetRequest()
     request.owner_slug, request.dataset_slug = dataset.split("/")
     try:
-        with _open_client(auth, timeout_s) as client:
+        with open_client(auth, timeout_s) as client:
             found = client.datasets.dataset_api_client.get_dataset(request)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
@@ -377,7 +279,7 @@ def _attempt(auth: dict, dataset: str, file_name: str, work: Path, timeout_s: fl
     if version:
         request.dataset_version_number = version
     body = work / "download.part"
-    with _open_client(auth, timeout_s) as client:
+    with open_client(auth, timeout_s) as client:
         # POST DownloadDataset answers 302 to a signed storage URL; requests follows it and
         # kagglesdk returns the streamed file response (body not read yet).
         response = client.datasets.dataset_api_client.download_dataset(request)

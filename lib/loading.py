@@ -12,9 +12,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lib.champion import _all_versions, _not_found
+from lib.store import all_versions, not_found, require_reachable
 from lib.store import client as _client
-from lib.store import require_reachable
 
 
 def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
@@ -44,14 +43,14 @@ def resolve_version(client, uri: str, registered_uri: str):
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_model_uri(registered_uri)
-    model = _registered_model(client, uri, name)
-    numbers = sorted(int(v.version) for v in _all_versions(client, name))
+    model = registered_model(client, uri, name)
+    numbers = sorted(int(v.version) for v in all_versions(client, name))
     if version == "latest" and numbers:  # MLflow reserves the alias `latest`; the URI form means newest
         version = str(numbers[-1])
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
-        if not _not_found(error):
+        if not not_found(error):
             raise
     what = f"alias {alias!r}" if alias else f"version {version!r}"
     raise LookupError(
@@ -60,13 +59,13 @@ def resolve_version(client, uri: str, registered_uri: str):
     ) from None
 
 
-def _registered_model(client, uri: str, name: str):
+def registered_model(client, uri: str, name: str):
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_registered_model(name)
     except MlflowException as error:
-        if not _not_found(error):
+        if not not_found(error):
             raise
     known = sorted(m.name for m in client.search_registered_models())
     raise LookupError(

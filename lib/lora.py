@@ -18,12 +18,14 @@ never see the residual base. Checkpoints keep the unconverted adapter: a resumed
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from lib.checkpoint import storage_error
 from lib.config import BASE_MUTATING_INITS, LoraConfig, ModelConfig, PipelineConfig
 
 log = logging.getLogger("lenta_lora.lora")
@@ -165,3 +167,19 @@ def save_pretrained(model, folder: Path) -> None:
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_adapter(model, tokenizer, output_dir: Path) -> Path:
+    """Write PEFT's own format (adapter_config.json + adapter_model.safetensors) atomically."""
+    final = output_dir / "adapter"
+    tmp = output_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp)  # PiSSA/OLoRA: converted to a plain LoRA on the untouched base
+        tokenizer.save_pretrained(tmp)
+    except Exception as error:  # disk full: OSError, or safetensors' own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error("the trained adapter", output_dir, error) from error
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final

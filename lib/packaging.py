@@ -19,11 +19,11 @@ The folder holds (see lib/adapter_pyfunc.py, which MLflow runs at load time):
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 from lib import provenance
-from lib.champion import _finite
 
 PYFUNC_CODE = Path(__file__).with_name("adapter_pyfunc.py")
 # The modules a version runs, copied into the package RUNTIME_PACKAGE (MLflow code_paths puts it on
@@ -106,3 +106,7 @@ def describe_version(base: dict, tags: dict, metrics: dict, champion_metric: str
             "; ".join(facts) + "." if facts else "",
         ]
     ).strip()
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

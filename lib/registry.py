@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,15 @@ from typing import Any
 from lib import faults, packaging
 from lib.champion import (
     BENCHMARK_TAG,
+    CHAMPION,
     METRIC_TAG,
     VALUE_TAG,
-    _alias_version,
-    _all_pages,
-    _all_versions,
-    _ensure_registered_model,
-    _finite,
-    _not_found,
     restore_champion,
     update_champion,
 )
-from lib.loading import _registered_model, resolve_version
+from lib.loading import registered_model, resolve_version
+from lib.store import alias_version, all_pages, all_versions, ensure_registered_model, not_found, require_reachable
 from lib.store import client as _client
-from lib.store import require_reachable
 
 log = logging.getLogger("lenta_lora.registry")
 
@@ -73,7 +69,7 @@ def register_adapter(
     """
     require_reachable(uri)
     client = _client(uri)
-    _ensure_registered_model(client, model_name)
+    ensure_registered_model(client, model_name)
     earlier = _versions_of_run(client, model_name, run_id)
     if earlier:
         version = earlier[0]
@@ -101,7 +97,7 @@ def register_adapter(
             "name": model_name,
             "version": int(holder.version),
             "uri": f"models:/{model_name}/{holder.version}",
-            "champion": _alias_version(client, model_name) == str(holder.version),
+            "champion": alias_version(client, model_name, CHAMPION) == str(holder.version),
             "decision": None,
             "sha256": {},
             "up_to_date": True,
@@ -137,7 +133,7 @@ def _keep_lowest_of_key(client, name: str, training_key: str, version):
     twins = sorted(
         (
             v
-            for v in _all_versions(client, name)
+            for v in all_versions(client, name)
             if v.tags.get("training_key") == training_key and v.tags.get("forced") != "true"
         ),
         key=lambda v: int(v.version),
@@ -229,7 +225,7 @@ def version_with_training_key(uri: str, name: str, key: str) -> dict | None:
     if not _exists(client, name):
         return None
     held = sorted(
-        (v for v in _all_versions(client, name) if v.tags.get("training_key") == key), key=lambda v: int(v.version)
+        (v for v in all_versions(client, name) if v.tags.get("training_key") == key), key=lambda v: int(v.version)
     )
     if not held:
         return None
@@ -239,7 +235,7 @@ def version_with_training_key(uri: str, name: str, key: str) -> dict | None:
         "version": int(version.version),
         "uri": f"models:/{name}/{version.version}",
         "run_id": version.run_id,
-        "champion": _alias_version(client, name) == str(version.version),
+        "champion": alias_version(client, name, CHAMPION) == str(version.version),
     }
 
 
@@ -250,7 +246,7 @@ def _exists(client, name: str) -> bool:
         client.get_registered_model(name)
         return True
     except MlflowException as error:
-        if _not_found(error):
+        if not_found(error):
             return False
         raise
 
@@ -287,12 +283,12 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
         return []
     client, retracted, names = _client(uri), [], {}
     for run_id in run_ids:
-        for version in _all_pages(client.search_model_versions, f"run_id = '{run_id}'"):
+        for version in all_pages(client.search_model_versions, f"run_id = '{run_id}'"):
             client.delete_model_version(version.name, version.version)
             retracted.append(f"{version.name}/{version.version}")
             names[version.name] = version.tags.get(METRIC_TAG)
     for name, metric in names.items():
-        if metric and _alias_version(client, name) is None:  # the deleted version held it
+        if metric and alias_version(client, name, CHAMPION) is None:  # the deleted version held it
             restore_champion(client, name, metric)
     if retracted:
         log.warning("deleted registry version(s) %s: %s", ", ".join(retracted), reason)
@@ -300,25 +296,25 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
 
 
 def _versions_of_run(client, name: str, run_id: str) -> list:
-    return sorted(_all_versions(client, name, f"run_id = '{run_id}'"), key=lambda v: int(v.version))
+    return sorted(all_versions(client, name, f"run_id = '{run_id}'"), key=lambda v: int(v.version))
 
 
 def list_versions(uri: str, name: str | None = None) -> list[dict]:
     """Every registered version with its aliases and headline metrics, newest first."""
     require_reachable(uri)
     client = _client(uri)
-    names = [name] if name else [m.name for m in _all_pages(client.search_registered_models)]
+    names = [name] if name else [m.name for m in all_pages(client.search_registered_models)]
     rows = []
     for model_name in names:
         aliases: dict[str, list[str]] = {}
-        model = _registered_model(client, uri, model_name)
+        model = registered_model(client, uri, model_name)
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
         benchmark = {
             "benchmark": model.tags.get("benchmark.fingerprint"),
             "benchmark_source": model.tags.get("benchmark.source"),
         }
-        for v in _all_versions(client, model_name):
+        for v in all_versions(client, model_name):
             rows.append(
                 {
                     "name": model_name,
@@ -366,3 +362,7 @@ def set_model_version_tags(uri: str, name: str, version: int, tags: dict[str, An
     client = _client(uri)
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,6 +1,7 @@
 """The pieces of an optimizer step, for the loop in lib/training.py: the loss a step minimises (and
 the validation loss, the same measure on held-out blocks), the run's plan (how many steps, which
-blocks each micro-batch takes), and what a step that fails says.
+blocks each micro-batch takes), the backward pass over a step's micro-batches, and what a step that
+fails says (and raises).
 
 Loss convention: every optimizer step minimises the mean NLL over all *real* tokens of its
 `grad_accum` micro-batches (each micro-batch's summed loss is divided by the step's total token
@@ -10,11 +11,23 @@ Padding (attention_mask == 0) is never scored.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import torch
 
 from lib.config import ModelConfig, TrainConfig
+
+log = logging.getLogger("lenta_lora.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped and no adapter was saved."""
+
+
+class OutOfMemory(RuntimeError):
+    """A training step did not fit in GPU (or CPU) memory; the message says which settings to lower."""
 
 
 def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +118,35 @@ def diverged_message(loss: float, step: int, steps: int, lr: float, train: Train
         f"train.learning_rate={train.learning_rate:g}{last}): lower train.learning_rate (try 10x lower) "
         f"or raise train.warmup_steps, and check the data; no adapter was saved"
     )
+
+
+def accumulate_gradients(
+    model, ids: torch.Tensor, masks: torch.Tensor, chunk: list[list[int]], shard: slice, at: tuple[int, int], heartbeat
+) -> tuple[torch.Tensor, int]:
+    """Backward over this rank's share of the step's micro-batches: (summed NLL, the whole step's scored tokens).
+
+    `chunk` holds the step's micro-batches (block indices, all ranks'), `shard` this rank's part of each,
+    `at` (step, steps) for the heartbeat line a slow step logs when `heartbeat` (a progress.Ticker) is due.
+    The NLL is summed on the device and read once per step: a float() per micro-batch is a GPU sync each."""
+    step, steps = at
+    step_tokens = sum(int(masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step, all ranks'
+    device, started = model.device, time.perf_counter()
+    step_nll = torch.zeros((), device=device)
+    for micro, idx in enumerate(chunk, 1):
+        rows = idx[shard]
+        if not rows:  # this rank's share of an epoch's short last micro-batch
+            continue
+        nll, _ = batch_nll(model, ids[rows].to(device), masks[rows].to(device))
+        (nll / step_tokens).backward()
+        step_nll += nll.detach()
+        if micro < len(chunk) and heartbeat.due():  # a slow step: say where it is (not after its last)
+            log.info(
+                "step %d/%d: micro-batch %d/%d, %.0f s into this step",
+                step,
+                steps,
+                micro,
+                len(chunk),
+                time.perf_counter() - started,
+            )
+            heartbeat.mark()
+    return step_nll, step_tokens

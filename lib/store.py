@@ -90,3 +90,49 @@ def initialize_store(uri: str) -> None:
     with open(database.with_name(database.name + ".init-lock"), "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
         client(uri).search_experiments(max_results=1)
+
+
+# --- Registry searches and lookups shared by lib/champion.py, lib/registry.py and lib/loading.py ---
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version number `alias` points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        if not_found(error):
+            return None
+        raise
+
+
+def not_found(error) -> bool:  # INVALID_PARAMETER_VALUE: e.g. version "abc", or an alias never set
+    return getattr(error, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def all_pages(search, *args) -> list:
+    """Every result of an MLflow search call, page after page (a page holds 100 by default)."""
+    found, token = [], None
+    while True:
+        page = search(*args, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def all_versions(client, name: str, extra_filter: str = "") -> list:
+    """Every version of `name`, optionally narrowed by another filter clause."""
+    query = f"name = '{name}'" + (f" and {extra_filter}" if extra_filter else "")
+    return all_pages(client.search_model_versions, query)
+
+
+def ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="LoRA adapters from lenta-lora")
+    except MlflowException as error:
+        if getattr(error, "error_code", "") != "RESOURCE_ALREADY_EXISTS":  # made by a concurrent run: fine
+            raise

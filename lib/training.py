@@ -1,7 +1,7 @@
 """LoRA training: one plain loop in named phases; `_train_loop` reads as their table of contents.
 
     setup       the data as tensors, the base with its LoRA adapter, optimizer, LR schedule, micro-batch order
-    resume      from the newest checkpoint, if any (rank 0 holds the folder's lock: `_checkpoint_folders`)
+    resume      from the newest checkpoint, if any (rank 0 holds the folder's lock: `checkpoint.held_folders`)
     train_step  one optimizer step over its micro-batches (lib/steps.py: the loss, the failure messages)
     report      a step's metrics to `on_log`; then `save_checkpoint`, and at the end `final_validation`
 
@@ -18,14 +18,11 @@ writes checkpoints and returns a model worth saving.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +33,11 @@ from lib import checkpoint, distributed, faults, progress
 from lib.base_model import free_memory, load_base_model, load_tokenizer
 from lib.config import ModelConfig, PipelineConfig, TrainConfig
 from lib.dataset import load_prepared
-from lib.lora import make_optimizer, save_pretrained, wrap_with_lora
+from lib.lora import make_optimizer, save_adapter, wrap_with_lora
 from lib.steps import (
-    batch_nll,
+    OutOfMemory,
+    TrainingDiverged,
+    accumulate_gradients,
     count_steps,
     diverged_message,
     is_out_of_memory,
@@ -60,14 +59,6 @@ class Progress:
 
 # on_log(step, metrics, progress): metrics go to MLflow as they are; progress is None for the final validation.
 LogFn = Callable[[int, dict[str, float], Progress | None], None]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; training stopped and no adapter was saved."""
-
-
-class OutOfMemory(RuntimeError):
-    """A training step did not fit in GPU (or CPU) memory; the message says which settings to lower."""
 
 
 @dataclass
@@ -118,22 +109,6 @@ class LoopState:
     def elapsed(self) -> float:
         """Seconds this process has trained: its rates and ETA exclude earlier ones."""
         return time.perf_counter() - self.started
-
-
-def save_adapter(model, tokenizer, output_dir: Path) -> Path:
-    """Write PEFT's own format (adapter_config.json + adapter_model.safetensors) atomically."""
-    final = output_dir / "adapter"
-    tmp = output_dir / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_pretrained(model, tmp)  # PiSSA/OLoRA: converted to a plain LoRA on the untouched base
-        tokenizer.save_pretrained(tmp)
-    except Exception as error:  # disk full: OSError, or safetensors' own error type
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise checkpoint.storage_error("the trained adapter", output_dir, error) from error
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
 
 
 def train_adapter(
@@ -211,7 +186,7 @@ def _train_loop(
 
     train = config.train
     run = setup(dataset_path, config, rank, world)
-    with _checkpoint_folders(checkpoint_dir, rank, world) as (folder, writer):
+    with checkpoint.held_folders(checkpoint_dir, rank, world) as (folder, writer):
         found, state = resume(run, folder, writer, config, dataset_path, on_resume)
         bar = tqdm(
             range(state.step + 1, run.steps + 1),
@@ -305,25 +280,6 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     )
 
 
-@contextlib.contextmanager
-def _checkpoint_folders(checkpoint_dir: str | Path | None, rank: int, world: int) -> Iterator[tuple]:
-    """(the folder to resume from, the folder to write to): rank 0 alone holds the lock and writes.
-
-    A single process whose twin (same dataset and config) is training right now gets (None, None) and
-    trains without checkpoints rather than failing: the twin's cover this work if either dies."""
-    if checkpoint_dir is None or rank != 0:
-        yield checkpoint_dir, None
-        return
-    with checkpoint.exclusive(checkpoint_dir, busy_ok=world == 1) as held:
-        if held is None:
-            log.warning(
-                "another live process is training with %s (same dataset and config): this run trains "
-                "without checkpoints",
-                checkpoint_dir,
-            )
-        yield (checkpoint_dir, checkpoint_dir) if held else (None, None)
-
-
 def resume(
     run: Run,
     folder: str | Path | None,
@@ -356,7 +312,9 @@ def train_step(
     with the settings to lower, or TrainingDiverged on a non-finite loss, before any weight changed."""
     chunk = run.order[(step - 1) * train.grad_accum : step * train.grad_accum]
     try:
-        step_nll, step_tokens = _accumulate_gradients(run, chunk, step, heartbeat)
+        step_nll, step_tokens = accumulate_gradients(
+            run.model, run.ids, run.masks, chunk, run.shard, (step, run.steps), heartbeat
+        )
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
@@ -378,35 +336,6 @@ def train_step(
         "tokens_per_second": state.new_tokens / state.elapsed(),
         "epoch": step * train.grad_accum * train.batch_size * run.world / len(run.ids),
     }
-
-
-def _accumulate_gradients(
-    run: Run, chunk: list[list[int]], step: int, heartbeat: progress.Ticker
-) -> tuple[torch.Tensor, int]:
-    """Backward over this rank's share of the step's micro-batches: (summed NLL, the whole step's scored tokens).
-
-    The NLL is summed on the device and read once per step: a float() per micro-batch is a GPU sync each."""
-    step_tokens = sum(int(run.masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step, all ranks'
-    device, started = run.model.device, time.perf_counter()
-    step_nll = torch.zeros((), device=device)
-    for micro, idx in enumerate(chunk, 1):
-        rows = idx[run.shard]
-        if not rows:  # this rank's share of an epoch's short last micro-batch
-            continue
-        nll, _ = batch_nll(run.model, run.ids[rows].to(device), run.masks[rows].to(device))
-        (nll / step_tokens).backward()
-        step_nll += nll.detach()
-        if micro < len(chunk) and heartbeat.due():  # a slow step: say where it is (not after its last)
-            log.info(
-                "step %d/%d: micro-batch %d/%d, %.0f s into this step",
-                step,
-                run.steps,
-                micro,
-                len(chunk),
-                time.perf_counter() - started,
-            )
-            heartbeat.mark()
-    return step_nll, step_tokens
 
 
 def report(

@@ -186,6 +186,9 @@ def quiet_loading() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            # An adapter on GPT-Neo's output head, which is tied to the input embeddings (the demo):
+            # loading never merges into the shared weight (`lenta-lora export --merged` unties first).
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
             yield
     finally:
         notices.setLevel(level)

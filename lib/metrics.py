@@ -74,14 +74,17 @@ def summarize_nll(nll_sum: float, tokens: int, n_bytes: int, n_chars: int, n_wor
     def ratio(den: int) -> float:
         return nll_sum / den if den > 0 else float("nan")
 
+    def exp(x: float) -> float:  # a diverged model's perplexity is infinite, not an OverflowError
+        return float("inf") if x > 709.0 else math.exp(x)  # exp(709.8) is the largest double; NaN stays NaN
+
     return {
         "nll_sum": float(nll_sum),
         "tokens": float(tokens),
-        "perplexity": math.exp(ratio(tokens)),
+        "perplexity": exp(ratio(tokens)),
         "bits_per_byte": ratio(n_bytes) / math.log(2),
-        "byte_perplexity": math.exp(ratio(n_bytes)),
+        "byte_perplexity": exp(ratio(n_bytes)),
         "bits_per_char": ratio(n_chars) / math.log(2),
-        "word_perplexity": math.exp(ratio(n_words)),
+        "word_perplexity": exp(ratio(n_words)),
         "bytes": float(n_bytes),
         "chars": float(n_chars),
         "words": float(n_words),

@@ -102,6 +102,10 @@ def test_unit_definitions_from_known_nll():
     assert text_units("Привет мир") == (19, 10, 2)  # Cyrillic letters are 2 bytes in UTF-8
     assert text_units(" a  b ")[2] == 4  # harness quirk: re.split keeps edge empties
     assert math.isnan(summarize_nll(1.0, 0, 0, 0, 0)["perplexity"])
+    # A model trained at an absurd rate (measured: NLL 6.0e17 nats over 6,933 tokens) has an
+    # infinite perplexity and a finite, huge bits/byte, not an OverflowError that fails evaluation.
+    huge = summarize_nll(6.0e17, 6933, 22278, 12197, 1731)
+    assert huge["perplexity"] == huge["word_perplexity"] == math.inf and math.isfinite(huge["bits_per_byte"])
 
 
 def test_score_corpus_equals_brute_force_full_context(model, tokenizer):

@@ -44,9 +44,9 @@ def load_model_and_texts(config):
         config.train.max_length,
         f"{config.data.cache_dir}/datasets",
     )
-    tokenizer = load_tokenizer(str(Path(info["path"]) / "tokenizer"), config.model)
-    model = wrap_with_lora(load_base_model(info["base"], config.model), config).eval()
-    test = load_prepared(info["path"])["test"]
+    tokenizer = load_tokenizer(str(Path(info.path) / "tokenizer"), config.model)
+    model = wrap_with_lora(load_base_model(info.base, config.model), config).eval()
+    test = load_prepared(info.path)["test"]
     return model, tokenizer, list(test["document"]), list(test["title"])[: config.eval.num_samples]
 
 

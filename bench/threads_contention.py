@@ -59,7 +59,7 @@ def child(steps: int, setting: str, overrides: list[str]) -> dict:
         config.train.max_length,
         f"{config.data.cache_dir}/datasets",
     )
-    _, _, result = training.train_model(info["path"], config)
+    _, _, result = training.train_model(info.path, config)
     return {
         "tokens_per_second": result.tokens / result.seconds,
         "seconds": result.seconds,

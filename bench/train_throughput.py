@@ -85,9 +85,9 @@ def run_seed(config, steps: int) -> dict:
     from lib.training import wrap_with_lora
 
     info = prepare(config)
-    tokenizer = load_tokenizer(str(Path(info["path"]) / "tokenizer"), config.model)
-    model = wrap_with_lora(load_base_model(info["base"], config.model), config)
-    train = load_prepared(info["path"])["train_blocks"]
+    tokenizer = load_tokenizer(str(Path(info.path) / "tokenizer"), config.model)
+    model = wrap_with_lora(load_base_model(info.base, config.model), config)
+    train = load_prepared(info.path)["train_blocks"]
     collate = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     real = {"tokens": 0}
 
@@ -126,7 +126,7 @@ def run_seed(config, steps: int) -> dict:
         "seconds": seconds,
         "tokens_per_second": real["tokens"] / seconds,
         "flops_per_token": flops_per_token(model.get_base_model(), config.train.max_length),
-        "padding_fraction": info["stats"]["blocks"]["train"]["padding_tokens"] / (len(train) * config.train.max_length),
+        "padding_fraction": info.stats["blocks"]["train"]["padding_tokens"] / (len(train) * config.train.max_length),
     }
 
 
@@ -134,7 +134,7 @@ def run_ours(config, steps: int) -> dict:
     from lib import training
 
     info = prepare(config)
-    model, _, result = training.train_model(info["path"], config)
+    model, _, result = training.train_model(info.path, config)
     return {
         "tokens": result.tokens,
         "seconds": result.seconds,
@@ -166,8 +166,8 @@ def run_bare(config, steps: int) -> dict:
 
     info = prepare(config)
     torch.manual_seed(config.train.seed)
-    model = wrap_with_lora(load_base_model(info["base"], config.model), config)
-    ids = torch.tensor(load_prepared(info["path"])["train_blocks"]["input_ids"])
+    model = wrap_with_lora(load_base_model(info.base, config.model), config)
+    ids = torch.tensor(load_prepared(info.path)["train_blocks"]["input_ids"])
     batch = config.train.batch_size * config.train.grad_accum
     bare_loop(model, ids, 2, batch, config.train.learning_rate)  # warm-up: allocator, thread pool
     seconds = bare_loop(model, ids, steps, batch, config.train.learning_rate)

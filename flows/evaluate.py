@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -39,7 +41,7 @@ def evaluate_registered(
         csv_path = acquire_corpus.with_options(result_storage=result_storage_for(config.data))(config.data)
         output_dir = f"{config.data.cache_dir}/evaluations/{run_id}"
         evaluated = evaluate_registered_adapter(target, csv_path, config, output_dir, uri, run_id)
-        link_evaluation(uri, target, run_id, evaluated["metrics"])
+        link_evaluation(uri, target, run_id, evaluated.metrics)
     except BaseException:
         finish_run(uri, run_id, "FAILED")
         raise
@@ -49,7 +51,7 @@ def evaluate_registered(
         "tracking_uri": uri,
         "evaluated": {k: v for k, v in target.items() if k != "config_yaml"},
         "csv": csv_path,
-        **evaluated,
+        **asdict(evaluated),
     }
     create_markdown_artifact(
         key="evaluation-summary", markdown=render_evaluation(summary), description="lenta-lora re-evaluation"

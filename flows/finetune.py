@@ -59,31 +59,29 @@ def finetune(
                 "model": holder,
                 "message": message,
                 "training_key": key,
-                "dataset_fingerprint": prepared["fingerprint"],
+                "dataset_fingerprint": prepared.fingerprint,
             }
         output_dir = f"{config.data.cache_dir}/runs/{run_id}"
         benchmark = resolve_benchmark(config, prepared, uri)
         # Keyed by dataset + config, not run id, so that a re-run after a crash resumes (None: no checkpoints).
-        checkpoints = checkpoint_dir(config, prepared["fingerprint"], prepared["path"])
-        trained = train_adapter(prepared["path"], config, output_dir, uri, run_id, checkpoints)
-        evaluated = evaluate_adapter(
-            prepared["path"], trained["adapter_dir"], config, output_dir, uri, run_id, benchmark
-        )
+        checkpoints = checkpoint_dir(config, prepared.fingerprint, prepared.path)
+        trained = train_adapter(prepared.path, config, output_dir, uri, run_id, checkpoints)
+        evaluated = evaluate_adapter(prepared.path, trained.adapter_dir, config, output_dir, uri, run_id, benchmark)
         benchmark = store_benchmark(benchmark, config, uri, run_id)
         score_champion_on_benchmark(config, benchmark, uri)
         registered = register_adapter(
-            trained["adapter_dir"],
-            prepared["base"],
+            trained.adapter_dir,
+            prepared.base,
             config,
-            evaluated["metrics"],
-            prepared["fingerprint"],
+            evaluated.metrics,
+            prepared.fingerprint,
             benchmark,
             key,
             force,
             uri,
             run_id,
             tags,
-            next(iter(evaluated["samples"]), None),
+            next(iter(evaluated.samples), None),
         )
     except BaseException:
         # Best effort: if the store is down too, the original error is the one to report, and the
@@ -96,14 +94,14 @@ def finetune(
         "run_id": run_id,
         "tracking_uri": uri,
         "model": registered,
-        "metrics": evaluated["metrics"],
-        "train": trained,
-        "dataset_fingerprint": prepared["fingerprint"],
+        "metrics": evaluated.metrics,
+        "train": trained.summary(),
+        "dataset_fingerprint": prepared.fingerprint,
         "training_key": key,
         "benchmark": benchmark.describe(),
         "up_to_date": registered["up_to_date"],
-        "samples": evaluated["samples"],
-        "bleu_signature": evaluated["bleu_signature"],
+        "samples": evaluated.samples,
+        "bleu_signature": evaluated.bleu_signature,
     }
     create_markdown_artifact(key="finetune-summary", markdown=render_summary(summary), description="lenta-lora run")
     return summary

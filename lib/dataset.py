@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from datetime import date
 from pathlib import Path
 
@@ -34,6 +34,39 @@ from lib.splits import describe_splits, fingerprint_articles, select_articles, s
 log = logging.getLogger("lenta_lora.dataset")
 
 SPLITS = ("train", "validation", "test")
+INFO_FILE = "lenta_lora_dataset.json"  # a prepared folder's facts, written last: a folder without it is not one
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """What the prepare stage hands on: a prepared folder and its facts (`INFO_FILE` holds them).
+
+    The folder holds `data/` (the DatasetDict described above), `tokenizer/` and `INFO_FILE`. Later
+    stages get this (or read it back with `read_prepared`), never the file's keys by name."""
+
+    path: str  # the folder, absolute
+    fingerprint: str  # sha256 of the selected, split articles (lib/splits.py): the data's identity
+    base: str  # the base model: a hub id or a local folder; its tokenizer made the blocks
+    csv: str  # the CSV the articles came from
+    max_length: int  # tokens per block
+    packing: bool
+    stats: dict  # split counts, block statistics, tokens per character
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return str(Path(self.path) / "tokenizer")
+
+
+def read_prepared(dataset_path: str | Path) -> PreparedDataset:
+    """The one loader of a prepared folder's facts; a folder that is not one gets a clear error."""
+    info_path = Path(dataset_path) / INFO_FILE
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{dataset_path} is not a prepared dataset (no {INFO_FILE}); run the prepare stage first"
+        ) from None
+    return PreparedDataset(**{f.name: info[f.name] for f in fields(PreparedDataset)})
 
 
 def document_prefix(tokenizer) -> list[int]:
@@ -195,7 +228,7 @@ def pretraining_documents(
 
 def prepare_dataset(
     csv_path: str | Path, data: DataConfig, model_cfg: ModelConfig, max_length: int, output_root: str | Path
-) -> dict:
+) -> PreparedDataset:
     """Read, clean, split and tokenize the corpus; save it atomically; return its path and facts.
 
     The output folder is named by the dataset fingerprint plus tokenizer and block settings, so an
@@ -236,10 +269,10 @@ def prepare_dataset(
     tokenizer_id = hashlib.sha256(f"{base}@{model_cfg.revision}".encode()).hexdigest()[:8]
     key = f"{fingerprint[:16]}-{Path(base).name}-{tokenizer_id}-L{max_length}-{'packed' if data.packing else 'padded'}"
     final = Path(output_root) / key
-    info_path = final / "lenta_lora_dataset.json"
+    info_path = final / INFO_FILE
     if info_path.is_file():
         log.info("reusing prepared dataset %s", final)
-        return json.loads(info_path.read_text())
+        return read_prepared(final)
 
     parts = {
         name: Dataset.from_list([{**asdict(a), "document": doc} for a, doc in zip(splits[name], documents[name])])
@@ -258,15 +291,15 @@ def prepare_dataset(
         "blocks": block_stats,
         "tokens_per_char": block_stats["train"]["tokens"] / max(1, sum(map(len, documents["train"]))),
     }
-    info = {
-        "path": str(final.resolve()),
-        "fingerprint": fingerprint,
-        "base": base,
-        "csv": str(csv_path),
-        "max_length": max_length,
-        "packing": data.packing,
-        "stats": stats,
-    }
+    info = PreparedDataset(
+        path=str(final.resolve()),
+        fingerprint=fingerprint,
+        base=base,
+        csv=str(csv_path),
+        max_length=max_length,
+        packing=data.packing,
+        stats=stats,
+    )
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{os.getpid()}-"))
@@ -274,7 +307,7 @@ def prepare_dataset(
         # datasets cannot load back a split with no rows; load_prepared restores such splits as empty ones.
         DatasetDict({name: part for name, part in parts.items() if len(part)}).save_to_disk(str(tmp / "data"))
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "lenta_lora_dataset.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+        (tmp / INFO_FILE).write_text(json.dumps(asdict(info), indent=2, ensure_ascii=False), encoding="utf-8")
         faults.reach("prepare.before-publish")
         os.replace(tmp, final)
     except OSError:

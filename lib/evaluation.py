@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -26,19 +27,32 @@ from lib.config import ConfigError, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
 from lib.dataset import fingerprint_settings
 from lib.generation import generate_continuations, model_context_length
-from lib.metrics import chrf_per_sample, score_corpus, score_generations, word_tokens
+from lib.metrics import chrf_per_sample, content_words, domain_word_share, score_corpus, score_generations, word_shift
 from lib.splits import fingerprint_articles, select_articles, split_articles
 from lib.threads import configure_threads
 
 log = logging.getLogger("lenta_lora.evaluate")
 
 TEXT_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "repeated_4gram_share")
-MIN_WORD_LETTERS = 3  # shorter words (в, на, и) are in every domain's vocabulary
 # Direction of "better", for readers of the summary table (the registry only uses the champion metric).
 LOWER_IS_BETTER = frozenset(
     {"test_perplexity", "test_bits_per_byte", "test_bits_per_char", "test_word_perplexity", "repeated_4gram_share"}
 )
 SAMPLE_COLUMNS = ("prompt", "reference", "base_output", "tuned_output")
+
+
+@dataclass
+class EvaluationSummary:
+    """What the evaluation stage hands on, once its numbers and files are logged to the run."""
+
+    metrics: dict[str, float]  # `base_<m>`, `<m>`, `delta_<m>`; `benchmark_<m>` when scored on a benchmark
+    samples: list[dict]  # the first rows of the samples table (SAMPLE_COLUMNS plus per-sample chrF)
+    samples_md: str  # the files of all samples, and the base-vs-tuned bar chart
+    samples_json: str
+    plot: str
+    bleu_signature: str | None  # sacrebleu's, so a BLEU is reproducible
+    dataset_fingerprint: str | None = None  # a re-evaluation: the data it read ...
+    same_data_as_training: bool | None = None  # ... and whether the version was trained on that data
 
 
 def reference_continuation(tokenizer, text: str, max_new_tokens: int) -> str:
@@ -118,29 +132,6 @@ def metrics_markdown(metrics: dict[str, float]) -> str:
         verdict = ("lower" if lower else "higher") + (" (tuned better)" if improved else "")
         lines.append(f"| {name} | {base:.4g} | {tuned:.4g} | {tuned - base:+.3g} | {verdict} |")
     return "\n".join(lines) + "\n"
-
-
-def content_words(texts: list[str]) -> list[str]:
-    """Lowercased words of at least MIN_WORD_LETTERS letters (no digits), in order."""
-    return [w for t in texts for w in word_tokens(t) if len(w) >= MIN_WORD_LETTERS and w.isalpha()]
-
-
-def domain_word_share(outputs: list[str], vocabulary: set[str]) -> float:
-    """Share of generated content words that occur in `vocabulary` (the fine-tuning train split's
-    words): how much of what a model writes is real words of the domain it was tuned on."""
-    words = content_words(outputs)
-    return sum(w in vocabulary for w in words) / len(words) if words else 0.0
-
-
-def word_shift(base: list[str], tuned: list[str], vocabulary: set[str], top: int = 12) -> dict[str, list]:
-    """Domain words the tuned samples use more (`gained`) and less (`lost`) than the base's: [word, base, tuned]."""
-    from collections import Counter
-
-    before, after = Counter(content_words(base)), Counter(content_words(tuned))
-    moved = [(w, before[w], after[w]) for w in set(before) | set(after) if w in vocabulary and before[w] != after[w]]
-    gained = sorted((m for m in moved if m[2] > m[1]), key=lambda m: (m[1] - m[2], m[0]))[:top]
-    lost = sorted((m for m in moved if m[1] > m[2]), key=lambda m: (m[2] - m[1], m[0]))[:top]
-    return {"gained": [list(m) for m in gained], "lost": [list(m) for m in lost]}
 
 
 def write_samples(rows: list[dict], output_dir: Path, shift: dict | None = None) -> tuple[Path, Path]:
@@ -236,16 +227,16 @@ def evaluate_adapter(
     from peft import PeftModel
 
     from lib.base_model import load_base_model, load_tokenizer
-    from lib.dataset import load_prepared
+    from lib.dataset import load_prepared, read_prepared
 
     configure_threads(config.train.threads)
-    info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
+    info = read_prepared(dataset_path)
     prepared = load_prepared(dataset_path)
     test = prepared["test"]
     if not len(test):
-        raise ValueError(f"{info['csv']}: the test split is empty; raise data.splits.test or add articles")
-    tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
-    model = PeftModel.from_pretrained(load_base_model(info["base"], config.model), adapter_dir)
+        raise ValueError(f"{info.csv}: the test split is empty; raise data.splits.test or add articles")
+    tokenizer = load_tokenizer(info.tokenizer_dir, config.model)
+    model = PeftModel.from_pretrained(load_base_model(info.base, config.model), adapter_dir)
     model.eval()
     columns = {"document": list(test["document"]), "title": list(test["title"]), "text": list(test["text"])}
     vocabulary = set(content_words(list(prepared["train"]["document"])))

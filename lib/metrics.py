@@ -319,3 +319,31 @@ def chrf_per_sample(predictions: list[str], references: list[str]) -> list[float
     _check_pairs(predictions, references)
     chrf = sacrebleu.CHRF(word_order=2)
     return [float(chrf.sentence_score(p, [r]).score) for p, r in zip(predictions, references)]
+
+
+# --- Domain words: does a tuned model write the words of the domain it was tuned on? ---
+
+MIN_WORD_LETTERS = 3  # shorter words (в, на, и) are in every domain's vocabulary
+
+
+def content_words(texts: list[str]) -> list[str]:
+    """Lowercased words of at least MIN_WORD_LETTERS letters (no digits), in order."""
+    return [w for t in texts for w in word_tokens(t) if len(w) >= MIN_WORD_LETTERS and w.isalpha()]
+
+
+def domain_word_share(outputs: list[str], vocabulary: set[str]) -> float:
+    """Share of generated content words that occur in `vocabulary` (the fine-tuning train split's
+    words): how much of what a model writes is real words of the domain it was tuned on."""
+    words = content_words(outputs)
+    return sum(w in vocabulary for w in words) / len(words) if words else 0.0
+
+
+def word_shift(base: list[str], tuned: list[str], vocabulary: set[str], top: int = 12) -> dict[str, list]:
+    """Domain words the tuned samples use more (`gained`) and less (`lost`) than the base's: [word, base, tuned]."""
+    from collections import Counter
+
+    before, after = Counter(content_words(base)), Counter(content_words(tuned))
+    moved = [(w, before[w], after[w]) for w in set(before) | set(after) if w in vocabulary and before[w] != after[w]]
+    gained = sorted((m for m in moved if m[2] > m[1]), key=lambda m: (m[1] - m[2], m[0]))[:top]
+    lost = sorted((m for m in moved if m[1] > m[2]), key=lambda m: (m[2] - m[1], m[0]))[:top]
+    return {"gained": [list(m) for m in gained], "lost": [list(m) for m in lost]}

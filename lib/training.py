@@ -18,12 +18,11 @@ writes checkpoints and returns a model worth saving.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 from lib import checkpoint, distributed, faults, progress
 from lib.base_model import free_memory, load_base_model, load_tokenizer
 from lib.config import ModelConfig, PipelineConfig, TrainConfig
-from lib.dataset import load_prepared
+from lib.dataset import PreparedDataset, load_prepared, read_prepared
 from lib.lora import make_optimizer, save_adapter, wrap_with_lora
 from lib.steps import (
     OutOfMemory,
@@ -73,6 +72,10 @@ class TrainResult:
     resumed_from_step: int | None = None
     lora_targets: list[str] = field(default_factory=list)  # module names the adapter was put on (lib/lora.py)
 
+    def summary(self) -> dict:
+        """Everything but the per-step history: what a run summary shows."""
+        return {k: v for k, v in asdict(self).items() if k != "history"}
+
 
 @dataclass
 class Run:
@@ -83,7 +86,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     trainable: list[torch.nn.Parameter]
-    info: dict  # the prepared dataset's lenta_lora_dataset.json
+    info: PreparedDataset  # the prepared dataset's facts
     val_blocks: Any  # a `datasets` table
     ids: torch.Tensor  # the training blocks: two tensors index faster than a `datasets` table (per step:
     masks: torch.Tensor  # that indexing cost more than a tiny model's whole step)
@@ -241,12 +244,12 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     """The data as tensors; the base with its LoRA adapter; the optimizer, LR schedule and micro-batch order."""
     from transformers import get_linear_schedule_with_warmup
 
-    info = json.loads((Path(dataset_path) / "lenta_lora_dataset.json").read_text())
+    info = read_prepared(dataset_path)
     data = load_prepared(dataset_path)
     blocks, train = data["train_blocks"], config.train
-    tokenizer = load_tokenizer(str(Path(dataset_path) / "tokenizer"), config.model)
+    tokenizer = load_tokenizer(info.tokenizer_dir, config.model)
     torch.manual_seed(train.seed)
-    model = wrap_with_lora(load_base_model(info["base"], config.model), config)
+    model = wrap_with_lora(load_base_model(info.base, config.model), config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if world > 1:  # as DDP does at wrap time: every rank starts from rank 0's LoRA weights
@@ -292,7 +295,7 @@ def resume(
     found = checkpoint.latest(folder)
     if not found:
         if writer:
-            checkpoint.describe(writer, checkpoint.checkpoint_key(config, run.info["fingerprint"], dataset_path)[1])
+            checkpoint.describe(writer, checkpoint.checkpoint_key(config, run.info.fingerprint, dataset_path)[1])
         return None, LoopState()
     done = checkpoint.load(found, run.model, run.optimizer, run.schedule, run.steps)
     log.info(

@@ -11,15 +11,15 @@ from prefect import get_run_logger, task
 from lib import champion, evaluation, tracking
 from lib.benchmark import Benchmark, write_benchmark
 from lib.config import PipelineConfig
-from lib.dataset import load_prepared
+from lib.dataset import PreparedDataset, load_prepared
 
 
-def _define_benchmark(config: PipelineConfig, prepared: dict, folder: Path) -> Benchmark:
+def _define_benchmark(config: PipelineConfig, prepared: PreparedDataset, folder: Path) -> Benchmark:
     """The texts `registry.benchmark` names: this run's test split, or a CSV's / the Kaggle file's."""
     where = config.registry.benchmark
     if where is None:
-        documents = list(load_prepared(prepared["path"])["test"]["document"])
-        source = f"test split of {Path(prepared['csv']).name} (dataset {prepared['fingerprint'][:12]})"
+        documents = list(load_prepared(prepared.path)["test"]["document"])
+        source = f"test split of {Path(prepared.csv).name} (dataset {prepared.fingerprint[:12]})"
     else:
         if where == "kaggle":
             from lib.kaggle_source import download_kaggle_file
@@ -40,7 +40,7 @@ def _define_benchmark(config: PipelineConfig, prepared: dict, folder: Path) -> B
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def resolve_benchmark(config: PipelineConfig, prepared: dict, uri: str) -> Benchmark:
+def resolve_benchmark(config: PipelineConfig, prepared: PreparedDataset, uri: str) -> Benchmark:
     """The model's stored benchmark, downloaded (once: `data.cache_dir/benchmarks/<fingerprint>.json`);
     for a model with none yet, the one this run would fix (`stored` False: registration stores it
     with the first version)."""

@@ -19,7 +19,7 @@ PLOTTED = ["test_perplexity", "test_bits_per_byte", "chrf", "rougeL"]
 SUMMARY_SAMPLES = 3  # rows carried in the return value (for the run's Markdown summary); the rest stay in files
 
 
-def _log_evaluation(result: dict, output_dir: str, uri: str, run_id: str) -> dict:
+def _log_evaluation(result: dict, output_dir: str, uri: str, run_id: str) -> evaluation.EvaluationSummary:
     """Log one evaluation's metrics, samples and plot into `run_id`; return what a summary needs."""
     metrics = result["metrics"]
     tracking.log_metrics(uri, run_id, metrics)
@@ -44,14 +44,14 @@ def _log_evaluation(result: dict, output_dir: str, uri: str, run_id: str) -> dic
         metrics["base_test_bits_per_byte"],
         metrics["test_bits_per_byte"],
     )
-    return {
-        "metrics": metrics,
-        "samples_md": result["samples_md"],
-        "samples_json": result["samples_json"],
-        "samples": rows[:SUMMARY_SAMPLES],
-        "plot": str(bars),
-        "bleu_signature": result["bleu_signature"],
-    }
+    return evaluation.EvaluationSummary(
+        metrics=metrics,
+        samples=rows[:SUMMARY_SAMPLES],
+        samples_md=result["samples_md"],
+        samples_json=result["samples_json"],
+        plot=str(bars),
+        bleu_signature=result["bleu_signature"],
+    )
 
 
 @task
@@ -63,9 +63,8 @@ def evaluate_adapter(
     uri: str,
     run_id: str,
     benchmark: Benchmark | None = None,
-) -> dict:
-    """Returns `metrics` (`base_<m>`, `<m>`, `delta_<m>`, and `benchmark_<m>` with a benchmark),
-    `samples` (the first 3 rows), file paths."""
+) -> evaluation.EvaluationSummary:
+    """Base vs tuned on the test split (and the tuned model on `benchmark`), logged into the run."""
     result = evaluation.evaluate_adapter(dataset_path, adapter_dir, config, Path(output_dir) / "evaluation", benchmark)
     return _log_evaluation(result, output_dir, uri, run_id)
 
@@ -79,9 +78,9 @@ def resolve_registered(uri: str, registered_uri: str) -> dict:
 @task
 def evaluate_registered_adapter(
     target: dict, csv_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str
-) -> dict:
-    """Re-evaluate a registered version into the evaluation run `run_id`; same return keys as
-    `evaluate_adapter` plus `dataset_fingerprint` and whether it equals the training run's."""
+) -> evaluation.EvaluationSummary:
+    """Re-evaluate a registered version into the evaluation run `run_id`; the summary also holds the
+    data's `dataset_fingerprint` and whether it equals the training run's."""
     tracking.set_tags(
         uri,
         run_id,
@@ -107,11 +106,9 @@ def evaluate_registered_adapter(
             str(target.get("dataset_fingerprint"))[:12],
             target["uri"],
         )
-    return {
-        **_log_evaluation(result, output_dir, uri, run_id),
-        "dataset_fingerprint": result["dataset_fingerprint"],
-        "same_data_as_training": same,
-    }
+    summary = _log_evaluation(result, output_dir, uri, run_id)
+    summary.dataset_fingerprint, summary.same_data_as_training = result["dataset_fingerprint"], same
+    return summary
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])

@@ -46,39 +46,37 @@ def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 
 
 @task(cache_key_fn=_prepare_cache_key, persist_result=True, result_serializer="json")
-def prepare_dataset(csv_path: str, data: DataConfig, model: ModelConfig, max_length: int) -> dict:
-    """Returns the prepared dataset's facts: `path`, `fingerprint`, `base`, `stats`."""
+def prepare_dataset(csv_path: str, data: DataConfig, model: ModelConfig, max_length: int) -> dataset.PreparedDataset:
+    """The prepared dataset: its folder and facts (`lib.dataset.PreparedDataset`)."""
     info = dataset.prepare_dataset(csv_path, data, model, max_length, f"{data.cache_dir}/datasets")
-    get_run_logger().info("prepared dataset %s at %s", info["fingerprint"][:12], info["path"])
+    get_run_logger().info("prepared dataset %s at %s", info.fingerprint[:12], info.path)
     return info
 
 
-def _source(info: dict, kaggle: dict | None) -> dict:
+def _source(info: dataset.PreparedDataset, kaggle: dict | None) -> dict:
     """Where the rows came from: the Kaggle dataset and version, or the file and its sha256."""
     if kaggle:
-        return {"type": "kaggle", **kaggle, "file": Path(info["csv"]).name}
-    with open(info["csv"], "rb") as handle:
-        return {"type": "local", "path": info["csv"], "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+        return {"type": "kaggle", **kaggle, "file": Path(info.csv).name}
+    with open(info.csv, "rb") as handle:
+        return {"type": "local", "path": info.csv, "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def record_dataset(info: dict, uri: str, run_id: str, kaggle: dict | None = None) -> None:
+def record_dataset(info: dataset.PreparedDataset, uri: str, run_id: str, kaggle: dict | None = None) -> None:
     """Log the dataset fingerprint, counts and stats into the MLflow run and a Prefect artifact; each
     split as a dataset input of the run (`kaggle`: {"dataset", "version"} when it came from Kaggle)."""
     # A cache hit returns paths from an earlier run; if someone deleted them since, say so here
     # rather than as a load error deep inside training.
-    local = [("prepared dataset", info["path"])] + (
-        [("base model", info["base"])] if Path(info["base"]).is_absolute() else []
-    )
+    local = [("prepared dataset", info.path)] + ([("base model", info.base)] if Path(info.base).is_absolute() else [])
     for label, path in local:
         if not Path(path).exists():
             raise FileNotFoundError(
                 f"{label} {path} is gone but a cached prepare_dataset result points at it; "
                 f"rerun with PREFECT_TASKS_REFRESH_CACHE=true or delete the prefect-results folder in data.cache_dir"
             )
-    stats = info["stats"]
-    tracking.set_tags(uri, run_id, {"dataset_fingerprint": info["fingerprint"]})
-    tracking.log_params(uri, run_id, {"dataset.fingerprint": info["fingerprint"], "dataset.path": info["path"]})
+    stats = info.stats
+    tracking.set_tags(uri, run_id, {"dataset_fingerprint": info.fingerprint})
+    tracking.log_params(uri, run_id, {"dataset.fingerprint": info.fingerprint, "dataset.path": info.path})
     flat = {f"data_{split}_articles": n for split, n in stats.get("articles", {}).items()}
     flat.update({f"data_{split}_{k}": v for split, block in stats["blocks"].items() for k, v in block.items()})
     flat["data_tokens_per_char"] = stats["tokens_per_char"]
@@ -88,14 +86,14 @@ def record_dataset(info: dict, uri: str, run_id: str, kaggle: dict | None = None
     for split, context in (("train", "training"), ("validation", "validation"), ("test", "testing")):
         profile = {**stats["splits"].get(split, {}), **stats["blocks"].get(split, {})}  # articles, chars, tokens
         tracking.log_dataset_input(
-            uri, run_id, f"lenta-{split}", f"{info['fingerprint'][:24]}-{split}", source, profile, context
+            uri, run_id, f"lenta-{split}", f"{info.fingerprint[:24]}-{split}", source, profile, context
         )
     create_markdown_artifact(
         key="dataset-stats",
         markdown="## Prepared dataset\n\n"
-        + f"fingerprint `{info['fingerprint']}`\n\n```json\n"
+        + f"fingerprint `{info.fingerprint}`\n\n```json\n"
         + json.dumps(stats, ensure_ascii=False, indent=2)
         + "\n```\n",
         description="lenta-lora dataset statistics",
     )
-    get_run_logger().info("dataset %s: %s", info["fingerprint"][:12], flat)
+    get_run_logger().info("dataset %s: %s", info.fingerprint[:12], flat)

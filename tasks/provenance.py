@@ -15,14 +15,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from lib import provenance, registry, reports, tracking
 from lib.config import PipelineConfig
+from lib.dataset import PreparedDataset
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def training_key(config: PipelineConfig, prepared: dict, kaggle_version: int | None, uri: str, run_id: str) -> str:
+def training_key(
+    config: PipelineConfig, prepared: PreparedDataset, kaggle_version: int | None, uri: str, run_id: str
+) -> str:
     """The key of what this run would train; logged as the run's `training_key` tag and `training_key.json`."""
-    key, payload = provenance.training_key(
-        config, prepared["fingerprint"], prepared["path"], prepared["base"], kaggle_version
-    )
+    key, payload = provenance.training_key(config, prepared.fingerprint, prepared.path, prepared.base, kaggle_version)
     tracking.set_tags(
         uri, run_id, {"training_key": key, **({"kaggle_version": kaggle_version} if kaggle_version else {})}
     )

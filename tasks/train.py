@@ -8,7 +8,6 @@ and the killed run (left RUNNING by the kill) is marked KILLED.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,8 +51,8 @@ def _close_interrupted_run(uri: str, found: checkpoint.Checkpoint, run_id: str, 
 @task
 def train_adapter(
     dataset_path: str, config: PipelineConfig, output_dir: str, uri: str, run_id: str, checkpoint_dir: str | None = None
-) -> dict:
-    """Returns `adapter_dir`, `steps`, `tokens`, `seconds`, `final_loss`, `validation_loss`, `resumed_from_step`."""
+) -> training.TrainResult:
+    """The trained adapter's folder and how training went (`lib.training.TrainResult`)."""
     logger = get_run_logger()
     train = config.train
     tracking.log_params(
@@ -110,11 +109,10 @@ def train_adapter(
             "train_tokens_per_second": result.tokens / max(result.seconds, 1e-9),
         },
     )
-    summary = {k: v for k, v in asdict(result).items() if k != "history"}
     logger.info(
         "trained %d steps on %d tokens in %.1fs -> %s", result.steps, result.tokens, result.seconds, result.adapter_dir
     )
-    return summary
+    return result
 
 
 @task

@@ -69,7 +69,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *expected: str) -> 
 def local_base(trained, tmp_path) -> Path:
     """The tiny base as a user's own local folder (no recipe file: a plain `save_pretrained` folder)."""
     folder = tmp_path / "my-base"
-    shutil.copytree(trained["info"]["base"], folder, ignore=shutil.ignore_patterns("lenta_lora_recipe.json"))
+    shutil.copytree(trained["info"].base, folder, ignore=shutil.ignore_patterns("lenta_lora_recipe.json"))
     return folder
 
 

@@ -84,7 +84,7 @@ def test_flow_trains_registers_and_reloads_each_family(
     assert 0 < metrics["test_bits_per_byte"] < 100
 
     # The trained model in memory: training is seeded, so it is the flow's adapter bit for bit.
-    model, tokenizer, _ = training.train_model(info["path"], config)
+    model, tokenizer, _ = training.train_model(info.path, config)
     flow_adapter = load_file(str(Path(summary["train"]["adapter_dir"]) / "adapter_model.safetensors"))
     ours = get_peft_model_state_dict(model)
     assert flow_adapter.keys() == ours.keys() and all(torch.equal(flow_adapter[k], ours[k]) for k in ours)

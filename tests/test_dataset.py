@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lib.config import build_config
-from lib.dataset import load_prepared, pack_documents, pad_documents, prepare_dataset
+from lib.dataset import PreparedDataset, load_prepared, pack_documents, pad_documents, prepare_dataset, read_prepared
 from tests.conftest import tiny_overrides
 
 
@@ -27,14 +27,14 @@ def test_padding_reproduces_the_seed_tokenizer_call(shared_cache):
 
     config = build_config({}, tiny_overrides(shared_cache))
     info = prepare_dataset(*_prepare_args(config, shared_cache, packing=False))
-    tokenizer = AutoTokenizer.from_pretrained(info["path"] + "/tokenizer")
-    data = load_prepared(info["path"])
+    tokenizer = AutoTokenizer.from_pretrained(info.path + "/tokenizer")
+    data = load_prepared(info.path)
     texts = list(data["train"]["document"])
     seed = tokenizer(texts, truncation=True, max_length=64, padding="max_length", add_special_tokens=False)
     assert data["train_blocks"]["input_ids"] == seed["input_ids"]
     assert data["train_blocks"]["attention_mask"] == seed["attention_mask"]
     # The seed's collator (DataCollatorForLanguageModeling, pad = EOS) scores exactly the unmasked tokens.
-    stats = info["stats"]["blocks"]["train"]
+    stats = info.stats["blocks"]["train"]
     assert stats["real_tokens"] == int(np.sum(seed["attention_mask"]))
     assert stats["dropped_tokens"] == sum(
         max(0, len(t) - 64) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -56,17 +56,32 @@ def _prepare_args(config, cache, packing):
 def test_prepared_dataset_is_complete_leak_free_and_reused(shared_cache):
     config = build_config({}, tiny_overrides(shared_cache))
     info = prepare_dataset(*_prepare_args(config, shared_cache, packing=True))
-    data = load_prepared(info["path"])
+    data = load_prepared(info.path)
     urls = {name: set(data[name]["url"]) for name in ("train", "validation", "test")}
     assert not (urls["train"] & urls["test"]) and not (urls["train"] & urls["validation"])
     assert sum(len(u) for u in urls.values()) == 140  # every bundled article, each in one split
-    stats = info["stats"]["blocks"]["train"]
+    stats = info.stats["blocks"]["train"]
     assert stats["real_tokens"] + stats["dropped_tokens"] == stats["tokens"] + stats["documents"]  # + one EOS each
     assert stats["dropped_tokens"] < 64 and stats["padding_tokens"] == 0
     again = prepare_dataset(*_prepare_args(config, shared_cache, packing=True))
     assert again == info  # same inputs: the saved dataset is reused, not rebuilt
-    saved = json.loads((Path(info["path"]) / "lenta_lora_dataset.json").read_text())
-    assert saved["fingerprint"] == info["fingerprint"]
+    saved = json.loads((Path(info.path) / "lenta_lora_dataset.json").read_text())
+    assert saved["fingerprint"] == info.fingerprint
+    assert read_prepared(info.path) == info  # the one loader later stages use
+
+
+def test_a_prepared_dataset_survives_prefects_json_results_and_a_wrong_folder_is_named(shared_cache, tmp_path):
+    """The prepare task's cached result is Prefect JSON: a cache hit must hand on the same typed
+    object (attributes, not keys), and a folder that is not a prepared dataset says so."""
+    from prefect.serializers import JSONSerializer
+
+    config = build_config({}, tiny_overrides(shared_cache))
+    info = prepare_dataset(*_prepare_args(config, shared_cache, packing=True))
+    serializer = JSONSerializer()
+    again = serializer.loads(serializer.dumps(info))
+    assert isinstance(again, PreparedDataset) and again == info and again.tokenizer_dir == info.tokenizer_dir
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} is not a prepared dataset .*run the prepare stage"):
+        read_prepared(tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
@@ -76,7 +91,7 @@ def test_quantized_base_trains_on_cpu(precision, shared_cache, tmp_path):
 
     config = build_config({}, tiny_overrides(shared_cache, **{"model.precision": precision, "train.max_steps": 2}))
     info = prepare_dataset(*_prepare_args(config, shared_cache, packing=True))
-    model, _, result = train_model(info["path"], config)
+    model, _, result = train_model(info.path, config)
     kinds = {type(m).__name__ for m in model.modules()}
     assert ("Linear8bitLt" if precision == "int8" else "Linear4bit") in kinds, kinds
     assert result.steps == 2 and np.isfinite(result.final_loss)

@@ -49,13 +49,13 @@ def demo_model(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("talking"))
     config = config_for(cache)
     info = prepare_dataset(SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{cache}/datasets")
-    model, tokenizer, _ = training.train_model(info["path"], config)
+    model, tokenizer, _ = training.train_model(info.path, config)
     model.eval()
     return {"model": model, "tokenizer": tokenizer, "info": info, "config": config, "cache": cache}
 
 
 def titles(info, count=4) -> list[str]:
-    return [f"{t}\n\n" for t in load_prepared(info["path"])["test"]["title"][:count]]
+    return [f"{t}\n\n" for t in load_prepared(info.path)["test"]["title"][:count]]
 
 
 def greedy(model, tokenizer, prompts, **extra):
@@ -73,9 +73,9 @@ def sampled(model, tokenizer, prompts):
 def test_the_demo_base_never_saw_the_held_out_topic(demo_model):
     info, config = demo_model["info"], demo_model["config"]
     assert config.data.topics == ["Спорт"] and config.model.tiny.pretrain_exclude_topics == ["Спорт"]
-    data = load_prepared(info["path"])
+    data = load_prepared(info.path)
     assert {t for name in ("train", "test") for t in data[name]["topic"]} == {"Спорт"}
-    recipe = json.loads((Path(info["base"]) / "lenta_lora_recipe.json").read_text())
+    recipe = json.loads((Path(info.base) / "lenta_lora_recipe.json").read_text())
     assert recipe["tiny"]["pretrain_corpus"] == "corpus"
 
 
@@ -145,8 +145,8 @@ def test_greedy_and_seeded_decoding_are_reproducible_across_processes(demo_model
     args = {
         "profile": str(DEFAULT_PROFILE),
         "overrides": tiny_overrides(demo_model["cache"], **TALKING),
-        "tokenizer": str(Path(info["path"]) / "tokenizer"),
-        "base": info["base"],
+        "tokenizer": str(Path(info.path) / "tokenizer"),
+        "base": info.base,
         "adapter": str(adapter),
         "prompts": titles(info),
     }
@@ -249,7 +249,7 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path):
         uri,
         run_id,
         adapter,
-        describe_base(info["base"], config.model),
+        describe_base(info.base, config.model),
         settings,
         name,
         {},

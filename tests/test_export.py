@@ -230,7 +230,7 @@ def test_a_missing_local_base_is_one_line_for_a_merge_and_a_warning_for_an_adapt
     from lib.base_model import describe_base
 
     base = tmp_path / "my-base"
-    shutil.copytree(trained["info"]["base"], base, ignore=shutil.ignore_patterns("lenta_lora_recipe.json"))
+    shutil.copytree(trained["info"].base, base, ignore=shutil.ignore_patterns("lenta_lora_recipe.json"))
     uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "local-base"
     register(uri, name, trained["adapter"], describe_base(str(base), trained["config"].model))
     base.rename(tmp_path / "moved-away")

@@ -71,7 +71,7 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
     info = dataset.prepare_dataset(
         dataset.corpus_path(config.data), config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
     )
-    model, tokenizer, result = training.train_model(info["path"], config)
+    model, tokenizer, result = training.train_model(info.path, config)
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -93,7 +93,7 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
         uri,
         run_id,
         adapter,
-        describe_base(info["base"], config.model),
+        describe_base(info.base, config.model),
         {"max_new_tokens": 8},
         config.registry.model_name,
         {},
@@ -105,7 +105,7 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
     args = {
         "uri": uri,
         "target": f"models:/{config.registry.model_name}/1",
-        "base": info["base"],
+        "base": info.base,
         "reference": str(tmp_path / "reference.safetensors"),
     }
     done = subprocess.run(

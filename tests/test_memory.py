@@ -48,15 +48,15 @@ def test_training_and_evaluation_release_the_base(tmp_path, precision):
         config.train.max_length,
         f"{config.data.cache_dir}/datasets",
     )
-    weights = Path(info["base"]).resolve() / "model.safetensors"
+    weights = Path(info.base).resolve() / "model.safetensors"
     assert mappings(weights) == 0
     during: list[int] = []
     result = training.train_adapter(
-        info["path"], config, tmp_path / "run", on_log=lambda step, record, progress: during.append(mappings(weights))
+        info.path, config, tmp_path / "run", on_log=lambda step, record, progress: during.append(mappings(weights))
     )
     assert during and min(during) >= 1  # the training model maps the base file while it trains
     assert mappings(weights) == 0, "the trained model outlived the training stage"
-    evaluation.evaluate_adapter(info["path"], result.adapter_dir, config, tmp_path / "evaluation")
+    evaluation.evaluate_adapter(info.path, result.adapter_dir, config, tmp_path / "evaluation")
     assert mappings(weights) == 0, "the evaluated model outlived the evaluation stage"
     quiet.setLevel(level)
 
@@ -77,9 +77,9 @@ def test_evaluating_on_an_nf4_base_releases_it(tmp_path):
         config.train.max_length,
         f"{config.data.cache_dir}/datasets",
     )
-    result = training.train_adapter(info["path"], config, tmp_path / "run")
-    weights = Path(info["base"]).resolve() / "model.safetensors"
+    result = training.train_adapter(info.path, config, tmp_path / "run")
+    weights = Path(info.base).resolve() / "model.safetensors"
     nf4 = load_config(DEFAULT_PROFILE, [*overrides, "model.precision=nf4"])
-    evaluation.evaluate_adapter(info["path"], result.adapter_dir, nf4, tmp_path / "evaluation")
+    evaluation.evaluate_adapter(info.path, result.adapter_dir, nf4, tmp_path / "evaluation")
     assert mappings(weights) == 0, "the evaluated nf4 model outlived the evaluation stage"
     quiet.setLevel(level)

@@ -75,7 +75,7 @@ def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained
         "uri": registered["tracking_uri"],
         "name": NAME,
         "reference": str(trained["reference"]),
-        "base": trained["info"]["base"],
+        "base": trained["info"].base,
     }
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -116,7 +116,7 @@ def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained
 def test_version_records_provenance_metrics_and_checksums(trained, registered):
     client = MlflowClient(registered["tracking_uri"], registered["tracking_uri"])
     version = client.get_model_version(NAME, "1")
-    tags, fingerprint = version.tags, trained["info"]["fingerprint"]
+    tags, fingerprint = version.tags, trained["info"].fingerprint
     assert version.run_id == registered["run_id"]
     assert tags["base_model"] == "tiny" and tags["dataset_fingerprint"] == fingerprint
     assert (
@@ -138,7 +138,7 @@ def test_version_records_provenance_metrics_and_checksums(trained, registered):
     assert (
         tags["adapter_sha256"] == sha256_file(trained["adapter"] / "adapter_model.safetensors") == sha256_file(adapter)
     )
-    assert tags["base_weights_sha256"] == sha256_file(Path(trained["info"]["base"]) / "model.safetensors")
+    assert tags["base_weights_sha256"] == sha256_file(Path(trained["info"].base) / "model.safetensors")
     meta = json.loads((registered["model_dir"] / "artifacts" / "base_model.json").read_text())
     assert meta["sha256"]["adapter"]["adapter_model.safetensors"] == tags["adapter_sha256"]
     assert tags["base_model_json_sha256"] == sha256_file(registered["model_dir"] / "artifacts" / "base_model.json")

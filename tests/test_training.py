@@ -213,8 +213,8 @@ def test_an_empty_validation_split_trains_without_validation_loss(shared_cache, 
     info = dataset.prepare_dataset(
         dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, tmp_path / "datasets"
     )
-    data = dataset.load_prepared(info["path"])
+    data = dataset.load_prepared(info.path)
     assert len(data["validation"]) == len(data["validation_blocks"]) == 0 and len(data["test"]) > 0
-    result = training.train_adapter(info["path"], config, tmp_path / "out")
+    result = training.train_adapter(info.path, config, tmp_path / "out")
     assert result.steps == 2 and result.validation_loss is None
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

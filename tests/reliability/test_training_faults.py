@@ -35,7 +35,7 @@ def prepared(shared_cache) -> str:
     info = dataset.prepare_dataset(
         dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
     )
-    return info["path"]
+    return info.path
 
 
 def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri):

@@ -49,7 +49,7 @@ def trained(shared_cache, tmp_path_factory):
         config.train.max_length,
         f"{config.data.cache_dir}/datasets",
     )
-    model, tokenizer, _ = training.train_model(info["path"], config)
+    model, tokenizer, _ = training.train_model(info.path, config)
     assert not model.training  # eval mode: LoRA dropout off, so logits are deterministic
     out = tmp_path_factory.mktemp("trained")
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
@@ -72,13 +72,13 @@ def registered(trained, tmp_path_factory):
     config, info = trained["config"], trained["info"]
     tags = {
         "base_model": config.model.name,
-        "dataset_fingerprint": info["fingerprint"],
+        "dataset_fingerprint": info.fingerprint,
         "git_commit": git_commit(),
         "prefect.flow_run_id": str(uuid4()),
     }
     run_id = tracking.start_run(uri, "registry-test", "registry", {"lora.r": config.lora.r}, tags, "{}\n")
     metrics = {"test_bits_per_byte": 3.25, "test_perplexity": 40.5, "benchmark_bits_per_byte": 3.25}
-    base = describe_base(info["base"], config.model)
+    base = describe_base(info.base, config.model)
     result = registry.register_adapter(
         uri, run_id, trained["adapter"], base, {"max_new_tokens": 8}, NAME, tags, metrics, **CHAMPION_POLICY
     )

@@ -28,7 +28,7 @@ def prepared(shared_cache) -> str:
     info = dataset.prepare_dataset(
         dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
     )
-    return info["path"]
+    return info.path
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def test_flow_trains_registers_and_reloads_each_family(
     )  # the flow's, reused
     print(
         f"\n{family}: train {summary['train']['seconds']:.2f} s, test bits/byte {metrics['test_bits_per_byte']:.3f} "
-        f"(base {metrics['base_test_bits_per_byte']:.3f}), tokens/char {info['stats']['tokens_per_char']:.3f}"
+        f"(base {metrics['base_test_bits_per_byte']:.3f}), tokens/char {info.stats['tokens_per_char']:.3f}"
     )
     assert 0 < metrics["test_bits_per_byte"] < 100
 

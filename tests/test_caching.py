@@ -14,6 +14,7 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
 
 from flows.cli import DEFAULT_PROFILE
 from lib.config import PipelineConfig, load_config
+from lib.dataset import PreparedDataset
 from tasks.acquire import RESULTS_SUBDIR, acquire_corpus, result_storage_for
 from tasks.prepare import prepare_dataset
 from tests.conftest import tiny_overrides
@@ -76,7 +77,7 @@ def test_training_change_reuses_data_stages_and_preprocessing_change_reprepares(
 
 
 @flow
-def data_stages_flow(config: PipelineConfig) -> dict:
+def data_stages_flow(config: PipelineConfig) -> PreparedDataset:
     """The flow's first two stages exactly as flows/finetune.py calls them."""
     results = result_storage_for(config.data)
     csv_path = acquire_corpus.with_options(result_storage=results)(config.data)
@@ -87,7 +88,7 @@ def data_stages_flow(config: PipelineConfig) -> dict:
 
 def data_stages(config) -> dict[str, str]:
     state = data_stages_flow(config, return_state=True)
-    assert Path(state.result()["path"]).is_dir()
+    assert Path(state.result().path).is_dir()  # a cache hit hands on the typed PreparedDataset too
     return task_states(state.state_details.flow_run_id)
 
 

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 from lib.generation import generate_continuations
+from tests.support.toy_lm import CORPUS
 
-CORPUS = [
-    "Президент подписал закон о бюджете на следующий год.",
-    "В Москве прошел снег, движение на дорогах затруднено.",
-    "The quick brown fox jumps over the lazy dog.",
-    "Курс рубля к доллару вырос на торгах Московской биржи.",
-]
+# `tokenizer` is tests/support/toy_lm.py's (the same CORPUS); `model` below is peaked on purpose.
 # Different lengths on purpose, so a batch needs padding.
 PROMPTS = ["В Москве", "Курс рубля к доллару вырос на торгах", "Президент", "The quick brown fox jumps over"]
 CONTEXT = 128
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    # GPT-2 style: <|endoftext|> is BOS and EOS, no pad token, right padding by default.
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")

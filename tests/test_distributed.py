@@ -1,6 +1,6 @@
-"""Data-parallel training (train.num_processes > 1): two CPU processes over gloo on the tiny GPT-Neo.
+"""Data-parallel training (train.num_processes > 1): torchrun starts two CPU processes (gloo, DDP) on the tiny GPT-Neo.
 
-The slow tests spawn a second Python process that imports torch/transformers/peft (seconds), hence slow.
+The slow tests start torchrun and two Python processes that import torch/transformers/peft (seconds each).
 """
 
 from __future__ import annotations
@@ -27,25 +27,56 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
+def saved_weights(result: training.TrainResult) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def assert_no_child_processes() -> None:
+    """torchrun and its ranks are gone once train_adapter returns or raises."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    assert not children, [(c.pid, c.cmdline()[:6]) for c in children]
+
+
 @pytest.mark.slow
-def test_two_processes_make_the_update_of_one_process_with_twice_the_batch(prepared, shared_cache):
-    # Same global micro-batches, loss divided by the same token count, gradients summed: the first
-    # update (and the second, after an optimizer state built from all-reduced gradients) must match.
-    single, _, one = training.train_model(
-        prepared, tiny(shared_cache, **{"train.max_steps": 2, "train.batch_size": 4, "train.grad_accum": 2})
+def test_two_processes_make_the_update_of_one_process_with_twice_the_batch(prepared, shared_cache, tmp_path):
+    # Same global micro-batches, loss divided by the same token count, DDP's all-reduce: the first update
+    # (and the second, after an optimizer state built from all-reduced gradients) must match.
+    one = training.train_adapter(
+        prepared,
+        tiny(shared_cache, **{"train.max_steps": 2, "train.batch_size": 4, "train.grad_accum": 2}),
+        tmp_path / "one",
     )
-    double, _, two = training.train_model(
+    logged: list = []
+    two = training.train_adapter(
         prepared,
         tiny(
             shared_cache,
             **{"train.max_steps": 2, "train.batch_size": 2, "train.grad_accum": 2, "train.num_processes": 2},
         ),
+        tmp_path / "two",
+        on_log=lambda step, record, progress: logged.append((step, record, progress)),
     )
-    a, b = lora_weights(single), lora_weights(double)
-    assert a.keys() == b.keys() and a
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert_no_child_processes()
+    assert max_difference(saved_weights(one), saved_weights(two)) < 1e-5
     assert [h["train_loss"] for h in one.history] == pytest.approx([h["train_loss"] for h in two.history], abs=1e-5)
     assert one.tokens == two.tokens  # both count the whole global batch
+    assert two.adapter_dir == str(tmp_path / "two" / "adapter") and two.steps == 2
+    # rank 0's on_log calls reach this process: each step with its Progress, then the final validation.
+    assert [(step, type(progress).__name__) for step, _, progress in logged] == [
+        (1, "Progress"),
+        (2, "Progress"),
+        (2, "NoneType"),
+    ]
+    assert logged[0][1]["train_loss"] == pytest.approx(two.history[0]["train_loss"])
 
 
 @pytest.mark.slow
@@ -76,6 +107,7 @@ def test_two_processes_train_an_adapter_that_loads(prepared, shared_cache, tmp_p
     # on_log and checkpoints come from rank 0 only: one call per step (+ the final validation), one writer.
     assert logged == list(range(1, 31)) + [30]
     assert checkpoint.latest(tmp_path / "ckpt").step == 30
+    assert checkpoint.latest(tmp_path / "ckpt").run_id == "r"
     base_path = json.loads((Path(prepared) / "lenta_lora_dataset.json").read_text())["base"]
     model = PeftModel.from_pretrained(load_base_model(base_path, config.model), result.adapter_dir)
     blocks = dataset.load_prepared(prepared)["validation_blocks"]
@@ -95,46 +127,86 @@ def test_an_epoch_is_shared_by_the_processes(shared_cache):
     assert training.count_steps(100, config.train, world=2) == 7
 
 
-class Crash(Exception):
-    pass
-
-
-def crash_at(step_to_fail: int):
-    def on_log(step, record, progress):
-        if step == step_to_fail:
-            raise Crash(step)
-
-    return on_log
+@pytest.mark.slow
+def test_a_rank_with_an_empty_shard_still_joins_the_steps_all_reduce(prepared, shared_cache, tmp_path):
+    """One epoch whose short last micro-batch holds at most `batch_size` blocks: all rank 0's, none for
+    rank 1, which must still take part in that step's all-reduce (else DDP waits for it forever)."""
+    blocks = len(dataset.load_prepared(prepared)["train_blocks"])
+    batch = next(b for b in range(2, blocks) if 0 < blocks % (2 * b) <= b)
+    settings = {"train.max_steps": "null", "train.epochs": 1, "train.grad_accum": 1}
+    one = training.train_adapter(
+        prepared, tiny(shared_cache, **settings, **{"train.batch_size": 2 * batch}), tmp_path / "one"
+    )
+    two = training.train_adapter(
+        prepared,
+        tiny(shared_cache, **settings, **{"train.batch_size": batch, "train.num_processes": 2}),
+        tmp_path / "two",
+    )
+    assert two.steps == one.steps == -(-blocks // (2 * batch))
+    assert max_difference(saved_weights(one), saved_weights(two)) < 1e-5
+    assert [h["train_loss"] for h in one.history] == pytest.approx([h["train_loss"] for h in two.history], abs=1e-5)
 
 
 @pytest.mark.slow
-def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, shared_cache, tmp_path):
-    """2 ranks, 6 steps straight vs a crash while logging step 4 (rank 0 checkpoints step 4, the
-    other rank is terminated), then a resume with 2 ranks: every rank restores rank 0's checkpoint."""
+def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, shared_cache, tmp_path, monkeypatch):
+    """2 ranks, 6 steps straight vs rank 0 killed (SIGKILL) right after checkpointing step 4, then a
+    resume with 2 ranks: every rank restores rank 0's checkpoint, and the task process hears of it."""
+    from lib.launch import TrainingProcessesFailed
+
     config = tiny(
         shared_cache,
-        **{"train.max_steps": 6, "train.batch_size": 2, "train.num_processes": 2, "train.checkpoint_every": 3},
+        **{"train.max_steps": 6, "train.batch_size": 2, "train.num_processes": 2, "train.checkpoint_every": 2},
     )
-    straight, _, expected = training.train_model(prepared, config)
+    expected = training.train_adapter(prepared, config, tmp_path / "straight")
     folder = tmp_path / "ckpt"
-    with pytest.raises(Crash):
-        training.train_model(prepared, config, on_log=crash_at(4), checkpoint_dir=folder, run_id="a")
-    assert checkpoint.latest(folder).step == 4
-    resumed, _, result = training.train_model(prepared, config, checkpoint_dir=folder, run_id="b")
+    monkeypatch.setenv("LENTA_LORA_FAULT", "train.step-4")  # inherited by torchrun's ranks
+    with pytest.raises(TrainingProcessesFailed, match=r"the 2 training processes failed \(torchrun exit code"):
+        training.train_adapter(prepared, config, tmp_path / "a", checkpoint_dir=folder, run_id="a")
+    assert_no_child_processes()
+    assert checkpoint.latest(folder).step == 4 and not (tmp_path / "a").exists()
+    monkeypatch.delenv("LENTA_LORA_FAULT")
+    resumed_from: list = []
+    result = training.train_adapter(
+        prepared, config, tmp_path / "b", checkpoint_dir=folder, run_id="b", on_resume=resumed_from.append
+    )
+    assert [(c.step, c.total_steps, c.run_id) for c in resumed_from] == [(4, 6, "a")]
     assert result.resumed_from_step == 4 and result.steps == 6
     assert [h["train_loss"] for h in result.history] == pytest.approx(
         [h["train_loss"] for h in expected.history], abs=1e-6
     )
-    a, b = lora_weights(straight), lora_weights(resumed)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert max_difference(saved_weights(expected), saved_weights(result)) < 1e-6
+
+
+@pytest.mark.slow
+def test_a_ranks_error_reaches_the_caller_with_its_type_and_message(prepared, shared_cache, tmp_path):
+    # The settings of tests/test_training.py's divergence test: NaN loss at step 3 (on every rank).
+    config = tiny(
+        shared_cache,
+        **{
+            "train.max_steps": 20,
+            "train.learning_rate": 1e6,
+            "lora.target_modules": "all-linear",
+            "train.batch_size": 2,
+            "train.num_processes": 2,
+        },
+    )
+    logged: list[int] = []
+    with pytest.raises(training.TrainingDiverged, match=r"training loss is \S+ at optimizer step") as error:
+        training.train_adapter(
+            prepared, config, tmp_path / "out", on_log=lambda step, record, progress: logged.append(step)
+        )
+    assert "no adapter was saved" in str(error.value) and "\n" not in str(error.value)
+    assert_no_child_processes()
+    assert logged and logged == list(range(1, len(logged) + 1))  # steps before the NaN were relayed
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_accelerate_launch_trains_with_the_launchers_process_group(prepared, shared_cache, tmp_path):
-    """`accelerate launch` starts 2 CPU processes of lib.train_entry; they make the same update as
-    train.num_processes=2 does, and only rank 0 saves the adapter and prints the result."""
+    """`accelerate launch` starts 2 CPU processes of lib.train_entry; they make the same update as one
+    process with twice the batch, and only rank 0 saves the adapter and prints the result."""
     settings = {"train.max_steps": 3, "train.batch_size": 2}
-    expected, _, _ = training.train_model(prepared, tiny(shared_cache, **settings, **{"train.num_processes": 2}))
+    expected, _, _ = training.train_model(prepared, tiny(shared_cache, **{**settings, "train.batch_size": 4}))
     overrides = [
         f"--set={o}"
         for o in tiny_overrides(

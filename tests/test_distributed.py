@@ -5,6 +5,7 @@ The slow tests start torchrun and two Python processes that import torch/transfo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,12 +39,36 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def assert_no_child_processes() -> None:
-    """torchrun and its ranks are gone once train_adapter returns or raises."""
+def assert_no_child_processes(groups: list[int] = ()) -> None:
+    """torchrun and its ranks are gone once train_adapter returns or raises: no child of this process
+    runs them, and no live process is left in the process groups `launched` recorded (orphans too)."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
-    assert not children, [(c.pid, c.cmdline()[:6]) for c in children]
+    children = [c.cmdline() for c in psutil.Process().children(recursive=True)]  # the Prefect server's too
+    assert not [c for c in children if "lib.train_entry" in c or "torch.distributed.run" in c], children
+    left = []
+    for process in psutil.process_iter(["pid", "status", "cmdline"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(process.pid) in groups and process.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(process.info)
+    assert not left, left
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[int]:
+    """The process groups (torchrun's pid) lib/launch.py starts during the test."""
+    from lib import launch
+
+    groups: list[int] = []
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        child = real(*args, **kwargs)
+        groups.append(child.pid)
+        return child
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    return groups
 
 
 @pytest.mark.slow
@@ -148,7 +173,9 @@ def test_a_rank_with_an_empty_shard_still_joins_the_steps_all_reduce(prepared, s
 
 
 @pytest.mark.slow
-def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, shared_cache, tmp_path, monkeypatch):
+def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(
+    prepared, shared_cache, tmp_path, monkeypatch, launched
+):
     """2 ranks, 6 steps straight vs rank 0 killed (SIGKILL) right after checkpointing step 4, then a
     resume with 2 ranks: every rank restores rank 0's checkpoint, and the task process hears of it."""
     from lib.launch import TrainingProcessesFailed
@@ -160,9 +187,13 @@ def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, sh
     expected = training.train_adapter(prepared, config, tmp_path / "straight")
     folder = tmp_path / "ckpt"
     monkeypatch.setenv("LENTA_LORA_FAULT", "train.step-4")  # inherited by torchrun's ranks
-    with pytest.raises(TrainingProcessesFailed, match=r"the 2 training processes failed \(torchrun exit code"):
+    with pytest.raises(
+        TrainingProcessesFailed, match=r"the 2 training processes failed \(torchrun exit code"
+    ) as failed:
         training.train_adapter(prepared, config, tmp_path / "a", checkpoint_dir=folder, run_id="a")
-    assert_no_child_processes()
+    assert "SIGKILL" in str(failed.value) and "\n" not in str(failed.value)  # the tail of torchrun's report
+    assert len(launched) == 2 and launched[0] != launched[1]  # the straight run's torchrun and this one's
+    assert_no_child_processes(launched)
     assert checkpoint.latest(folder).step == 4 and not (tmp_path / "a").exists()
     monkeypatch.delenv("LENTA_LORA_FAULT")
     resumed_from: list = []
@@ -178,7 +209,7 @@ def test_two_processes_resume_from_a_checkpoint_as_if_never_stopped(prepared, sh
 
 
 @pytest.mark.slow
-def test_a_ranks_error_reaches_the_caller_with_its_type_and_message(prepared, shared_cache, tmp_path):
+def test_a_ranks_error_reaches_the_caller_with_its_type_and_message(prepared, shared_cache, tmp_path, launched):
     # The settings of tests/test_training.py's divergence test: NaN loss at step 3 (on every rank).
     config = tiny(
         shared_cache,
@@ -196,7 +227,8 @@ def test_a_ranks_error_reaches_the_caller_with_its_type_and_message(prepared, sh
             prepared, config, tmp_path / "out", on_log=lambda step, record, progress: logged.append(step)
         )
     assert "no adapter was saved" in str(error.value) and "\n" not in str(error.value)
-    assert_no_child_processes()
+    assert len(launched) == 1
+    assert_no_child_processes(launched)
     assert logged and logged == list(range(1, len(logged) + 1))  # steps before the NaN were relayed
     assert not (tmp_path / "out").exists()
 
@@ -257,3 +289,26 @@ def test_accelerate_launch_trains_with_the_launchers_process_group(prepared, sha
     launched = PeftModel.from_pretrained(load_base_model(base_path, config.model), results[0]["adapter_dir"])
     a, b = lora_weights(expected), lora_weights(launched)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_flow_trains_with_two_processes_through_the_launcher(prefect_server, shared_cache, tracking_uri):
+    """`train.num_processes=2` end to end: the train task starts torchrun, and what rank 0 reports
+    (each step's loss, the progress artifact) still reaches MLflow and Prefect from the task process."""
+    from mlflow import MlflowClient
+
+    from flows.cli import DEFAULT_PROFILE
+    from flows.finetune import finetune
+    from lib.config import load_config
+    from tests.test_flow_e2e import artifact_data
+
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"train.num_processes": 2}))
+    summary = finetune(config=config)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "train_loss")] == [1, 2, 3, 4]
+    assert run.data.params["train.effective_batch"] == str(2 * config.train.batch_size * config.train.grad_accum)
+    assert "test_perplexity" in run.data.metrics and summary["model"]["version"] == 1
+    assert float(artifact_data("training-progress")) == 100.0
+    assert_no_child_processes()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,9 @@ from lib.train_result import LogFn, Progress, TrainResult
 ROOT = Path(__file__).resolve().parent.parent  # the repository: lib/ must import in the children
 EVENTS, OUTCOME = "events.jsonl", "outcome.json"
 POLL_SECONDS = 0.5
+# Looked up here, not between fork and exec (where a dlopen could wait on a lock another thread held).
+_PRCTL = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception|Fault|Diverged|Memory): ")
 # The errors whose message tells the user what to do: raised again here with the same type.
 KNOWN = (TrainingDiverged, OutOfMemory, checkpoint.CheckpointError, checkpoint.StorageError)
 KNOWN_ERRORS = {error.__name__: error for error in KNOWN}
@@ -78,14 +82,14 @@ def train_with_launcher(
         code = _run(command, folder, relay)
         outcome = json.loads((folder / OUTCOME).read_text()) if (folder / OUTCOME).exists() else {}
         if "error" in outcome:
-            kind, message = outcome["error"]["type"], outcome["error"]["message"]
-            raise KNOWN_ERRORS.get(kind, TrainingProcessesFailed)(
-                message if kind in KNOWN_ERRORS else f"training rank 0 failed: {kind}: {message}"
-            )
+            kind, message = outcome["error"]["type"], " | ".join(outcome["error"]["message"].splitlines())
+            if kind in KNOWN_ERRORS:
+                raise KNOWN_ERRORS[kind](message)
+            raise TrainingProcessesFailed(f"training rank 0 failed: {kind}: {message}")
         if code != 0 or "result" not in outcome:
             raise TrainingProcessesFailed(
                 f"the {config.train.num_processes} training processes failed (torchrun exit code {code}) "
-                f"without a result; last output: {_tail(folder / 'output.log')}"
+                f"without a result; last output: {output_tail(folder / 'output.log')}"
             )
         return TrainResult(**outcome["result"])
 
@@ -125,10 +129,8 @@ def _run(command: list[str], folder: Path, relay: Callable[[dict], None]) -> int
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it when this process dies, even by SIGKILL (Linux prctl
     PR_SET_PDEATHSIG), so that no orphaned ranks go on training and holding the checkpoint lock."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the `finally` below still covers errors and Ctrl-C
-        pass
+    if _PRCTL is not None:  # elsewhere `_run`'s `finally` still covers errors and Ctrl-C
+        _PRCTL(1, signal.SIGTERM)
 
 
 def _stop(child: subprocess.Popen) -> None:
@@ -146,10 +148,11 @@ def _stop(child: subprocess.Popen) -> None:
     child.wait()
 
 
-def _tail(log: Path, lines: int = 4) -> str:
+def output_tail(log: Path, lines: int = 4) -> str:
     """The last lines of the children's output on one line, the last exception line first."""
     text = log.read_text(errors="replace").splitlines() if log.exists() else []
     text = [t.strip() for t in text if t.strip()]
-    errors = [t for t in text if t.split(":")[0].endswith(("Error", "Exception", "Fault", "Diverged", "Memory"))]
+    # "[rank1]: ValueError: ...", "lib.faults.InjectedFault: ..."; torchrun's own ChildFailedError says less
+    errors = [t for t in text if ERROR_LINE.search(t) and "ChildFailedError" not in t]
     shown = ([errors[-1]] if errors else []) + text[-lines:]
     return " | ".join(shown)[-1500:] or "(no output)"

@@ -234,6 +234,25 @@ def test_a_ranks_error_reaches_the_caller_with_its_type_and_message(prepared, sh
 
 
 @pytest.mark.slow
+def test_an_error_in_the_task_process_stops_the_ranks(prepared, shared_cache, tmp_path, launched):
+    """on_log failing (say MLflow went away) or Ctrl-C while the ranks train: the error propagates
+    and torchrun's whole process group is ended, long before its 200 steps could finish."""
+
+    class Crash(Exception):
+        pass
+
+    def on_log(step, record, progress):
+        raise Crash(step)
+
+    config = tiny(shared_cache, **{"train.max_steps": 200, "train.batch_size": 2, "train.num_processes": 2})
+    with pytest.raises(Crash):
+        training.train_adapter(prepared, config, tmp_path / "out", on_log=on_log)
+    assert len(launched) == 1
+    assert_no_child_processes(launched)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_accelerate_launch_trains_with_the_launchers_process_group(prepared, shared_cache, tmp_path):
     """`accelerate launch` starts 2 CPU processes of lib.train_entry; they make the same update as one
     process with twice the batch, and only rank 0 saves the adapter and prints the result."""
@@ -300,7 +319,7 @@ def test_the_flow_trains_with_two_processes_through_the_launcher(prefect_server,
     from flows.cli import DEFAULT_PROFILE
     from flows.finetune import finetune
     from lib.config import load_config
-    from tests.test_flow_e2e import artifact_data
+    from tests.support.artifacts import artifact_data
 
     config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"train.num_processes": 2}))
     summary = finetune(config=config)
@@ -312,3 +331,20 @@ def test_the_flow_trains_with_two_processes_through_the_launcher(prefect_server,
     assert "test_perplexity" in run.data.metrics and summary["model"]["version"] == 1
     assert float(artifact_data("training-progress")) == 100.0
     assert_no_child_processes()
+
+
+def test_a_failure_without_a_result_is_one_line_naming_the_rank_error(tmp_path):
+    from lib import launch
+
+    log = tmp_path / "output.log"
+    log.write_text(
+        "[rank1]: Traceback (most recent call last):\n"
+        '[rank1]:   File "lib/steps.py", line 3, in batch_nll\n'
+        "[rank1]: ValueError: shapes do not match\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "  exitcode  : 1 (pid: 12)\n"
+        "=======\n"
+    )
+    tail = launch.output_tail(log)
+    assert tail.startswith("[rank1]: ValueError: shapes do not match | ") and "exitcode  : 1" in tail
+    assert "\n" not in tail and launch.output_tail(tmp_path / "missing.log") == "(no output)"

@@ -311,7 +311,7 @@ def train_step(
     lr = run.schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
     if not math.isfinite(loss):
         raise TrainingDiverged(diverged_message(loss, step, run.steps, lr, train, state.history))
-    if run.scaler:  # unscales, skips the update if a gradient overflowed, then adapts the scale
+    if run.scaler is not None:  # unscales, skips the update if a gradient overflowed, then adapts the scale
         run.scaler.step(run.optimizer)
         run.scaler.update()
     else:

@@ -164,8 +164,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(directory: str | Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoint `step` (adapter, optimizer, scheduler, RNG, `state`) atomically; keep the newest KEEP.
+def save(directory: str | Path, step: int, model, optimizer, scheduler, state: dict, scaler=None) -> Path:
+    """Write checkpoint `step` (adapter, optimizer, scheduler, RNG, `state`; fp16's GradScaler if given)
+    atomically; keep the newest KEEP.
 
     `state` must hold `total_steps` and may hold `run_id`, `tokens`, `seconds`, `history` (JSON-able).
     """
@@ -176,6 +177,8 @@ def save(directory: str | Path, step: int, model, optimizer, scheduler, state: d
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
         model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+        if scaler is not None:  # its loss scale: a resumed fp16 run scales as the uninterrupted one would
+            trainer["scaler"] = scaler.state_dict()
         torch.save(trainer, tmp / TRAINER)
         (tmp / STATE).write_text(json.dumps({**state, "step": step}, ensure_ascii=False))
         for path in [*tmp.rglob("*"), tmp]:
@@ -210,7 +213,7 @@ def _size_text(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
-def load(checkpoint: Checkpoint, model, optimizer, scheduler, total_steps: int) -> dict:
+def load(checkpoint: Checkpoint, model, optimizer, scheduler, total_steps: int, scaler=None) -> dict:
     """Put the checkpoint's adapter weights, optimizer, scheduler and RNG states back; return its state."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -232,6 +235,8 @@ def load(checkpoint: Checkpoint, model, optimizer, scheduler, total_steps: int) 
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     _restore_rng(trainer["rng"])
+    if scaler is not None and "scaler" in trainer:
+        scaler.load_state_dict(trainer["scaler"])
     return checkpoint.state
 
 

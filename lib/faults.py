@@ -10,7 +10,7 @@ is one dictionary lookup.
 
 Points (in pipeline order; tests/reliability/test_kill_points.py kills at each one):
     prepare.before-publish        dataset written to its temporary folder, not yet renamed into place
-    train.step-<N>                optimizer step N done (after its checkpoint, if one falls on N)
+    train.step-<N>                optimizer step N done (after its checkpoint, if one falls on N); rank 0 only
     evaluate.after-scoring        perplexities computed, generations not
     register.after-artifacts      the model is logged in the run's artifacts, no version yet
     register.after-version        a version exists, `champion` not yet decided

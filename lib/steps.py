@@ -11,6 +11,7 @@ Padding (attention_mask == 0) is never scored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -83,6 +84,21 @@ def micro_batch_order(num_blocks: int, batch_size: int, seed: int, needed: int) 
     return order[:needed]
 
 
+def mixed_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype, GradScaler) for training on `device`. On a GPU the half-precision compute dtype of
+    `precision` (int8/nf4: their compute dtype) runs the forward under autocast, and fp16 gets a GradScaler:
+    its small gradients underflow without loss scaling (bf16 has fp32's range and needs none). On CPU:
+    (None, None), fp32 as before. Not run on a GPU here: the tests have none."""
+    from lib.base_model import resolve_dtype
+
+    if device.type != "cuda":
+        return None, None
+    dtype = resolve_dtype("auto" if precision in ("int8", "nf4") else precision)
+    if dtype == torch.float32:
+        return None, None
+    return dtype, torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -121,25 +137,50 @@ def diverged_message(loss: float, step: int, steps: int, lr: float, train: Train
 
 
 def accumulate_gradients(
-    model, ids: torch.Tensor, masks: torch.Tensor, chunk: list[list[int]], shard: slice, at: tuple[int, int], heartbeat
+    model,
+    ids: torch.Tensor,
+    masks: torch.Tensor,
+    chunk: list[list[int]],
+    shard: slice,
+    at: tuple[int, int],
+    heartbeat,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Backward over this rank's share of the step's micro-batches: (summed NLL, the whole step's scored tokens).
 
     `chunk` holds the step's micro-batches (block indices, all ranks'), `shard` this rank's part of each,
     `at` (step, steps) for the heartbeat line a slow step logs when `heartbeat` (a progress.Ticker) is due.
+    `model` is the PEFT model, or DistributedDataParallel around it: then the gradients are all-reduced
+    once per step, in the backward of the step's last micro-batch (`no_sync` on the others).
+    `scaler` (fp16 on a GPU) scales the loss before backward; `autocast_dtype` runs the forward in autocast.
     The NLL is summed on the device and read once per step: a float() per micro-batch is a GPU sync each."""
     step, steps = at
     step_tokens = sum(int(masks[idx, 1:].sum()) for idx in chunk)  # targets scored this step, all ranks'
-    device, started = model.device, time.perf_counter()
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    # DDP averages the ranks' gradients; each rank's loss is already divided by the whole step's (all ranks')
+    # token count, so the sum is wanted: x world size makes DDP's mean that sum, and N processes x batch b
+    # make exactly the update of 1 process x batch N*b.
+    world = torch.distributed.get_world_size() if ddp else 1
+    device = (model.module if ddp else model).device
+    started = time.perf_counter()
     step_nll = torch.zeros((), device=device)
     for micro, idx in enumerate(chunk, 1):
-        rows = idx[shard]
-        if not rows:  # this rank's share of an epoch's short last micro-batch
-            continue
-        nll, _ = batch_nll(model, ids[rows].to(device), masks[rows].to(device))
-        (nll / step_tokens).backward()
-        step_nll += nll.detach()
-        if micro < len(chunk) and heartbeat.due():  # a slow step: say where it is (not after its last)
+        last = micro == len(chunk)
+        rows, weight = idx[shard], 1.0
+        if not rows:  # this rank's share of an epoch's short last micro-batch is empty
+            if not (ddp and last):
+                continue
+            # ... but the step's all-reduce happens in this backward, and every rank must join it: a
+            # zero-weight pass over one block adds nothing to the gradients.
+            rows, weight = idx[:1], 0.0
+        with contextlib.nullcontext() if last or not ddp else model.no_sync():
+            with torch.autocast(device.type, autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+                nll, _ = batch_nll(model, ids[rows].to(device), masks[rows].to(device))
+            loss = nll / step_tokens * (weight * world)  # x 1.0 (one process) is exact
+            (scaler.scale(loss) if scaler else loss).backward()
+        step_nll += nll.detach() * weight
+        if not last and heartbeat.due():  # a slow step: say where it is (not after its last)
             log.info(
                 "step %d/%d: micro-batch %d/%d, %.0f s into this step",
                 step,

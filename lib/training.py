@@ -9,11 +9,12 @@ Resume: the micro-batch order of the whole run is a function of `train.seed`, an
 (lib/checkpoint.py) holds the adapter, optimizer, LR schedule and RNG states after step k, so a run
 resumed from it does steps k+1.. exactly as an uninterrupted run would have.
 
-Data parallel (`train.num_processes` = N > 1, lib/distributed.py): each optimizer step's global
-micro-batch of N x `batch_size` blocks is cut into N disjoint shards, one per process; every rank's
-loss is divided by the whole step's token count and the gradients are summed across ranks, so N
-processes x batch b make exactly the update of 1 process x batch N*b. Only rank 0 calls `on_log`,
-writes checkpoints and returns a model worth saving.
+Data parallel (`train.num_processes` = N > 1): `train_adapter` starts N ranks of lib/train_entry.py
+through torchrun (lib/launch.py). Each wraps the model in DistributedDataParallel and trains a disjoint
+shard of every global micro-batch of N x `batch_size` blocks; DDP all-reduces the gradients once per step
+(lib/steps.py), so N processes x batch b make exactly the update of 1 process x batch N*b. Only rank 0
+calls `on_log`, writes checkpoints and saves the adapter. On a GPU the forward runs under autocast, and
+fp16 scales the loss with a GradScaler that the checkpoints carry (lib/steps.mixed_precision).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,51 +42,25 @@ from lib.steps import (
     diverged_message,
     is_out_of_memory,
     micro_batch_order,
+    mixed_precision,
     oom_message,
     validation_loss,
 )
 from lib.threads import configure_threads
+from lib.train_result import LogFn, Progress, TrainResult
 
 log = logging.getLogger("lenta_lora.train")
-
-
-@dataclass
-class Progress:
-    step: int  # optimizer steps done, counting those of a run this one resumed
-    total: int
-    eta_seconds: float  # at this process's rate so far
-
-
-# on_log(step, metrics, progress): metrics go to MLflow as they are; progress is None for the final validation.
-LogFn = Callable[[int, dict[str, float], Progress | None], None]
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: str
-    steps: int
-    tokens: int  # real (non-padding) tokens trained on
-    seconds: float
-    final_loss: float
-    validation_loss: float | None
-    history: list[dict] = field(default_factory=list)  # every step, including those before a resume
-    resumed_from_step: int | None = None
-    lora_targets: list[str] = field(default_factory=list)  # module names the adapter was put on (lib/lora.py)
-
-    def summary(self) -> dict:
-        """Everything but the per-step history: what a run summary shows."""
-        return {k: v for k, v in asdict(self).items() if k != "history"}
 
 
 @dataclass
 class Run:
     """What `setup` makes once per process; fixed for the whole run."""
 
-    model: Any  # the PEFT model
+    model: Any  # the PEFT model (what is checkpointed and saved)
+    wrapped: Any  # what forward/backward run through: DistributedDataParallel around `model` with N > 1 ranks, else it
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    trainable: list[torch.nn.Parameter]
     info: PreparedDataset  # the prepared dataset's facts
     val_blocks: Any  # a `datasets` table
     ids: torch.Tensor  # the training blocks: two tensors index faster than a `datasets` table (per step:
@@ -94,6 +69,8 @@ class Run:
     shard: slice  # this rank's part of a micro-batch
     steps: int
     world: int
+    autocast_dtype: torch.dtype | None = None  # a GPU's half precision (lib/steps.mixed_precision)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on a GPU only
 
 
 @dataclass
@@ -127,6 +104,10 @@ def train_adapter(
 
     Nothing is written to `output_dir` unless training finishes with a finite loss.
     """
+    if config.train.num_processes > 1 and distributed.rank_and_world()[1] == 1:
+        from lib import launch  # N ranks through torchrun; this process relays their progress
+
+        return launch.train_with_launcher(dataset_path, config, output_dir, on_log, checkpoint_dir, run_id, on_resume)
     output_dir = Path(output_dir)
     model, tokenizer, result = train_model(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume)
     if distributed.rank_and_world()[0] != 0:  # under an external launcher: rank 0 saves
@@ -146,33 +127,24 @@ def train_model(
     run_id: str | None = None,
     on_resume: Callable[[checkpoint.Checkpoint], None] | None = None,
 ):
-    """The training loop; returns (peft model, tokenizer, TrainResult without adapter_dir).
+    """The training loop in this process; returns (peft model, tokenizer, TrainResult without adapter_dir).
 
     With `checkpoint_dir`: holds its lock, resumes from its newest checkpoint (calling `on_resume`
     first), and writes one every `train.checkpoint_every` steps and after the last step, recording
     `run_id` (the MLflow run) in each. Without it, nothing but the returned model is produced.
 
-    `train.num_processes` > 1 starts the other ranks here (this process is rank 0); a process
-    group set up by `accelerate launch` / torchrun is used as it is.
+    Inside a process group (torchrun / `accelerate launch`, lib/train_entry.py) this process trains its
+    rank's shard; `train.num_processes` > 1 outside one goes through `train_adapter` (the launcher).
     """
     rank, world = distributed.rank_and_world()
     if world > 1:  # the launcher's ranks share the machine: lib/train_entry.py sets their threads
         return _train_loop(
             dataset_path, config, on_log if rank == 0 else None, checkpoint_dir, run_id, on_resume, rank, world
         )
-    configure_threads(config.train.threads)  # N > 1 processes: process_group divides the cores instead
-    world = config.train.num_processes
-    if world == 1:
-        return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume)
-    with distributed.process_group(world, _worker, (dataset_path, config, checkpoint_dir)):
-        return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume, 0, world)
-
-
-def _worker(
-    dataset_path: str, config: PipelineConfig, checkpoint_dir: str | Path | None, *, rank: int, world: int
-) -> None:
-    """Ranks 1..N-1: train their shards; they resume from rank 0's checkpoints but never write any."""
-    _train_loop(dataset_path, config, None, checkpoint_dir, None, None, rank, world)
+    if config.train.num_processes > 1:
+        raise ValueError("train.num_processes > 1 starts processes through a launcher: call train_adapter")
+    configure_threads(config.train.threads)
+    return _train_loop(dataset_path, config, on_log, checkpoint_dir, run_id, on_resume)
 
 
 def _train_loop(
@@ -217,7 +189,8 @@ def _train_loop(
             # After on_log: a kill between the two re-trains (and re-logs) a few steps rather than losing a point.
             if writer and train.checkpoint_every and (step % train.checkpoint_every == 0 or step == run.steps):
                 save_checkpoint(writer, run, state, run_id)
-            faults.reach(f"train.step-{step}")
+            if rank == 0:  # the writer: other ranks dying first could stop it mid-checkpoint
+                faults.reach(f"train.step-{step}")
         bar.close()
     seconds = state.seconds + state.elapsed()
     val = final_validation(run, state, on_log, config.eval.batch_size) if rank == 0 else None
@@ -252,9 +225,16 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     model = wrap_with_lora(load_base_model(info.base, config.model), config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if world > 1:  # as DDP does at wrap time: every rank starts from rank 0's LoRA weights
-        for p in trainable:
-            torch.distributed.broadcast(p.data, src=0)
+    wrapped = model
+    if world > 1:  # DDP broadcasts rank 0's weights at wrap time; its gradient buckets hold the LoRA ones only
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[model.device] if model.device.type == "cuda" else None,
+            # The base's buffers are constants, equal on every rank; broadcasting them would add a collective
+            # to every forward, and a rank that skips an empty shard would do fewer of them than the others.
+            broadcast_buffers=False,
+        )
+    autocast_dtype, scaler = mixed_precision(config.model.precision, model.device)
     log.info(
         "trainable parameters: %d of %d", sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     )
@@ -268,10 +248,10 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
     order = micro_batch_order(len(blocks), train.batch_size * world, train.seed, steps * train.grad_accum)
     return Run(
         model,
+        wrapped,
         tokenizer,
         optimizer,
         schedule,
-        trainable,
         info,
         data["validation_blocks"],
         torch.tensor(blocks["input_ids"]),
@@ -280,6 +260,8 @@ def setup(dataset_path: str, config: PipelineConfig, rank: int, world: int) -> R
         slice(rank * train.batch_size, (rank + 1) * train.batch_size),
         steps,
         world,
+        autocast_dtype,
+        scaler,
     )
 
 
@@ -297,7 +279,7 @@ def resume(
         if writer:
             checkpoint.describe(writer, checkpoint.checkpoint_key(config, run.info.fingerprint, dataset_path)[1])
         return None, LoopState()
-    done = checkpoint.load(found, run.model, run.optimizer, run.schedule, run.steps)
+    done = checkpoint.load(found, run.model, run.optimizer, run.schedule, run.steps, run.scaler)
     log.info(
         "resuming at step %d of %d from %s (written by MLflow run %s)", found.step, run.steps, found.path, found.run_id
     )
@@ -315,20 +297,25 @@ def train_step(
     with the settings to lower, or TrainingDiverged on a non-finite loss, before any weight changed."""
     chunk = run.order[(step - 1) * train.grad_accum : step * train.grad_accum]
     try:
+        at = (step, run.steps)
         step_nll, step_tokens = accumulate_gradients(
-            run.model, run.ids, run.masks, chunk, run.shard, (step, run.steps), heartbeat
+            run.wrapped, run.ids, run.masks, chunk, run.shard, at, heartbeat, run.scaler, run.autocast_dtype
         )
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
         raise OutOfMemory(oom_message(error, step, train, model_cfg)) from None
-    if run.world > 1:
-        step_nll = distributed.all_reduce_gradients(run.trainable, step_nll)
-    loss = float(step_nll) / step_tokens
+    if run.world > 1:  # the gradients are summed already (DDP); the logged loss needs every rank's NLL too
+        torch.distributed.all_reduce(step_nll)
+    loss = float(step_nll) / step_tokens  # unscaled: a GradScaler skips steps with inf gradients itself
     lr = run.schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
     if not math.isfinite(loss):
         raise TrainingDiverged(diverged_message(loss, step, run.steps, lr, train, state.history))
-    run.optimizer.step()
+    if run.scaler is not None:  # unscales, skips the update if a gradient overflowed, then adapts the scale
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
     run.schedule.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(run.masks[idx].sum()) for idx in chunk)
@@ -371,6 +358,7 @@ def save_checkpoint(folder: str | Path, run: Run, state: LoopState, run_id: str 
             "seconds": state.seconds + state.elapsed(),
             "history": state.history,
         },
+        run.scaler,
     )
 
 

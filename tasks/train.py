@@ -85,7 +85,7 @@ def train_adapter(
         )
         _close_interrupted_run(uri, found, run_id, logger)
 
-    with tracking.system_metrics(uri, run_id):  # this process only: rank 0 under data parallelism
+    with tracking.system_metrics(uri, run_id):  # sampled here, while this process or its torchrun ranks train
         result = training.train_adapter(
             dataset_path,
             config,

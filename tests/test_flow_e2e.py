@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import load_config
 from tests.conftest import tiny_overrides
-from tests.support.artifacts import artifact_paths
+from tests.support.artifacts import artifact_data, artifact_paths
 
 pytestmark = pytest.mark.slow
 
@@ -156,19 +156,6 @@ def test_demo_flow_logs_everything_and_registers_versions(prefect_server, tiny_c
     assert decision["previous_value"] == decision["value"] and decision["relative_improvement"] == 0
     assert decision["reason"].startswith("champion stays 1") and decision["min_improvement"] == 0.002
     assert int(client.get_model_version_by_alias("test-adapter", "champion").version) == 1
-
-
-def artifact_data(key: str) -> str:
-    """The newest Prefect artifact under `key`, read back from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
-        )
-    return str(found[0].data)
 
 
 def test_failed_flow_marks_run_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri, tmp_path):

@@ -3,6 +3,8 @@ a checkpointed run resumes bit-identically, and a diverging run stops without sa
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -218,3 +220,29 @@ def test_an_empty_validation_split_trains_without_validation_loss(shared_cache, 
     result = training.train_adapter(info.path, config, tmp_path / "out")
     assert result.steps == 2 and result.validation_loss is None
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_grad_scaler_changes_no_update_and_resumes_exactly(prepared, shared_cache, tmp_path, monkeypatch):
+    """fp16's loss scaling (a GPU's path, lib/steps.mixed_precision) run with a CPU GradScaler: a power-of-two
+    scale is exact in fp32, so the weights equal an unscaled run's; checkpoints carry the scale, so a run
+    resumed from step 2 ends with the uninterrupted run's scaler state and weights."""
+    config = tiny(shared_cache, **{"train.max_steps": 3, "train.checkpoint_every": 1})
+    plain, _, _ = training.train_model(prepared, config)
+    scalers: list = []
+
+    def cpu_scaler(precision, device):
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2))
+        return None, scalers[-1]
+
+    monkeypatch.setattr(training, "mixed_precision", cpu_scaler)
+    scaled, _, _ = training.train_model(prepared, config, checkpoint_dir=tmp_path / "a")
+    assert max_difference(lora_weights(plain), lora_weights(scaled)) == 0
+    assert scalers[0].get_scale() == 2.0**11  # grew once, after 2 steps without an overflow
+    step3 = checkpoint.latest(tmp_path / "a").path
+    assert torch.load(step3 / "trainer.pt", weights_only=True)["scaler"] == scalers[0].state_dict()
+
+    shutil.rmtree(step3)  # back to step 2's checkpoint
+    resumed, _, result = training.train_model(prepared, config, checkpoint_dir=tmp_path / "a")
+    assert result.resumed_from_step == 2
+    assert scalers[1].state_dict() == scalers[0].state_dict()
+    assert max_difference(lora_weights(plain), lora_weights(resumed)) == 0

@@ -26,7 +26,6 @@ import re
 import sacrebleu
 import torch
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from lib import progress
@@ -297,6 +296,8 @@ def score_generations(predictions: list[str], references: list[str]) -> dict[str
         "chrf": float(chrf.corpus_score(predictions, [references]).score),
         "chrf_signature": str(chrf.get_signature()),
     }
+    from rouge_score import rouge_scorer  # here, not at the top: it imports nltk (~1.3 s per process)
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False, tokenizer=UnicodeWordTokenizer())
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for pred, ref in zip(predictions, references):

@@ -4,6 +4,8 @@ and a very small offline config so that end-to-end runs take seconds."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -39,10 +41,36 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="session")
+def empty_store_file(tmp_path_factory) -> Path:
+    """An MLflow sqlite database with MLflow's tables and nothing else, made once per session (per
+    xdist worker). Making the tables runs MLflow's alembic migrations, about a second of CPU each
+    time; `new_store` copies this file instead, so each test still gets a fresh, real store."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{path}", f"sqlite:///{path}")
+    client.search_experiments()  # tracking tables
+    client.search_registered_models()  # registry tables (the same migrations, checked again)
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
+def new_store(empty_store_file):
+    """`new_store(path)` puts a fresh, empty MLflow sqlite database at `path` and returns its URI."""
+
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(empty_store_file, path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch, new_store):
     """A fresh sqlite MLflow store per test; MLFLOW_TRACKING_URI points at it for child processes."""
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

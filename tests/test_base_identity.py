@@ -91,8 +91,8 @@ def test_a_version_records_its_base_weights_and_resolved_precision(trained, loca
     assert identity_label({**hub, "resolved": False}) == "0123abcd (unresolved)"
 
 
-def test_a_changed_or_missing_local_base_is_one_clear_line(trained, local_base, tmp_path):
-    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "local-base"
+def test_a_changed_or_missing_local_base_is_one_clear_line(trained, local_base, tmp_path, new_store):
+    uri, name = new_store(tmp_path / "mlflow.db"), "local-base"
     register(uri, name, trained["adapter"], describe_base(str(local_base), trained["config"].model))
     model, _, base = loading.load_registered(uri, f"models:/{name}/1")  # intact: loads
     assert base["identity"]["sha256"]["model.safetensors"] == sha256_file(local_base / "model.safetensors")
@@ -111,10 +111,10 @@ def test_a_changed_or_missing_local_base_is_one_clear_line(trained, local_base, 
     assert_one_line_error(generate_cli(uri, name), str(local_base), "is missing")
 
 
-def test_a_hub_revision_that_cannot_be_had_is_one_clear_line(trained, tmp_path):
+def test_a_hub_revision_that_cannot_be_had_is_one_clear_line(trained, tmp_path, new_store):
     """The version asks for the commit its revision resolved to; offline and uncached, that is a
     clear error naming the base and the commit, not transformers' traceback."""
-    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "hub-base"
+    uri, name = new_store(tmp_path / "mlflow.db"), "hub-base"
     commit = "0" * 40
     base = {
         "kind": "hub",

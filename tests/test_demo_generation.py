@@ -221,7 +221,7 @@ def parse_generate_output(stdout: str, prompts: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path):
+def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path, new_store):
     """The evaluation's samples, `lenta-lora generate`, `load_registered` + generate_continuations
     and the registered pyfunc (with its default params and with explicit ones) run one generation
     function: the same version, prompts and seeded settings give the same text, in fresh processes.
@@ -242,7 +242,7 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path):
     base_out, evaluated = generate_both(model, tokenizer, prompts, config)  # the evaluation stage's samples
     assert all(CYRILLIC_WORD.search(text) for text in evaluated) and evaluated != base_out, evaluated
 
-    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "one-path"
+    uri, name = new_store(tmp_path / "mlflow.db"), "one-path"
     adapter = training.save_adapter(model, tokenizer, tmp_path / "trained")
     run_id = tracking.start_run(uri, "one-path", "one-path", {}, {}, "{}\n")
     registry.register_adapter(

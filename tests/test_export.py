@@ -171,11 +171,11 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tra
 
 
 @pytest.mark.slow
-def test_a_quantized_version_merges_into_the_unquantized_base_in_fp32(trained, registered, tmp_path):
+def test_a_quantized_version_merges_into_the_unquantized_base_in_fp32(trained, registered, tmp_path, new_store):
     """A version trained on an nf4 base (labelled so here; the adapter itself was trained in fp32):
     the merge uses the base's original weights in fp32, so it reproduces the fp32 logits, which an
     nf4-loaded base would not, and the README says so."""
-    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "nf4-version"
+    uri, name = new_store(tmp_path / "mlflow.db"), "nf4-version"
     register(uri, name, trained["adapter"], {**registered["base"], "precision": "nf4", "precision_requested": "nf4"})
     out = tmp_path / "merged"
     done = export_version(uri, f"models:/{name}/1", out, merged=True)
@@ -226,12 +226,14 @@ def test_a_bad_dtype_is_refused_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_missing_local_base_is_one_line_for_a_merge_and_a_warning_for_an_adapter(trained, tmp_path, caplog):
+def test_a_missing_local_base_is_one_line_for_a_merge_and_a_warning_for_an_adapter(
+    trained, tmp_path, new_store, caplog
+):
     from lib.base_model import describe_base
 
     base = tmp_path / "my-base"
     shutil.copytree(trained["info"].base, base, ignore=shutil.ignore_patterns("lenta_lora_recipe.json"))
-    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "local-base"
+    uri, name = new_store(tmp_path / "mlflow.db"), "local-base"
     register(uri, name, trained["adapter"], describe_base(str(base), trained["config"].model))
     base.rename(tmp_path / "moved-away")
     exports = tmp_path / "exports"

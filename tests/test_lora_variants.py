@@ -53,7 +53,7 @@ print("RESULT " + json.dumps({"dtype": str(logits.dtype), "diff": float((logits 
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cache, tmp_path):
+def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cache, tmp_path, new_store):
     import torch
     from safetensors.torch import save_file
 
@@ -86,7 +86,7 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
         assert saved["init_lora_weights"] == config.lora.init_weights and saved["r"] == config.lora.r
     assert result.lora_targets == ["q_proj", "v_proj"]
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     run_id = tracking.start_run(uri, "variants", variant, {"lora.r": config.lora.r}, {}, "{}\n")
     metrics = {"test_bits_per_byte": 3.0, "benchmark_bits_per_byte": 3.0}
     registry.register_adapter(

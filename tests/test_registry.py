@@ -268,9 +268,9 @@ def test_pickle_weights_are_never_registered(store, tmp_path):
     assert client.search_model_versions("name = 'pickled'") == []
 
 
-def test_listing_reads_past_the_first_page_of_registered_models(tmp_path):
+def test_listing_reads_past_the_first_page_of_registered_models(tmp_path, new_store):
     """MLflow's searches return 100 at a time; the 101st model's version must still be listed."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, uri)
     for i in range(101):
         client.create_registered_model(f"m{i:03d}")
@@ -347,7 +347,7 @@ def test_a_version_requirements_name_public_versions(registered, tmp_path):
 
 
 @pytest.mark.slow
-def test_registering_loads_no_model_and_keeps_the_evaluation_example(trained, tmp_path, monkeypatch, caplog):
+def test_registering_loads_no_model_and_keeps_the_evaluation_example(trained, tmp_path, new_store, monkeypatch, caplog):
     """MLflow loads a pyfunc and runs `predict` on its input example unless it is given a signature
     (at 1.3B: the base loaded a second time, 5-85 s and one more copy in memory). Here the base is
     a hub id that cannot load offline: registration must still succeed, without MLflow trying."""
@@ -356,7 +356,7 @@ def test_registering_loads_no_model_and_keeps_the_evaluation_example(trained, tm
     import yaml
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     run_id = tracking.start_run(uri, "no-load", "no-load", {}, {}, "{}\n")
     base = {"kind": "hub", "name": "no-such-org/no-such-model", "revision": "main", "precision": "fp32"}
     example = {"prompt": "Заголовок\n\n", "output": "текст, который написала модель"}

@@ -22,7 +22,8 @@ run: install
 	$(BIN)/lenta-lora run $(ARGS)
 
 # Two pytest-xdist workers: the tests use one torch thread each (tests/conftest.py), so on 2 cores one
-# worker left a core idle; measured 19 min 8 s with one process, 10 min 57 s with -n 2, 12 min 29 s with -n 4.
+# worker left a core idle; measured 19 min 8 s with one process, 10 min 57 s with -n 2 (10 min 48 s in a
+# second run), 10 min 49 s with -n 3, 12 min 29 s with -n 4.
 TEST_WORKERS ?= 2
 
 test: install

@@ -46,12 +46,10 @@ def empty_store_file(tmp_path_factory) -> Path:
     """An MLflow sqlite database with MLflow's tables and nothing else, made once per session (per
     xdist worker). Making the tables runs MLflow's alembic migrations, about a second of CPU each
     time; `new_store` copies this file instead, so each test still gets a fresh, real store."""
-    from mlflow import MlflowClient
+    from lib.store import initialize_store
 
     path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
-    client = MlflowClient(f"sqlite:///{path}", f"sqlite:///{path}")
-    client.search_experiments()  # tracking tables
-    client.search_registered_models()  # registry tables (the same migrations, checked again)
+    initialize_store(f"sqlite:///{path}")  # the pipeline's own first open: every table, registry's too
     return path
 
 

@@ -130,12 +130,13 @@ def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
     import tempfile
 
     from lib import champion
+    from lib.benchmark_store import fetch_benchmark
     from lib.evaluation import score_registered_on_benchmark
     from lib.loading import resolve_version
     from lib.store import client as _client
 
     with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:
-        benchmark = champion.fetch_benchmark(uri, name, tmp)
+        benchmark = fetch_benchmark(uri, name, tmp)
         if benchmark is None:
             return
         client = _client(uri)

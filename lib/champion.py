@@ -1,9 +1,9 @@
 """`champion`: which version of a registered model users get, decided on one benchmark with a gate.
 
-- Every registered model has one benchmark (lib/benchmark.py), stored once in MLflow (a run
-  holding `benchmark/benchmark.json`, logged as a dataset input) and named by tags on the
-  registered model (`benchmark.fingerprint`, `benchmark.run_id`, ...). A version's score counts
-  only if it was measured on that fingerprint: no number from another text set enters a decision.
+- Every registered model has one benchmark (lib/benchmark.py), stored once in MLflow: a run
+  holding `benchmark/benchmark.json` that the model's `benchmark.run_id` tag points at
+  (lib/benchmark_store.py). A version's score counts only if it was measured on that fingerprint:
+  no number from another text set enters a decision.
 - The gate: a challenger takes `champion` only if its value is below the holder's by the
   relative margin `min_improvement` (lower is better). Ties and near-ties keep the holder.
 - Race-safe without a lock (MLflow's registry has none): never read-compare-set. Each
@@ -19,15 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from lib.benchmark import FILE_NAME, Benchmark, read_benchmark, write_benchmark
-from lib.store import alias_version, all_versions, ensure_registered_model, not_found
+from lib.benchmark import Benchmark
+from lib.benchmark_store import model_benchmark
+from lib.store import alias_version, all_versions
 from lib.store import client as _client
-from lib.tracking import experiment_id, log_dataset_input
 
 log = logging.getLogger("lenta_lora.champion")
 
@@ -36,136 +33,6 @@ CHAMPION = "champion"
 # `champion_eligible=false` to keep a version out of the race.
 BENCHMARK_TAG, ELIGIBLE_TAG = "benchmark_fingerprint", "champion_eligible"
 METRIC_TAG, VALUE_TAG = "champion_metric", "champion_metric_value"
-MODEL_TAGS = ("fingerprint", "run_id", "source", "texts", "max_length", "stride")  # as `benchmark.<key>`
-ARTIFACT = f"benchmark/{FILE_NAME}"
-
-
-# --- the benchmark of a registered model ----------------------------------------------------
-
-
-def model_benchmark(uri: str, name: str) -> dict | None:
-    """The registered model's benchmark tags (`fingerprint`, `run_id`, ...), None if it has none yet."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tags = _client(uri).get_registered_model(name).tags
-    except MlflowException as error:
-        if not_found(error):
-            return None
-        raise
-    found = {key: tags[f"benchmark.{key}"] for key in MODEL_TAGS if f"benchmark.{key}" in tags}
-    return found if found.get("fingerprint") and found.get("run_id") else None
-
-
-def fetch_benchmark(uri: str, name: str, folder: str | Path) -> Benchmark | None:
-    """The model's stored benchmark as `folder/<fingerprint>.json` (downloaded once, then reused);
-    None if the model has none yet."""
-    meta = model_benchmark(uri, name)
-    if meta is None:
-        return None
-    local = Path(folder) / f"{meta['fingerprint']}.json"
-    if not local.is_file():
-        with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:
-            downloaded = _client(uri).download_artifacts(meta["run_id"], ARTIFACT, tmp)
-            _, documents = read_benchmark(downloaded)
-            payload = json.loads(Path(downloaded).read_text(encoding="utf-8"))
-            write_benchmark(documents, payload["max_length"], payload["stride"], payload["source"], folder)
-    benchmark, _ = read_benchmark(local)  # refuses a file whose texts do not match its fingerprint
-    if benchmark.fingerprint != meta["fingerprint"]:
-        raise ValueError(
-            f"model {name!r}: the benchmark file in run {meta['run_id']} has fingerprint "
-            f"{benchmark.fingerprint[:12]}, the model records {meta['fingerprint'][:12]}"
-        )
-    return benchmark
-
-
-def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) -> Benchmark:
-    """Make `benchmark` the model's benchmark unless it has one; return the one it has afterwards.
-
-    The texts go into a run of their own (`benchmark-<name>` in experiment `<experiment>-benchmarks`,
-    tag `lenta_lora.kind=benchmark`), logged as an MLflow dataset input with the fingerprint as digest,
-    so the benchmark outlives any training run and is browsable in the UI.
-    """
-    client = _client(uri)
-    ensure_registered_model(client, name)
-    existing = model_benchmark(uri, name)
-    if existing:
-        return _as_stored(existing, benchmark)
-    # An experiment of their own: the training experiment lists training runs only.
-    run = client.create_run(
-        experiment_id(client, uri, f"{experiment}-benchmarks"),
-        run_name=f"benchmark-{name}",
-        tags={
-            "lenta_lora.kind": "benchmark",
-            "benchmark.for_model": name,
-            "mlflow.note.content": f"The benchmark of registered model `{name}`: "
-            f"{benchmark.texts} texts, {benchmark.source}",
-        },
-    )
-    run_id = run.info.run_id
-    with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:  # stored under a stable name
-        shutil.copyfile(benchmark.path, Path(tmp) / FILE_NAME)
-        client.log_artifact(run_id, str(Path(tmp) / FILE_NAME), "benchmark")
-    log_documents(uri, run_id, benchmark, name, context="benchmark")
-    from mlflow.entities import Param
-
-    client.log_batch(
-        run_id,
-        params=[
-            Param(k, str(v))
-            for k, v in {
-                "benchmark.fingerprint": benchmark.fingerprint,
-                "benchmark.source": benchmark.source[:500],
-                "benchmark.max_length": benchmark.max_length,
-                "benchmark.stride": benchmark.stride,
-                "benchmark.texts": benchmark.texts,
-            }.items()
-        ],
-    )
-    client.set_terminated(run_id, "FINISHED")
-    values = {
-        "fingerprint": benchmark.fingerprint,
-        "run_id": run_id,
-        "source": benchmark.source[:500],
-        "texts": benchmark.texts,
-        "max_length": benchmark.max_length,
-        "stride": benchmark.stride,
-    }
-    for key, value in values.items():
-        client.set_registered_model_tag(name, f"benchmark.{key}", str(value))
-    stored = model_benchmark(uri, name)  # a concurrent first registration may have written last
-    log.info(
-        "model %s: benchmark %s (%d texts, %s)", name, stored["fingerprint"][:12], benchmark.texts, benchmark.source
-    )
-    return _as_stored(stored, benchmark)
-
-
-def _as_stored(meta: dict, ours: Benchmark) -> Benchmark:
-    if meta["fingerprint"] == ours.fingerprint:
-        return Benchmark(**{**ours.describe(), "stored": True})
-    stride = meta.get("stride")
-    return Benchmark(
-        meta["fingerprint"],
-        "",
-        meta.get("source", "?"),
-        int(meta.get("texts", 0)),
-        int(meta.get("max_length", 0)),
-        None if stride in (None, "None") else int(stride),
-        True,
-    )
-
-
-def log_documents(uri: str, run_id: str, benchmark: Benchmark, name: str, context: str) -> None:
-    """The benchmark as an MLflow dataset input of the run (the run page's Datasets panel)."""
-    log_dataset_input(
-        uri,
-        run_id,
-        f"{name}-benchmark",
-        benchmark.fingerprint,
-        {"type": "lenta-lora-benchmark", "source": benchmark.source, "fingerprint": benchmark.fingerprint},
-        {"texts": benchmark.texts, "max_length": benchmark.max_length, "stride": benchmark.stride},
-        context,
-    )
 
 
 def record_scores(
@@ -309,11 +176,11 @@ def _reason(version, mine, previous, before, holder, margin) -> str:
     return f"champion is {holder} (version {version}: {mine:.6g})"
 
 
-def restore_champion(client, name: str, metric: str) -> str | None:
+def restore_champion(uri: str, name: str, metric: str) -> str | None:
     """After the holder was deleted (a retracted run): the best version scored on the model's
     benchmark takes `champion` (no holder, so no gate). Returns it, or None if none is scored."""
-    fingerprint = client.get_registered_model(name).tags.get("benchmark.fingerprint")
-    scored = _scored_versions(client, name, metric, fingerprint) if fingerprint else {}
+    client, meta = _client(uri), model_benchmark(uri, name)
+    scored = _scored_versions(client, name, metric, meta["fingerprint"]) if meta else {}
     if not scored:
         return None
     best = _best(scored)

@@ -289,7 +289,7 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
             names[version.name] = version.tags.get(METRIC_TAG)
     for name, metric in names.items():
         if metric and alias_version(client, name, CHAMPION) is None:  # the deleted version held it
-            restore_champion(client, name, metric)
+            restore_champion(uri, name, metric)
     if retracted:
         log.warning("deleted registry version(s) %s: %s", ", ".join(retracted), reason)
     return retracted

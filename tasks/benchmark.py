@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from lib import champion, evaluation, tracking
+from lib import benchmark_store, champion, evaluation, tracking
 from lib.benchmark import Benchmark, write_benchmark
 from lib.config import PipelineConfig
 from lib.dataset import PreparedDataset, load_prepared
@@ -46,7 +46,7 @@ def resolve_benchmark(config: PipelineConfig, prepared: PreparedDataset, uri: st
     with the first version)."""
     logger = get_run_logger()
     folder = Path(config.data.cache_dir) / "benchmarks"
-    stored = champion.fetch_benchmark(uri, config.registry.model_name, folder)
+    stored = benchmark_store.fetch_benchmark(uri, config.registry.model_name, folder)
     if stored is not None:
         if config.registry.benchmark is not None:
             logger.warning(
@@ -80,8 +80,10 @@ def store_benchmark(benchmark: Benchmark, config: PipelineConfig, uri: str, run_
     """Fix the benchmark on the registered model (a no-op when it is stored already) and log it as
     this run's `benchmark` dataset input. Returns the model's benchmark afterwards."""
     name = config.registry.model_name
-    kept = benchmark if benchmark.stored else champion.store_benchmark(uri, name, benchmark, config.tracking.experiment)
-    if kept.fingerprint != benchmark.fingerprint:  # a concurrent first registration fixed another one
+    kept = benchmark
+    if not benchmark.stored:
+        kept = benchmark_store.store_benchmark(uri, name, benchmark, config.tracking.experiment)
+    if kept.fingerprint != benchmark.fingerprint:  # a concurrent first registration finished first
         get_run_logger().warning(
             "%s got benchmark %s from a concurrent run; this run was scored on %s, so its "
             "version stays out of the champion race",
@@ -89,7 +91,7 @@ def store_benchmark(benchmark: Benchmark, config: PipelineConfig, uri: str, run_
             kept.fingerprint[:12],
             benchmark.fingerprint[:12],
         )
-    champion.log_documents(uri, run_id, benchmark, name, context="benchmark")
+    benchmark_store.log_documents(uri, run_id, benchmark, name, context="benchmark")
     tracking.set_tags(
         uri, run_id, {"benchmark_fingerprint": benchmark.fingerprint, "benchmark_source": benchmark.source}
     )

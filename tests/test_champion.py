@@ -8,12 +8,13 @@ a real file stored the way the flow stores it.
 from __future__ import annotations
 
 import json
+import threading
 from uuid import uuid4
 
 import pytest
 from mlflow import MlflowClient
 
-from lib import champion
+from lib import benchmark_store, champion
 from lib.benchmark import benchmark_fingerprint, read_benchmark, write_benchmark
 
 METRIC = "benchmark_bits_per_byte"
@@ -31,7 +32,7 @@ def new_model(store, tmp_path, values: dict[str, tuple[float, str] | None]) -> t
     them: {key: (value, "bench" | "other")} ("other": measured on another text set)."""
     uri, client = store
     name = f"m-{uuid4().hex[:8]}"
-    benchmark = champion.store_benchmark(
+    benchmark = benchmark_store.store_benchmark(
         uri, name, write_benchmark(TEXTS, 64, None, "test texts", tmp_path / name), "champion-tests"
     )
     for key, scored in values.items():
@@ -65,13 +66,98 @@ def test_benchmark_is_stored_once_with_its_fingerprint(store, tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["lenta_lora.kind"] == "benchmark"
     [found] = run.inputs.dataset_inputs
     assert found.dataset.name == f"{name}-benchmark" and found.dataset.digest == fingerprint[:36]
-    fetched = champion.fetch_benchmark(uri, name, tmp_path / "fetched")
+    fetched = benchmark_store.fetch_benchmark(uri, name, tmp_path / "fetched")
     assert fetched.fingerprint == fingerprint and read_benchmark(fetched.path)[1] == TEXTS
     # A second store (another text set) keeps the first: a model's benchmark never changes.
     other = write_benchmark(TEXTS[:2], 64, None, "other texts", tmp_path / "other")
-    assert champion.store_benchmark(uri, name, other, "champion-tests").fingerprint == fingerprint
+    assert benchmark_store.store_benchmark(uri, name, other, "champion-tests").fingerprint == fingerprint
     # Windows are part of what makes numbers comparable: same texts, other max length, other fingerprint.
     assert benchmark_fingerprint(TEXTS, 128, None) != fingerprint != benchmark_fingerprint(TEXTS, 64, 32)
+
+
+def model_tags_match_the_pointed_run(client, name: str) -> dict:
+    """The model's `benchmark.<key>` tags (for people) copy the params of the run it points at."""
+    tags = client.get_registered_model(name).tags
+    params = client.get_run(tags[benchmark_store.POINTER]).data.params
+    for key in benchmark_store.DESCRIPTION:
+        assert tags[f"benchmark.{key}"] == params[f"benchmark.{key}"], key
+    return tags
+
+
+@pytest.mark.parametrize("where", ["sqlite", "http"])
+def test_racing_first_registrations_agree_on_one_benchmark(where, store, tmp_path, request):
+    """A sweep started at once on a new model name, each run with other test texts: every racer
+    must come back with the benchmark the model keeps. Before benchmark_store converged the
+    pointer (4 racers, 20 trials), racers failed on a UNIQUE constraint or got a benchmark the model
+    did not keep, and the model's tags could mix two racers' values (6 of 20 models over HTTP
+    then failed every later run's benchmark download)."""
+    uri = store[0] if where == "sqlite" else request.getfixturevalue("mlflow_server").uri
+    client = MlflowClient(uri, uri)
+    racers = 4
+    for trial in range(5):
+        name = f"race-{uuid4().hex[:8]}"
+        candidates = [
+            write_benchmark([f"{text} ({i})" for text in TEXTS], 64, None, f"racer {i}", tmp_path / name / str(i))
+            for i in range(racers)
+        ]
+        barrier, got, errors = threading.Barrier(racers), [None] * racers, []
+
+        def race(i: int) -> None:
+            barrier.wait()
+            try:
+                got[i] = benchmark_store.store_benchmark(uri, name, candidates[i], "race").fingerprint
+            except Exception as error:  # noqa: BLE001 - collected and asserted on below
+                errors.append(error)
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, (trial, errors)
+        kept = benchmark_store.fetch_benchmark(uri, name, tmp_path / name / "fetched")
+        assert set(got) == {kept.fingerprint}, (trial, got, kept.fingerprint)
+        assert kept.fingerprint in {c.fingerprint for c in candidates}
+        tags = model_tags_match_the_pointed_run(client, name)
+        losers = client.search_runs(
+            [e.experiment_id for e in client.search_experiments(filter_string="name = 'race-benchmarks'")],
+            f"tags.`benchmark.for_model` = '{name}' and tags.`benchmark.superseded_by` = '{tags['benchmark.run_id']}'",
+        )
+        assert len(losers) <= racers - 1  # a racer that found the pointer set made no run of its own
+
+
+def test_a_later_racer_adopts_the_first_finished_benchmark_and_a_stale_write_is_undone(store, tmp_path):
+    uri, client = store
+    name, first = new_model(store, tmp_path, {})
+    first_run = client.get_registered_model(name).tags[benchmark_store.POINTER]
+    # A racer that looked before the pointer was set (simulated: the pointer removed while it looks).
+    client.delete_registered_model_tag(name, benchmark_store.POINTER)
+    late = write_benchmark(TEXTS[:2], 64, None, "the late racer's texts", tmp_path / "late")
+    kept = benchmark_store.store_benchmark(uri, name, late, "champion-tests")
+    assert kept.fingerprint == first and kept.stored and kept.path == ""  # not the late racer's file
+    tags = model_tags_match_the_pointed_run(client, name)
+    assert tags[benchmark_store.POINTER] == first_run
+    [late_run] = client.search_runs(
+        [client.get_run(first_run).info.experiment_id],
+        f"tags.`benchmark.for_model` = '{name}' and params.`benchmark.fingerprint` = '{late.fingerprint}'",
+    )
+    assert late_run.data.tags["benchmark.superseded_by"] == first_run
+    # That racer's pointer write landing after everything else: the next convergence undoes it.
+    client.set_registered_model_tag(name, benchmark_store.POINTER, late_run.info.run_id)
+    assert benchmark_store.model_benchmark(uri, name)["fingerprint"] == late.fingerprint  # the pointer decides
+    assert benchmark_store.converge_benchmark(uri, name)["fingerprint"] == first
+    assert model_tags_match_the_pointed_run(client, name)[benchmark_store.POINTER] == first_run
+
+
+def test_a_model_made_again_under_an_old_name_gets_its_own_benchmark(store, tmp_path):
+    """Deleting a registered model and registering the name again starts afresh: the old model's
+    benchmark runs (still in the benchmarks experiment) are not candidates."""
+    uri, client = store
+    name, old = new_model(store, tmp_path, {})
+    client.delete_registered_model(name)
+    other = write_benchmark(TEXTS[1:], 64, None, "new texts", tmp_path / "new")
+    assert benchmark_store.store_benchmark(uri, name, other, "champion-tests").fingerprint == other.fingerprint != old
+    assert benchmark_store.model_benchmark(uri, name)["fingerprint"] == other.fingerprint
 
 
 def test_an_edited_benchmark_file_is_refused(tmp_path):
@@ -127,11 +213,11 @@ def test_champion_converges_after_a_stale_write(store, tmp_path):
 
 
 def test_a_deleted_champion_passes_to_the_best_scored_version(store, tmp_path):
-    _, client = store
+    uri, client = store
     name, fingerprint = new_model(store, tmp_path, {"a": (2.0, "bench"), "b": (1.0, "bench"), "c": (0.5, "other")})
     decide(store, name, fingerprint, "2")
     client.delete_model_version(name, "2")
-    assert champion.restore_champion(client, name, METRIC) == "1" and holder(client, name) == "1"
+    assert champion.restore_champion(uri, name, METRIC) == "1" and holder(client, name) == "1"
 
 
 def test_promote_reports_the_gate_and_force_overrides_it(store, tmp_path, capsys):

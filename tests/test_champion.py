@@ -118,12 +118,15 @@ def test_racing_first_registrations_agree_on_one_benchmark(where, store, tmp_pat
         kept = benchmark_store.fetch_benchmark(uri, name, tmp_path / name / "fetched")
         assert set(got) == {kept.fingerprint}, (trial, got, kept.fingerprint)
         assert kept.fingerprint in {c.fingerprint for c in candidates}
-        tags = model_tags_match_the_pointed_run(client, name)
-        losers = client.search_runs(
-            [e.experiment_id for e in client.search_experiments(filter_string="name = 'race-benchmarks'")],
-            f"tags.`benchmark.for_model` = '{name}' and tags.`benchmark.superseded_by` = '{tags['benchmark.run_id']}'",
-        )
-        assert len(losers) <= racers - 1  # a racer that found the pointer set made no run of its own
+        kept_run = model_tags_match_the_pointed_run(client, name)[benchmark_store.POINTER]
+        [experiment] = client.search_experiments(filter_string="name = 'race-benchmarks'")
+        runs = client.search_runs([experiment.experiment_id], f"tags.`benchmark.for_model` = '{name}'")
+        # Every racer's own benchmark run that lost says which one won (a racer that found the
+        # pointer set already made none).
+        assert kept_run in {r.info.run_id for r in runs}
+        for run in runs:
+            expected = None if run.info.run_id == kept_run else kept_run
+            assert run.data.tags.get("benchmark.superseded_by") == expected, (trial, run.info.run_id)
 
 
 def test_a_later_racer_adopts_the_first_finished_benchmark_and_a_stale_write_is_undone(store, tmp_path):

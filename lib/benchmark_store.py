@@ -75,9 +75,9 @@ def store_benchmark(uri: str, name: str, benchmark: Benchmark, experiment: str) 
     (another racer's, if that one finished first: see the module docstring)."""
     client = _client(uri)
     ensure_registered_model(client, name)
-    run_id = None
-    if _pointed(client, name) is None:
-        run_id = _log_benchmark_run(client, uri, name, benchmark, f"{experiment}-benchmarks")
+    model, run_id = client.get_registered_model(name), None
+    if not model.tags.get(POINTER):
+        run_id = _log_benchmark_run(client, uri, model, benchmark, f"{experiment}-benchmarks")
     kept = converge_benchmark(uri, name)
     if run_id is not None and kept["run_id"] != run_id:
         client.set_tag(run_id, "benchmark.superseded_by", kept["run_id"])  # for people browsing runs
@@ -94,8 +94,8 @@ def converge_benchmark(uri: str, name: str) -> dict:
     client = _client(uri)
     settled = False
     for attempt in range(ROUNDS):
-        winner = _first_finished(client, name)
-        tags = client.get_registered_model(name).tags
+        model = client.get_registered_model(name)
+        winner, tags = _first_finished(client, model), model.tags
         wanted = {POINTER: winner["run_id"], **{f"benchmark.{k}": str(winner[k])[:500] for k in DESCRIPTION}}
         stale = {key: value for key, value in wanted.items() if tags.get(key) != value}
         if not stale:
@@ -129,18 +129,18 @@ def log_documents(uri: str, run_id: str, benchmark: Benchmark, name: str, contex
     )
 
 
-def _log_benchmark_run(client, uri: str, name: str, benchmark: Benchmark, experiment: str) -> str:
+def _log_benchmark_run(client, uri: str, model, benchmark: Benchmark, experiment: str) -> str:
     """A FINISHED run holding the benchmark file, its description and its texts; returns its id."""
     from mlflow.entities import Param
 
-    created = client.get_registered_model(name).creation_timestamp
+    name = model.name
     run = client.create_run(
         experiment_id(client, uri, experiment),  # an experiment of its own: the training one lists training runs
         run_name=f"benchmark-{name}",
         tags={
             "lenta_lora.kind": "benchmark",
             "benchmark.for_model": name,
-            MODEL_CREATED: str(created),
+            MODEL_CREATED: str(model.creation_timestamp),
             "mlflow.note.content": f"The benchmark of registered model `{name}`: "
             f"{benchmark.texts} texts, {benchmark.source}",
         },
@@ -156,11 +156,11 @@ def _log_benchmark_run(client, uri: str, name: str, benchmark: Benchmark, experi
     return run_id
 
 
-def _first_finished(client, name: str) -> dict:
+def _first_finished(client, model) -> dict:
     """Of the model's candidates, the first to finish: the benchmark runs made for this registered
     model (not for an earlier, deleted model of the same name) that finished (a racer that died half
     way left an unfinished one), and the run the model points at already, if any."""
-    model = client.get_registered_model(name)
+    name = model.name
     experiments = [
         e.experiment_id
         for e in all_pages(
@@ -210,5 +210,4 @@ def _describe(run) -> dict:
 def _as_stored(meta: dict, ours: Benchmark) -> Benchmark:
     if meta["fingerprint"] == ours.fingerprint:
         return Benchmark(**{**ours.describe(), "stored": True})
-    fields = ("fingerprint", "source", "texts", "max_length", "stride")
-    return Benchmark(**{k: meta[k] for k in fields}, path="", stored=True)
+    return Benchmark(**{k: meta[k] for k in DESCRIPTION}, path="", stored=True)

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from lib.checkpoint import checkpoint_dir
 from lib.config import PipelineConfig, build_config
-from lib.reports import render_summary
+from lib.reports import render_summary, run_summary, up_to_date_summary
 from lib.store import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, corpus_version, result_storage_for
 from tasks.benchmark import resolve_benchmark, score_champion_on_benchmark, store_benchmark
@@ -41,48 +41,22 @@ def finetune(
             csv_path, config.data, config.model, config.train.max_length
         )
         version = corpus_version(config.data)  # Kaggle's dataset version, None for other sources
-        record_dataset(
-            prepared,
-            uri,
-            run_id,
-            {"dataset": config.data.kaggle_dataset, "version": version} if config.data.source == "kaggle" else None,
-        )
+        record_dataset(prepared, config.data, version, uri, run_id)
         key = training_key(config, prepared, version, uri, run_id)
         holder = None if force else version_with_training_key(uri, config.registry.model_name, key)
         if holder:
             message = record_up_to_date(uri, run_id, holder, key)
             finish_run(uri, run_id, "FINISHED")
-            return {
-                "run_id": run_id,
-                "tracking_uri": uri,
-                "up_to_date": True,
-                "model": holder,
-                "message": message,
-                "training_key": key,
-                "dataset_fingerprint": prepared.fingerprint,
-            }
-        output_dir = f"{config.data.cache_dir}/runs/{run_id}"
+            return up_to_date_summary(run_id, uri, key, prepared, holder, message)
         benchmark = resolve_benchmark(config, prepared, uri)
         # Keyed by dataset + config, not run id, so that a re-run after a crash resumes (None: no checkpoints).
         checkpoints = checkpoint_dir(config, prepared.fingerprint, prepared.path)
+        output_dir = f"{config.data.cache_dir}/runs/{run_id}"
         trained = train_adapter(prepared.path, config, output_dir, uri, run_id, checkpoints)
         evaluated = evaluate_adapter(prepared.path, trained.adapter_dir, config, output_dir, uri, run_id, benchmark)
         benchmark = store_benchmark(benchmark, config, uri, run_id)
         score_champion_on_benchmark(config, benchmark, uri)
-        registered = register_adapter(
-            trained.adapter_dir,
-            prepared.base,
-            config,
-            evaluated.metrics,
-            prepared.fingerprint,
-            benchmark,
-            key,
-            force,
-            uri,
-            run_id,
-            tags,
-            next(iter(evaluated.samples), None),
-        )
+        registered = register_adapter(prepared, trained, evaluated, benchmark, key, config, uri, run_id, tags, force)
     except BaseException:
         # Best effort: if the store is down too, the original error is the one to report, and the
         # next run's start marks this one FAILED (and retracts any version it made).
@@ -90,18 +64,6 @@ def finetune(
         raise
     finish_run(uri, run_id, "FINISHED")
     discard_checkpoints(checkpoints)  # the adapter is registered; a failed run keeps them to resume from
-    summary = {
-        "run_id": run_id,
-        "tracking_uri": uri,
-        "model": registered,
-        "metrics": evaluated.metrics,
-        "train": trained.summary(),
-        "dataset_fingerprint": prepared.fingerprint,
-        "training_key": key,
-        "benchmark": benchmark.describe(),
-        "up_to_date": registered["up_to_date"],
-        "samples": evaluated.samples,
-        "bleu_signature": evaluated.bleu_signature,
-    }
+    summary = run_summary(run_id, uri, key, prepared, trained, evaluated, benchmark, registered)
     create_markdown_artifact(key="finetune-summary", markdown=render_summary(summary), description="lenta-lora run")
     return summary

@@ -11,6 +11,37 @@ from lib.evaluation import metrics_markdown, samples_markdown
 log = logging.getLogger("lenta_lora.reports")
 
 
+def run_summary(run_id: str, uri: str, key: str, prepared, trained, evaluated, benchmark, registered: dict) -> dict:
+    """What a `finetune` run returns (and `render_summary` shows): the run, the version, the
+    metrics, the training facts and the first samples. Only JSON types, so Prefect can store it."""
+    return {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "model": registered,
+        "metrics": evaluated.metrics,
+        "train": trained.summary(),
+        "dataset_fingerprint": prepared.fingerprint,
+        "training_key": key,
+        "benchmark": benchmark.describe(),
+        "up_to_date": registered["up_to_date"],
+        "samples": evaluated.samples,
+        "bleu_signature": evaluated.bleu_signature,
+    }
+
+
+def up_to_date_summary(run_id: str, uri: str, key: str, prepared, holder: dict, message: str) -> dict:
+    """What a `finetune` run returns when a registered version already holds its training key."""
+    return {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "up_to_date": True,
+        "model": holder,
+        "message": message,
+        "training_key": key,
+        "dataset_fingerprint": prepared.fingerprint,
+    }
+
+
 def render_summary(summary: dict) -> str:
     """The run's Markdown artifact: where the run is, base vs tuned metrics, a few samples.
 

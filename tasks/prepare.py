@@ -53,18 +53,21 @@ def prepare_dataset(csv_path: str, data: DataConfig, model: ModelConfig, max_len
     return info
 
 
-def _source(info: dataset.PreparedDataset, kaggle: dict | None) -> dict:
+def _source(info: dataset.PreparedDataset, data: DataConfig, kaggle_version: int | None) -> dict:
     """Where the rows came from: the Kaggle dataset and version, or the file and its sha256."""
-    if kaggle:
-        return {"type": "kaggle", **kaggle, "file": Path(info.csv).name}
+    if data.source == "kaggle":
+        file = Path(info.csv).name
+        return {"type": "kaggle", "dataset": data.kaggle_dataset, "version": kaggle_version, "file": file}
     with open(info.csv, "rb") as handle:
         return {"type": "local", "path": info.csv, "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def record_dataset(info: dataset.PreparedDataset, uri: str, run_id: str, kaggle: dict | None = None) -> None:
+def record_dataset(
+    info: dataset.PreparedDataset, data: DataConfig, kaggle_version: int | None, uri: str, run_id: str
+) -> None:
     """Log the dataset fingerprint, counts and stats into the MLflow run and a Prefect artifact; each
-    split as a dataset input of the run (`kaggle`: {"dataset", "version"} when it came from Kaggle)."""
+    split as a dataset input of the run, with its source (for Kaggle: the dataset and its version)."""
     # A cache hit returns paths from an earlier run; if someone deleted them since, say so here
     # rather than as a load error deep inside training.
     local = [("prepared dataset", info.path)] + ([("base model", info.base)] if Path(info.base).is_absolute() else [])
@@ -82,7 +85,7 @@ def record_dataset(info: dataset.PreparedDataset, uri: str, run_id: str, kaggle:
     flat["data_tokens_per_char"] = stats["tokens_per_char"]
     tracking.log_metrics(uri, run_id, flat)
     tracking.log_artifact_text(uri, run_id, json.dumps(stats, ensure_ascii=False, indent=2), "dataset_stats.json")
-    source = _source(info, kaggle)
+    source = _source(info, data, kaggle_version)
     for split, context in (("train", "training"), ("validation", "validation"), ("test", "testing")):
         profile = {**stats["splits"].get(split, {}), **stats["blocks"].get(split, {})}  # articles, chars, tokens
         tracking.log_dataset_input(

@@ -14,6 +14,9 @@ from lib import lora, registry
 from lib.base_model import describe_base, identity_label
 from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
+from lib.dataset import PreparedDataset
+from lib.evaluation import EvaluationSummary
+from lib.train_result import TrainResult
 
 KEY_METRICS = ("test_perplexity", "test_bits_per_byte", "base_test_bits_per_byte", "chrf", "rougeL")
 
@@ -26,26 +29,25 @@ def worth_retrying(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=worth_retrying)
 def register_adapter(
-    adapter_dir: str,
-    base: str,
-    config: PipelineConfig,
-    metrics: dict[str, float],
-    fingerprint: str,
+    prepared: PreparedDataset,
+    trained: TrainResult,
+    evaluated: EvaluationSummary,
     benchmark: Benchmark,
     training_key: str,
-    force: bool,
+    config: PipelineConfig,
     uri: str,
     run_id: str,
     extra_tags: dict[str, str],
-    example: dict | None = None,
+    force: bool = False,
 ) -> dict:
-    """Register a version and decide `champion` on the model's benchmark, as one unit.
+    """Register the trained adapter as a version and decide `champion` on the model's benchmark, as one unit.
 
     Returns `name`, `version`, `uri` (models:/NAME/VERSION), whether it is champion, the decision,
     its checksums, and `up_to_date` (a concurrent twin registered the same training key first).
     `extra_tags` carries the provenance (Prefect flow-run id and name, git commit) onto the version.
-    `example`: an evaluation sample row (`prompt`, `tuned_output`): the version's input/output example.
+    The first evaluation sample (`prompt`, `tuned_output`) becomes the version's input/output example.
     """
+    base, metrics, example = prepared.base, evaluated.metrics, next(iter(evaluated.samples), None)
     described = describe_base(base, config.model)
     registry_cfg = config.registry
     targets = lora.targets_for_base(
@@ -55,7 +57,7 @@ def register_adapter(
         "base_model": config.model.name,
         "precision": described["precision"],
         "dtype": described["dtype"],
-        "dataset_fingerprint": fingerprint,
+        "dataset_fingerprint": prepared.fingerprint,
         "base_identity": identity_label(described["identity"]),
         **({"base_revision": described["revision"]} if described.get("revision") else {}),
         "lora": lora.describe(config.lora, targets),
@@ -73,7 +75,7 @@ def register_adapter(
     registered = registry.register_adapter(
         uri,
         run_id,
-        adapter_dir,
+        trained.adapter_dir,
         described,
         generation,
         registry_cfg.model_name,

@@ -4,6 +4,8 @@ client asks the loopback fake Kaggle (tests/support/kaggle_server.py), which ser
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow import MlflowClient
 
@@ -24,6 +26,14 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
     client = MlflowClient(tracking_uri)
     run = client.get_run(first["run_id"])
     assert run.data.params["data.kaggle_version"] == "1" and run.data.tags["kaggle_version"] == "1"
+    # Each split's dataset input names where its rows came from: the Kaggle dataset, version and file.
+    sources = {d.dataset.name: json.loads(d.dataset.source) for d in run.inputs.dataset_inputs}
+    assert sources["lenta-train"] == {
+        "type": "kaggle",
+        "dataset": config.data.kaggle_dataset,
+        "version": 1,
+        "file": config.data.kaggle_file,
+    }, sources
 
     unchanged = finetune(config=config)  # Kaggle still says version 1: nothing to do
     assert unchanged["up_to_date"] and fake_kaggle.downloaded_versions == [1] and fake_kaggle.version_calls >= 2

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import faults, packaging
+from lib.benchmark_store import model_benchmark
 from lib.champion import (
     BENCHMARK_TAG,
     CHAMPION,
@@ -310,10 +311,8 @@ def list_versions(uri: str, name: str | None = None) -> list[dict]:
         model = registered_model(client, uri, model_name)
         for alias, version in model.aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-        benchmark = {
-            "benchmark": model.tags.get("benchmark.fingerprint"),
-            "benchmark_source": model.tags.get("benchmark.source"),
-        }
+        meta = model_benchmark(uri, model_name)  # through the model's pointer, not its tag copies for the UI
+        benchmark = {"benchmark": meta and meta["fingerprint"], "benchmark_source": meta and meta["source"]}
         for v in all_versions(client, model_name):
             rows.append(
                 {

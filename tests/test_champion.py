@@ -252,3 +252,9 @@ def test_promote_reports_the_gate_and_force_overrides_it(store, tmp_path, capsys
     assert rows["3"][2:5] == ["champion", "0.9", fingerprint[:12]]
     assert rows["4"][3:6] == ["0.5", "00000000", "(other)"]  # another text set: marked, never compared
     assert lines[-1] == f"{name}: benchmark {fingerprint[:12]} = test texts"
+    # The listing reads the benchmark through the model's pointer: a stale copy for the UI (one a
+    # racer wrote before it adopted another's benchmark) changes nothing.
+    client.set_registered_model_tag(name, "benchmark.fingerprint", "f" * 64)
+    client.set_registered_model_tag(name, "benchmark.source", "a racer's texts")
+    assert main(["models", "--model", name, "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{name}: benchmark {fingerprint[:12]} = test texts"

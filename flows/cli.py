@@ -131,8 +131,8 @@ def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
 
     from lib import champion
     from lib.benchmark_store import fetch_benchmark
-    from lib.evaluation import score_registered_on_benchmark
     from lib.loading import resolve_version
+    from lib.reevaluation import score_registered_on_benchmark
     from lib.store import client as _client
 
     with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:
@@ -216,8 +216,8 @@ def command_generate(args) -> int:
 
 
 def command_evaluate(args) -> int:
-    from lib.evaluation import evaluation_config
     from lib.loading import model_uri
+    from lib.reevaluation import evaluation_config
     from lib.registry import registered_version
     from lib.reports import run_link
     from lib.store import resolve_tracking_uri

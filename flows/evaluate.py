@@ -8,8 +8,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from lib.config import PipelineConfig
-from lib.evaluation import evaluation_config
 from lib.loading import model_uri
+from lib.reevaluation import evaluation_config
 from lib.reports import render_evaluation
 from lib.store import resolve_tracking_uri
 from tasks.acquire import acquire_corpus, result_storage_for

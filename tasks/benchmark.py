@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from lib import benchmark_store, champion, evaluation, tracking
+from lib import benchmark_store, champion, reevaluation, tracking
 from lib.benchmark import Benchmark, write_benchmark
 from lib.config import PipelineConfig
 from lib.dataset import PreparedDataset, load_prepared
@@ -35,7 +35,7 @@ def _define_benchmark(config: PipelineConfig, prepared: PreparedDataset, folder:
                     "'kaggle', or leave it unset (the first version's test split)"
                 )
             source = f"test split of {csv}"
-        documents = evaluation.test_split(csv, config)["document"]
+        documents = reevaluation.test_split(csv, config)["document"]
     return write_benchmark(documents, config.train.max_length, config.eval.stride, source, folder)
 
 
@@ -112,7 +112,7 @@ def score_champion_on_benchmark(config: PipelineConfig, benchmark: Benchmark, ur
         "champion %s/%s has no %s on benchmark %s: scoring it now", name, holder, metric, benchmark.fingerprint[:12]
     )
     try:
-        scores = evaluation.score_registered_on_benchmark(
+        scores = reevaluation.score_registered_on_benchmark(
             uri, f"models:/{name}/{holder}", benchmark, config.eval.batch_size
         )
     except Exception as error:  # noqa: BLE001 - the decision goes on without it, and says so

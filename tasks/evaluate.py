@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from lib import evaluation, plots, registry, tracking
+from lib import evaluation, plots, reevaluation, registry, tracking
 from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
 
@@ -91,7 +91,7 @@ def evaluate_registered_adapter(
             ),
         },
     )
-    result = evaluation.evaluate_registered(uri, target["uri"], csv_path, config, Path(output_dir) / "evaluation")
+    result = reevaluation.evaluate_registered(uri, target["uri"], csv_path, config, Path(output_dir) / "evaluation")
     same = result["dataset_fingerprint"] == target.get("dataset_fingerprint")
     tracking.set_tags(
         uri, run_id, {"dataset_fingerprint": result["dataset_fingerprint"], "same_data_as_training": same}

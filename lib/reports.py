@@ -4,14 +4,29 @@ run is, base vs tuned metrics, the champion decision, a few samples) and links t
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from lib import store
-from lib.evaluation import metrics_markdown, samples_markdown
+from lib.evaluation import EvaluationSummary, metrics_markdown, samples_markdown
+
+if TYPE_CHECKING:  # only for the annotations: the flow hands these over
+    from lib.benchmark import Benchmark
+    from lib.dataset import PreparedDataset
+    from lib.train_result import TrainResult
 
 log = logging.getLogger("lenta_lora.reports")
 
 
-def run_summary(run_id: str, uri: str, key: str, prepared, trained, evaluated, benchmark, registered: dict) -> dict:
+def run_summary(
+    run_id: str,
+    uri: str,
+    key: str,
+    prepared: PreparedDataset,
+    trained: TrainResult,
+    evaluated: EvaluationSummary,
+    benchmark: Benchmark,
+    registered: dict,
+) -> dict:
     """What a `finetune` run returns (and `render_summary` shows): the run, the version, the
     metrics, the training facts and the first samples. Only JSON types, so Prefect can store it."""
     return {
@@ -29,7 +44,7 @@ def run_summary(run_id: str, uri: str, key: str, prepared, trained, evaluated, b
     }
 
 
-def up_to_date_summary(run_id: str, uri: str, key: str, prepared, holder: dict, message: str) -> dict:
+def up_to_date_summary(run_id: str, uri: str, key: str, prepared: PreparedDataset, holder: dict, message: str) -> dict:
     """What a `finetune` run returns when a registered version already holds its training key."""
     return {
         "run_id": run_id,

@@ -19,7 +19,7 @@ from pathlib import Path
 from lib import faults
 from lib.base_model import free_memory
 from lib.benchmark import CORPUS_METRICS, Benchmark
-from lib.config import PipelineConfig
+from lib.config import EvalConfig, PipelineConfig
 from lib.generation import generate_continuations, model_context_length
 from lib.metrics import chrf_per_sample, content_words, domain_word_share, score_corpus, score_generations, word_shift
 from lib.threads import configure_threads
@@ -69,14 +69,14 @@ def score_both(model, tokenizer, texts: list[str], config: PipelineConfig) -> tu
     return base, score_corpus(model, tokenizer, texts, **kwargs)
 
 
-def generate_both(model, tokenizer, prompts: list[str], config: PipelineConfig) -> tuple[list[str], list[str]]:
+def generate_both(model, tokenizer, prompts: list[str], settings: EvalConfig) -> tuple[list[str], list[str]]:
     kwargs = {
-        "max_new_tokens": config.eval.max_new_tokens,
-        "do_sample": config.eval.do_sample,
-        "temperature": config.eval.temperature,
-        "top_p": config.eval.top_p,
-        "seed": config.eval.seed,
-        "batch_size": config.eval.batch_size,
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
     }
     with model.disable_adapter():
         base = generate_continuations(model, tokenizer, prompts, **kwargs)
@@ -170,7 +170,7 @@ def evaluate_model(
     rows: list[dict] = []
     signature, shift = "", None
     if prompts:
-        base_out, tuned_out = generate_both(model, tokenizer, prompts, config)
+        base_out, tuned_out = generate_both(model, tokenizer, prompts, config.eval)
         base_text, tuned_text = score_generations(base_out, references), score_generations(tuned_out, references)
         metrics.update(name_metrics(base_text, tuned_text, TEXT_METRICS))
         if domain_vocabulary:

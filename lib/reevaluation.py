@@ -14,7 +14,7 @@ import yaml
 
 from lib.base_model import free_memory
 from lib.benchmark import Benchmark
-from lib.config import ConfigError, PipelineConfig, build_config, load_config
+from lib.config import ConfigError, DataConfig, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
 from lib.dataset import fingerprint_settings
 from lib.evaluation import evaluate_model
@@ -66,13 +66,12 @@ def evaluation_config(
     return build_config(raw, list(overrides), source=config_path or "the registered version's config.yaml")
 
 
-def test_split(csv_path: str | Path, config: PipelineConfig) -> dict:
+def test_split(csv_path: str | Path, data: DataConfig) -> dict:
     """The test articles of a CSV, chosen exactly as `lib.dataset.prepare_dataset` chooses them.
 
     Also returns the dataset fingerprint (same settings, same digest as prepare_dataset), so an
     evaluation can say whether it saw the very data the version was trained and tested on.
     """
-    data = config.data
     selected = select_articles(
         iter_articles(csv_path),
         topics=data.topics,
@@ -115,7 +114,7 @@ def evaluate_registered(
             f"{registered_uri}: train.max_length={config.train.max_length} (the scoring window) exceeds "
             f"the model's context of {context} tokens; pass --set train.max_length={context}"
         )
-    test = test_split(csv_path, config)
+    test = test_split(csv_path, config.data)
     result = evaluate_model(model, tokenizer, test, config, output_dir)
     del model
     free_memory()

@@ -35,7 +35,7 @@ def _define_benchmark(config: PipelineConfig, prepared: PreparedDataset, folder:
                     "'kaggle', or leave it unset (the first version's test split)"
                 )
             source = f"test split of {csv}"
-        documents = reevaluation.test_split(csv, config)["document"]
+        documents = reevaluation.test_split(csv, config.data)["document"]
     return write_benchmark(documents, config.train.max_length, config.eval.stride, source, folder)
 
 

@@ -239,7 +239,7 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path, new_
         setattr(config.eval, key, value)
     config.eval.batch_size = 8
     prompts = titles(info, 3)
-    base_out, evaluated = generate_both(model, tokenizer, prompts, config)  # the evaluation stage's samples
+    base_out, evaluated = generate_both(model, tokenizer, prompts, config.eval)  # the evaluation stage's samples
     assert all(CYRILLIC_WORD.search(text) for text in evaluated) and evaluated != base_out, evaluated
 
     uri, name = new_store(tmp_path / "mlflow.db"), "one-path"

@@ -91,7 +91,7 @@ def test_base_numbers_are_the_model_without_any_adapter(base_and_tuned, tokenize
     assert base["nll_sum"] == pytest.approx(alone["nll_sum"], rel=1e-5)
     assert abs(with_adapter["nll_sum"] - base["nll_sum"]) > 1e-2 * base["nll_sum"]  # the adapter does change scores
 
-    base_out, tuned_out = generate_both(tuned, tokenizer, CORPUS[:3], CONFIG)
+    base_out, tuned_out = generate_both(tuned, tokenizer, CORPUS[:3], CONFIG.eval)
     assert base_out == generate_continuations(plain, tokenizer, CORPUS[:3], max_new_tokens=6, batch_size=1)
     assert base_out != tuned_out
     # disable_adapter is a context: afterwards the adapter is active again.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from lib.config import build_config
 from lib.evaluation import (
@@ -25,6 +25,7 @@ from lib.evaluation import (
 )
 from lib.generation import generate_continuations
 from lib.metrics import score_corpus
+from tests.support.toy_lm import tiny_gpt_neo
 
 CORPUS = [
     "Президент подписал закон о бюджете на следующий год.",
@@ -59,20 +60,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def base_and_tuned(tokenizer):
     """(plain GPT-Neo, PeftModel around an identical copy whose LoRA B matrices are non-zero)."""
-    torch.manual_seed(0)
-    config = GPTNeoConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=128,
-        window_size=16,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.5,
-    )
-    plain = GPTNeoForCausalLM(config).eval()
+    plain = tiny_gpt_neo(tokenizer, window_size=16, initializer_range=0.5)
     tuned = get_peft_model(
         copy.deepcopy(plain), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_fc", "c_proj"])
     )

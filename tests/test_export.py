@@ -22,6 +22,7 @@ from lib import registry, tracking
 from lib.adapter_pyfunc import sha256_file
 from lib.export import ExportError, export_version
 from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME
+from tests.support.toy_lm import tiny_gpt_neo
 
 ROOT = Path(__file__).resolve().parent.parent
 FP32_TOLERANCE = 1e-4  # max |logit difference|, merged fp32 vs the adapter on its base
@@ -321,24 +322,13 @@ def test_an_adapted_tied_output_head_is_merged_into_an_untied_copy(tmp_path):
     reproduces the adapter's logits, also after a save and a plain transformers load."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lib.export import _untie_adapted_head
 
-    torch.manual_seed(0)
-    config = GPTNeoConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        max_position_embeddings=64,
-        attention_types=[[["global", "local"], 1]],
-        window_size=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    base = tiny_gpt_neo(vocab_size=100, max_position_embeddings=64, window_size=16, bos_token_id=0, eos_token_id=0)
     model = get_peft_model(
-        GPTNeoForCausalLM(config).eval(),
+        base,
         LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights="gaussian"),
     )
     for name, weight in model.named_parameters():

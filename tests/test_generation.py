@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 from lib.generation import generate_continuations
-from tests.support.toy_lm import CORPUS
+from tests.support.toy_lm import CORPUS, tiny_gpt_neo
 
 # `tokenizer` is tests/support/toy_lm.py's (the same CORPUS); `model` below is peaked on purpose.
 # Different lengths on purpose, so a batch needs padding.
@@ -17,20 +16,8 @@ CONTEXT = 128
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = GPTNeoConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=CONTEXT,
-        window_size=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.5,  # peaked logits: no near-ties that float noise could flip
-    )
-    return GPTNeoForCausalLM(config).eval()
+    # Peaked logits (initializer_range 0.5): no near-ties that float noise could flip.
+    return tiny_gpt_neo(tokenizer, max_position_embeddings=CONTEXT, initializer_range=0.5)
 
 
 def _reference_greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:

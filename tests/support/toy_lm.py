@@ -32,21 +32,28 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def tiny_gpt_neo(tokenizer=None, seed: int = 0, **settings):
+    """A 2-layer, 32-wide random GPT-Neo (one global and one local attention layer) in eval mode,
+    its weights drawn after `torch.manual_seed(seed)`. Vocabulary and BOS/EOS come from
+    `tokenizer`; `settings` override any `GPTNeoConfig` field (window_size, initializer_range...)."""
     import torch
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    torch.manual_seed(0)
-    config = GPTNeoConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=128,
-        window_size=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return GPTNeoForCausalLM(config).eval()
+    shape = {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "attention_types": [[["global", "local"], 1]],
+        "max_position_embeddings": 128,
+        "window_size": 64,
+    }
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        shape.update(vocab_size=len(tokenizer), **ids)
+    torch.manual_seed(seed)
+    return GPTNeoForCausalLM(GPTNeoConfig(**{**shape, **settings})).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_gpt_neo(tokenizer)

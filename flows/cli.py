@@ -216,9 +216,8 @@ def command_generate(args) -> int:
 
 
 def command_evaluate(args) -> int:
-    from lib.loading import model_uri
+    from lib.loading import model_uri, registered_version
     from lib.reevaluation import evaluation_config
-    from lib.registry import registered_version
     from lib.reports import run_link
     from lib.store import resolve_tracking_uri
 

@@ -3,17 +3,21 @@
     models:/NAME/VERSION   models:/NAME/latest   models:/NAME@ALIAS
 
 `load_registered` is what the CLI's `generate`, the re-evaluation and users' own code call;
+`registered_version` finds a version's facts (its training run, data and config) without loading it;
 `download_registered` is the same checks without loading a model (lib/export.py). Each failure is
 one error naming the version and what to do; nothing here writes to the store.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from lib.store import all_versions, not_found, require_reachable
 from lib.store import client as _client
+
+log = logging.getLogger("lenta_lora.loading")
 
 
 def model_uri(name: str, version: int | None = None, alias: str | None = None) -> str:
@@ -72,6 +76,35 @@ def registered_model(client, uri: str, name: str):
         f"no registered model {name!r} in {uri}; known: {', '.join(known) or 'none'} "
         "(list them with `lenta-lora models`)"
     )
+
+
+def registered_version(uri: str, registered_uri: str) -> dict:
+    """`models:/NAME/VERSION|latest` or `models:/NAME@ALIAS` -> the version's facts, alias resolved.
+
+    Returns `name`, `version`, `uri` (pinned to the number, so an alias moving mid-evaluation
+    changes nothing), `run_id` (the run that trained it), `dataset_fingerprint` (that run's tag)
+    and `config_yaml` (that run's resolved config, or None if it logged none).
+    """
+    from mlflow.exceptions import MlflowException
+
+    require_reachable(uri)
+    client = _client(uri)
+    found = resolve_version(client, uri, registered_uri)  # LookupError naming what exists
+    config_yaml = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config_yaml = Path(client.download_artifacts(found.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
+        except (OSError, MlflowException) as error:  # a run from before config.yaml was logged
+            log.warning("run %s of %s has no readable config.yaml: %s", found.run_id, registered_uri, error)
+    tags = client.get_run(found.run_id).data.tags
+    return {
+        "name": found.name,
+        "version": int(found.version),
+        "uri": f"models:/{found.name}/{found.version}",
+        "run_id": found.run_id,
+        "dataset_fingerprint": tags.get("dataset_fingerprint"),
+        "config_yaml": config_yaml,
+    }
 
 
 def load_registered(uri: str, registered_uri: str):

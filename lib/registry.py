@@ -32,7 +32,7 @@ from lib.champion import (
     restore_champion,
     update_champion,
 )
-from lib.loading import registered_model, resolve_version
+from lib.loading import registered_model
 from lib.store import alias_version, all_pages, all_versions, ensure_registered_model, not_found, require_reachable
 from lib.store import client as _client
 
@@ -326,35 +326,6 @@ def list_versions(uri: str, name: str | None = None) -> list[dict]:
                 }
             )
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
-
-
-def registered_version(uri: str, registered_uri: str) -> dict:
-    """`models:/NAME/VERSION|latest` or `models:/NAME@ALIAS` -> the version's facts, alias resolved.
-
-    Returns `name`, `version`, `uri` (pinned to the number, so an alias moving mid-evaluation
-    changes nothing), `run_id` (the run that trained it), `dataset_fingerprint` (that run's tag)
-    and `config_yaml` (that run's resolved config, or None if it logged none).
-    """
-    from mlflow.exceptions import MlflowException
-
-    require_reachable(uri)
-    client = _client(uri)
-    found = resolve_version(client, uri, registered_uri)  # LookupError naming what exists
-    config_yaml = None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            config_yaml = Path(client.download_artifacts(found.run_id, "config.yaml", tmp)).read_text(encoding="utf-8")
-        except (OSError, MlflowException) as error:  # a run from before config.yaml was logged
-            log.warning("run %s of %s has no readable config.yaml: %s", found.run_id, registered_uri, error)
-    tags = client.get_run(found.run_id).data.tags
-    return {
-        "name": found.name,
-        "version": int(found.version),
-        "uri": f"models:/{found.name}/{found.version}",
-        "run_id": found.run_id,
-        "dataset_fingerprint": tags.get("dataset_fingerprint"),
-        "config_yaml": config_yaml,
-    }
 
 
 def set_model_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:

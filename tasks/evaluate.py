@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from lib import evaluation, plots, reevaluation, registry, tracking
+from lib import evaluation, loading, plots, reevaluation, registry, tracking
 from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
 
@@ -72,7 +72,7 @@ def evaluate_adapter(
 @task(retries=2, retry_delay_seconds=[2, 10])
 def resolve_registered(uri: str, registered_uri: str) -> dict:
     """`models:/NAME/VERSION` or `@ALIAS` -> name, pinned version and uri, source run id, its config."""
-    return registry.registered_version(uri, registered_uri)
+    return loading.registered_version(uri, registered_uri)
 
 
 @task

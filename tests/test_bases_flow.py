@@ -15,11 +15,12 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import DEFAULT_PROFILE
-from lib import dataset, training
+from lib import training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.adapter_fixtures import PROMPT
 from tests.support.family_models import FAMILIES, build_family
+from tests.support.training import prepare_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,9 +75,7 @@ def test_flow_trains_registers_and_reloads_each_family(
     assert client.get_run(summary["run_id"]).data.tags["lora_target_modules"] == TARGETS[family]
     assert version.tags["base_model"] == str(bases[family])
     metrics = summary["metrics"]
-    info = dataset.prepare_dataset(
-        dataset.corpus_path(config.data), config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
-    )  # the flow's, reused
+    info = prepare_for(config)  # the flow's, reused
     print(
         f"\n{family}: train {summary['train']['seconds']:.2f} s, test bits/byte {metrics['test_bits_per_byte']:.3f} "
         f"(base {metrics['base_test_bits_per_byte']:.3f}), tokens/char {info.stats['tokens_per_char']:.3f}"

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from flows.cli import DEFAULT_PROFILE
-from lib import dataset, registry, tracking, training
+from lib import registry, tracking, training
 from lib.base_model import describe_base
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.adapter_fixtures import CHAMPION_POLICY, PROMPT
+from tests.support.training import prepare_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,9 +69,7 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
             },
         ),
     )
-    info = dataset.prepare_dataset(
-        dataset.corpus_path(config.data), config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
-    )
+    info = prepare_for(config)
     model, tokenizer, result = training.train_model(info.path, config)
     ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
     with torch.no_grad():

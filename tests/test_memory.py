@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from flows.cli import DEFAULT_PROFILE
-from lib import dataset, evaluation, training
+from lib import evaluation, training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
+from tests.support.training import prepare_for
 
 
 def mappings(path: Path) -> int:
@@ -41,13 +42,7 @@ def test_training_and_evaluation_release_the_base(tmp_path, precision):
             str(tmp_path / "cache"), **{"model.precision": precision, "lora.target_modules": "[q_proj,v_proj]"}
         ),
     )
-    info = dataset.prepare_dataset(
-        dataset.corpus_path(config.data),
-        config.data,
-        config.model,
-        config.train.max_length,
-        f"{config.data.cache_dir}/datasets",
-    )
+    info = prepare_for(config)
     weights = Path(info.base).resolve() / "model.safetensors"
     assert mappings(weights) == 0
     during: list[int] = []
@@ -70,13 +65,7 @@ def test_evaluating_on_an_nf4_base_releases_it(tmp_path):
     level, quiet.level = quiet.level, logging.ERROR
     overrides = tiny_overrides(str(tmp_path / "cache"), **{"lora.target_modules": "[q_proj,v_proj]"})
     config = load_config(DEFAULT_PROFILE, overrides)
-    info = dataset.prepare_dataset(
-        dataset.corpus_path(config.data),
-        config.data,
-        config.model,
-        config.train.max_length,
-        f"{config.data.cache_dir}/datasets",
-    )
+    info = prepare_for(config)
     result = training.train_adapter(info.path, config, tmp_path / "run")
     weights = Path(info.base).resolve() / "model.safetensors"
     nf4 = load_config(DEFAULT_PROFILE, [*overrides, "model.precision=nf4"])

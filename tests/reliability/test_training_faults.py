@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from flows.cli import DEFAULT_PROFILE
-from lib import dataset, training
+from lib import training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.harness import ROOT, all_runs
@@ -27,15 +27,6 @@ from tests.support.harness import ROOT, all_runs
 
 def tiny(cache: str, **extra):
     return load_config(DEFAULT_PROFILE, tiny_overrides(cache, **{"train.eval_every": "null", **extra}))
-
-
-@pytest.fixture(scope="module")
-def prepared(shared_cache) -> str:
-    config = tiny(shared_cache)
-    info = dataset.prepare_dataset(
-        dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
-    )
-    return info.path
 
 
 def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_cache, tracking_uri):

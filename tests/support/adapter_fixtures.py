@@ -15,6 +15,7 @@ from uuid import uuid4
 import pytest
 
 from tests.conftest import tiny_overrides
+from tests.support.training import prepare_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "registry-test"
@@ -38,17 +39,11 @@ def trained(shared_cache, tmp_path_factory):
     from safetensors.torch import save_file
 
     from flows.cli import DEFAULT_PROFILE
-    from lib import dataset, training
+    from lib import training
     from lib.config import load_config
 
     config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache))
-    info = dataset.prepare_dataset(
-        dataset.corpus_path(config.data),
-        config.data,
-        config.model,
-        config.train.max_length,
-        f"{config.data.cache_dir}/datasets",
-    )
+    info = prepare_for(config)
     model, tokenizer, _ = training.train_model(info.path, config)
     assert not model.training  # eval mode: LoRA dropout off, so logits are deterministic
     out = tmp_path_factory.mktemp("trained")

@@ -20,15 +20,23 @@ def tiny(cache: str, **extra):
     )
 
 
-@pytest.fixture(scope="module")
-def prepared(shared_cache) -> str:
+def prepare_for(config):
+    """The prepared dataset of `config`'s corpus, in `data.cache_dir/datasets` as the flow keeps it
+    (made once, then reused: a `lib.dataset.PreparedDataset`)."""
     from lib import dataset
 
-    config = tiny(shared_cache)
-    info = dataset.prepare_dataset(
-        dataset.SAMPLE_CSV, config.data, config.model, config.train.max_length, f"{shared_cache}/datasets"
+    return dataset.prepare_dataset(
+        dataset.corpus_path(config.data),
+        config.data,
+        config.model,
+        config.train.max_length,
+        f"{config.data.cache_dir}/datasets",
     )
-    return info.path
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_cache) -> str:
+    return prepare_for(tiny(shared_cache)).path
 
 
 @pytest.fixture(scope="module")

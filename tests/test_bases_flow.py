@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from lib import training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.adapter_fixtures import PROMPT
+from tests.support.env import run_script
 from tests.support.family_models import FAMILIES, build_family
 from tests.support.training import prepare_for
 
@@ -93,16 +92,9 @@ def test_flow_trains_registers_and_reloads_each_family(
     save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(tmp_path / "reference.safetensors"))
 
     args = {"uri": tracking_uri, "target": f"models:/{name}/1", "reference": str(tmp_path / "reference.safetensors")}
-    done = subprocess.run(
-        [sys.executable, "-c", RELOAD, json.dumps(args)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
+    report = run_script(
+        RELOAD, json.dumps(args), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.split("RESULT ", 1)[1])
     print(f"{family}: max |logits difference| registered vs trained {report['diff']:.2e}")
     assert report["kind"] == "local" and report["name"] == str(bases[family].resolve())
     assert report["dtype"] == "torch.float32" and report["diff"] < 1e-4, report

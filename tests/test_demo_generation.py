@@ -21,6 +21,7 @@ from lib.config import SAMPLE_CSV, load_config
 from lib.dataset import load_prepared, prepare_dataset
 from lib.generation import generate_continuations
 from tests.conftest import tiny_overrides
+from tests.support.env import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CYRILLIC_WORD = re.compile(r"\b[а-яё]{3,}\b", re.IGNORECASE)
@@ -262,21 +263,12 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path, new_
     tracking.finish_run(uri, run_id)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            EVERY_PATH_IN_A_NEW_PROCESS,
-            json.dumps({"uri": uri, "name": name, "prompts": prompts, "settings": settings}),
-        ],
+    paths = run_script(
+        EVERY_PATH_IN_A_NEW_PROCESS,
+        json.dumps({"uri": uri, "name": name, "prompts": prompts, "settings": settings}),
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
         env=env,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    paths = json.loads(done.stdout.split("RESULT ", 1)[1])
     signature = paths.pop("signature")
     cli = subprocess.run(
         [

@@ -7,7 +7,6 @@ Tests marked slow use the shared tiny adapter (tests/support/adapter_fixtures.py
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from lib import registry, tracking
 from lib.adapter_pyfunc import sha256_file
 from lib.export import ExportError, export_version
 from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME
+from tests.support.env import run_script
 from tests.support.toy_lm import tiny_gpt_neo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,16 +154,9 @@ def test_merged_export_loads_with_plain_transformers_and_matches_the_adapter(tra
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    ran = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOAD, str(trained["reference"]), str(fp32), str(bf16)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**env, "HF_HUB_OFFLINE": "1"},
+    report = run_script(
+        PLAIN_LOAD, str(trained["reference"]), str(fp32), str(bf16), cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1"}
     )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    report = json.loads(ran.stdout.split("RESULT ", 1)[1])
     print("\nmerged vs adapter, max |logit difference|:", {Path(k).name: v["max_abs_diff"] for k, v in report.items()})
     assert report[str(fp32)]["dtype"] == "torch.float32" and report[str(bf16)]["dtype"] == "torch.bfloat16", report
     assert report[str(fp32)]["class"] == "GPTNeoForCausalLM", report
@@ -183,16 +176,9 @@ def test_a_quantized_version_merges_into_the_unquantized_base_in_fp32(trained, r
     assert done["precision"] == "nf4" and done["dtype"] == "fp32", done
     assert "trained on an nf4-quantized base" in (out / "README.md").read_text()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    ran = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOAD, str(trained["reference"]), str(out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**env, "HF_HUB_OFFLINE": "1"},
-    )
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    report = json.loads(ran.stdout.split("RESULT ", 1)[1])[str(out)]
+    report = run_script(
+        PLAIN_LOAD, str(trained["reference"]), str(out), cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}
+    )[str(out)]
     assert report["dtype"] == "torch.float32" and report["max_abs_diff"] < FP32_TOLERANCE, report
 
 

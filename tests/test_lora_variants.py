@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from lib.base_model import describe_base
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.adapter_fixtures import CHAMPION_POLICY, PROMPT
+from tests.support.env import run_script
 from tests.support.training import prepare_for
 
 pytestmark = pytest.mark.slow
@@ -107,16 +106,9 @@ def test_variant_registers_and_reloads_to_the_trained_logits(variant, shared_cac
         "base": info.base,
         "reference": str(tmp_path / "reference.safetensors"),
     }
-    done = subprocess.run(
-        [sys.executable, "-c", RELOAD, json.dumps(args)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
+    report = run_script(
+        RELOAD, json.dumps(args), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.split("RESULT ", 1)[1])
     print(
         f"\n{variant}: max |logits difference| registered vs trained {report['diff']:.2e}, "
         f"base vs trained {report['vs_base']:.2e}"

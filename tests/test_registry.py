@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from lib import faults, loading, provenance, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
 from tests.support.adapter_fixtures import CHAMPION_POLICY, NAME, git_commit
+from tests.support.env import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,16 +80,9 @@ def test_registered_adapter_reproduces_trained_logits_in_a_fresh_process(trained
     }
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-c", RELOAD, json.dumps(args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""},
-        timeout=600,
+    report = run_script(
+        RELOAD, json.dumps(args), cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": ""}
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.split("RESULT ", 1)[1])
     print(
         "\nmax |logits difference| vs the in-memory model:",
         {k: report[k]["max_abs_diff"] for k in ("version", "champion", "latest", "plain_peft")},

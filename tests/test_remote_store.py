@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from lib import champion
 from tests.conftest import tiny_overrides
-from tests.support.env import child_env
+from tests.support.env import child_env, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +69,14 @@ def test_flow_over_http_registers_a_version_another_process_loads(
     stored = list((mlflow_server.root / "art").rglob("adapter_model.safetensors"))
     assert len(stored) == 1, stored
 
-    done = subprocess.run(
-        [sys.executable, "-c", LOAD_OVER_HTTP, uri, "models:/remote-adapter@champion", summary["train"]["adapter_dir"]],
+    result = run_script(
+        LOAD_OVER_HTTP,
+        uri,
+        "models:/remote-adapter@champion",
+        summary["train"]["adapter_dir"],
         cwd=tmp_path,
         env=child_env(tracking_uri=uri, pythonpath=True),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
     print(f"\nHTTP-loaded vs local adapter, max |logits difference|: {result['max_abs_diff']}")
     assert result["max_abs_diff"] < 1e-4 and result["kind"] == "tiny"
 

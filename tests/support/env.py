@@ -1,9 +1,14 @@
-"""The environment of a child process a test starts (the CLI, a loader, a Prefect server or worker)."""
+"""The environment of a child process a test starts (the CLI, a loader, a Prefect server or worker),
+and `run_script`, which runs a test's own script in a fresh interpreter and returns its answer."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 FAULT_VARIABLE = "LENTA_LORA_FAULT"  # lib/faults.py
@@ -66,3 +71,14 @@ def child_env(
     if fault:
         env[FAULT_VARIABLE] = fault
     return env
+
+
+def run_script(code: str, *args: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> Any:
+    """Run `python -c code args...` in a fresh interpreter, as a user's own program would run: no
+    state from this process. Fails the test with the script's stderr unless it exits 0; returns
+    the JSON it printed after `RESULT `."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULT ", 1)[1])

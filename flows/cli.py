@@ -131,6 +131,7 @@ def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
 
     from lib import champion
     from lib.benchmark_store import fetch_benchmark
+    from lib.config import EvalConfig
     from lib.loading import resolve_version
     from lib.reevaluation import score_registered_on_benchmark
     from lib.store import client as _client
@@ -146,7 +147,8 @@ def _score_unscored(uri: str, name: str, version: int, metric: str) -> None:
         for number in sorted(todo | ({holder} if holder else set())):
             print(f"scoring version {number} on benchmark {benchmark.fingerprint[:12]} ({benchmark.texts} texts)...")
             try:
-                scores = score_registered_on_benchmark(uri, f"models:/{name}/{number}", benchmark, 8)
+                batch = EvalConfig().batch_size  # no run config here: the default scoring batch
+                scores = score_registered_on_benchmark(uri, f"models:/{name}/{number}", benchmark, batch)
             except Exception as error:  # noqa: BLE001 - reported; the gate then says it has no score
                 print(f"could not score version {number}: {str(error).splitlines()[0][:200]}")
                 continue

@@ -80,3 +80,53 @@ def test_easier_texts_do_not_win_champion_and_a_chosen_benchmark_is_used(
     assert chosen["benchmark"]["fingerprint"] == first["benchmark"]["fingerprint"]  # same texts, same windows
     assert "lenta-sample.csv" in client.get_registered_model("judged-on-sample").tags["benchmark.source"]
     assert chosen["metrics"]["benchmark_bits_per_byte"] == pytest.approx(two["benchmark_bits_per_byte"], rel=1e-6)
+
+
+def test_a_champion_without_a_benchmark_score_is_scored_before_it_is_compared(
+    prefect_server, shared_cache, tracking_uri, capsys
+):
+    """A champion registered before benchmarks existed has no score on the model's benchmark. Both
+    places that compare with it, the next flow run and `lenta-lora promote`, first score it there;
+    the number they get is the one it was registered with (same adapter, texts and windows)."""
+    from flows.cli import main
+    from flows.finetune import finetune
+    from lib.champion import BENCHMARK_TAG
+
+    name, metric = "scored-late", "benchmark_bits_per_byte"
+    client = MlflowClient(tracking_uri)
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"registry.model_name": name}))
+    first = finetune(config=config)
+    fingerprint = first["benchmark"]["fingerprint"]
+    assert config.registry.champion_metric == metric and first["model"]["champion"] is True
+
+    def forget_benchmark_scores(version: str) -> None:  # what a version from before benchmarks looks like
+        for key in [k for k in client.get_model_version(name, version).tags if k.startswith("benchmark_")]:
+            client.delete_model_version_tag(name, version, key)
+        assert BENCHMARK_TAG not in client.get_model_version(name, version).tags
+
+    def scored(version: str) -> tuple[str, float, str]:
+        tags = client.get_model_version(name, version).tags
+        return tags[BENCHMARK_TAG], float(tags[metric]), tags["benchmark_scored"]
+
+    forget_benchmark_scores("1")
+    second = finetune(config=config, force=True)  # the same training again: a twin of version 1
+    assert second["model"]["version"] == 2
+    on, value, reason = scored("1")
+    assert on == fingerprint and reason == "scored when first compared"
+    with capsys.disabled():
+        print(f"\nversion 1 {metric}: registered {first['metrics'][metric]!r}, scored again by the flow {value!r}")
+    assert value == pytest.approx(first["metrics"][metric], rel=1e-6)
+    decision = json.loads(client.get_model_version(name, "2").tags["champion_decision"])
+    assert decision["previous_champion"] == "1" and decision["previous_value"] == value  # compared with the fresh score
+
+    forget_benchmark_scores("1")
+    forget_benchmark_scores("2")
+    code = main(["promote", "--model", name, "--version", "2", "--tracking-uri", tracking_uri])
+    out = capsys.readouterr().out
+    assert f"scoring version 1 on benchmark {fingerprint[:12]}" in out and "scoring version 2" in out, out
+    for version, registered in (("1", first), ("2", second)):
+        on, value, reason = scored(version)
+        assert on == fingerprint and reason == "scored by lenta-lora promote"
+        assert value == pytest.approx(registered["metrics"][metric], rel=1e-6)
+    holder = str(client.get_model_version_by_alias(name, "champion").version)
+    assert code == (0 if holder == "2" else 1) and f"version 2:         {scored('2')[1]:.6g}" in out, out

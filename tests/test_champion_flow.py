@@ -130,3 +130,19 @@ def test_a_champion_without_a_benchmark_score_is_scored_before_it_is_compared(
         assert value == pytest.approx(registered["metrics"][metric], rel=1e-6)
     holder = str(client.get_model_version_by_alias(name, "champion").version)
     assert code == (0 if holder == "2" else 1) and f"version 2:         {scored('2')[1]:.6g}" in out, out
+
+
+def test_a_benchmark_file_that_does_not_exist_fails_the_run_before_training(
+    prefect_server, shared_cache, tracking_uri, tmp_path
+):
+    from flows.finetune import finetune
+
+    missing = tmp_path / "no-such-benchmark.csv"
+    settings = {"registry.model_name": "never-judged", "registry.benchmark": str(missing)}
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **settings))
+    with pytest.raises(FileNotFoundError, match=f"registry.benchmark {missing}: no such file; give a Kaggle-format"):
+        finetune(config=config)
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and "train_steps" not in run.data.metrics  # nothing trained
+    assert client.search_model_versions("name='never-judged'") == []

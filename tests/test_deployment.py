@@ -64,6 +64,24 @@ def test_deployment_parameters_are_generated_from_the_profiles(tmp_path):
     assert found["lenta-nightly"]["schedules"][0]["timezone"] == "Europe/Moscow"
 
 
+def test_make_deployments_checks_and_rewrites_prefect_yaml(tmp_path, capsys):
+    """`make deployments` (lib/deployments.py's command): `--check` passes on the shipped file and
+    fails, naming the fix, on a stale copy; without it the copy is rewritten from configs/."""
+    from lib.deployments import main
+
+    shipped = (ROOT / "prefect.yaml").read_text(encoding="utf-8")
+    assert main(["--check"]) == 0
+    stale = tmp_path / "prefect.yaml"
+    (tmp_path / "configs").symlink_to(ROOT / "configs")  # the file's profiles are found beside it
+    stale.write_text(shipped.replace("max_new_tokens: 48", "max_new_tokens: 7"), encoding="utf-8")
+    assert main(["--check", "--file", str(stale)]) == 1
+    assert "is out of date with configs/: run `make deployments`" in capsys.readouterr().err
+    assert stale.read_text(encoding="utf-8") != shipped  # a check writes nothing
+    assert main(["--file", str(stale)]) == 0 and f"rewrote {stale}" in capsys.readouterr().out
+    assert stale.read_text(encoding="utf-8") == shipped
+    assert main(["--check", "--file", str(stale)]) == 0
+
+
 def wait_for_flow_run(url: str, flow_run_id: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

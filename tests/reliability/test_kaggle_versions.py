@@ -17,6 +17,17 @@ from tests.support.kaggle_server import lenta_csv
 pytestmark = pytest.mark.slow
 
 
+def _more_sport_articles() -> str:
+    """12 more sport articles (new urls, new texts; the demo profile fine-tunes on sport), as CSV rows."""
+    return (
+        lenta_csv(rows=12)
+        .decode()
+        .split("\n", 1)[1]
+        .replace("Текст новости номер", "Другой текст номер")
+        .replace(",Россия,", ",Спорт,")
+    )
+
+
 def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, fake_kaggle, tracking_uri, tmp_path):
     from flows.finetune import finetune
 
@@ -40,14 +51,7 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
 
     # Upstream publishes version 2: the sample plus 12 more sport articles (new urls, new texts; the
     # demo profile fine-tunes on sport).
-    extra = (
-        lenta_csv(rows=12)
-        .decode()
-        .split("\n", 1)[1]
-        .replace("Текст новости номер", "Другой текст номер")
-        .replace(",Россия,", ",Спорт,")
-    )
-    fake_kaggle.publish(SAMPLE_CSV.read_bytes() + extra.encode())
+    fake_kaggle.publish(SAMPLE_CSV.read_bytes() + _more_sport_articles().encode())
     moved = finetune(config=config)
     assert fake_kaggle.downloaded_versions == [1, 2] and not moved["up_to_date"]
     assert moved["model"]["version"] == 2 and moved["training_key"] != first["training_key"]
@@ -58,6 +62,32 @@ def test_a_new_kaggle_version_trains_an_unchanged_one_does_not(prefect_server, f
     assert (
         client.get_model_version("test-adapter", "2").tags["benchmark_fingerprint"] == first["benchmark"]["fingerprint"]
     )
+
+
+def test_a_model_judged_on_the_kaggle_files_test_split(prefect_server, fake_kaggle, tracking_uri, tmp_path):
+    """`registry.benchmark: kaggle`: a model trained on the bundled sample is judged on the test
+    split of the Kaggle file (the current version, downloaded by the official client), not its own."""
+    from flows.finetune import finetune
+    from lib.benchmark import benchmark_fingerprint
+    from lib.reevaluation import test_split
+
+    fake_kaggle.publish(SAMPLE_CSV.read_bytes() + _more_sport_articles().encode())  # version 2: more texts
+    settings = {"registry.model_name": "judged-on-kaggle", "registry.benchmark": "kaggle"}
+    config = load_config(DEFAULT_PROFILE, tiny_overrides(str(tmp_path / "cache"), **settings))
+    assert config.data.source == "sample"  # trained on the bundled sample
+    summary = finetune(config=config)
+    assert fake_kaggle.downloaded_versions == [2]
+    [csv] = (tmp_path / "cache" / "kaggle").rglob(config.data.kaggle_file)
+    kaggle_test = test_split(csv, config.data)["document"]
+    expected = benchmark_fingerprint(kaggle_test, config.train.max_length, config.eval.stride)
+    own_test = test_split(SAMPLE_CSV, config.data)["document"]
+    assert set(own_test) < set(kaggle_test)  # other texts: the Kaggle split has more
+    benchmark = summary["benchmark"]
+    assert benchmark["fingerprint"] == expected and benchmark["texts"] == len(kaggle_test)
+    assert benchmark["source"] == f"test split of Kaggle {config.data.kaggle_dataset}/{config.data.kaggle_file}"
+    model = MlflowClient(tracking_uri).get_registered_model("judged-on-kaggle")
+    assert model.tags["benchmark.fingerprint"] == expected
+    assert summary["metrics"]["benchmark_bits_per_byte"] != summary["metrics"]["test_bits_per_byte"]
 
 
 def test_missing_credentials_fail_at_once_without_task_retries(

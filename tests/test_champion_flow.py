@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from mlflow import MlflowClient
@@ -87,7 +89,8 @@ def test_a_champion_without_a_benchmark_score_is_scored_before_it_is_compared(
 ):
     """A champion registered before benchmarks existed has no score on the model's benchmark. Both
     places that compare with it, the next flow run and `lenta-lora promote`, first score it there;
-    the number they get is the one it was registered with (same adapter, texts and windows)."""
+    the number they get is the one it was registered with (same adapter, texts and windows). One
+    that cannot be scored is left out of the race."""
     from flows.cli import main
     from flows.finetune import finetune
     from lib.champion import BENCHMARK_TAG
@@ -130,6 +133,20 @@ def test_a_champion_without_a_benchmark_score_is_scored_before_it_is_compared(
         assert value == pytest.approx(registered["metrics"][metric], rel=1e-6)
     holder = str(client.get_model_version_by_alias(name, "champion").version)
     assert code == (0 if holder == "2" else 1) and f"version 2:         {scored('2')[1]:.6g}" in out, out
+
+    # A champion that cannot be scored (its adapter no longer matches its checksum) is left out of
+    # the race: the next version is compared only with versions scored on the benchmark.
+    forget_benchmark_scores(holder)
+    folder = Path(urlparse(client.get_model_version_download_uri(name, holder)).path)
+    weights = folder / "artifacts" / "adapter" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    third = finetune(config=config, force=True)
+    assert third["model"]["version"] == 3
+    assert BENCHMARK_TAG not in client.get_model_version(name, holder).tags  # it could not be scored
+    decision = json.loads(client.get_model_version(name, "3").tags["champion_decision"])
+    assert decision["previous_champion"] == holder and decision["previous_value"] is None, decision
+    assert str(client.get_model_version_by_alias(name, "champion").version) != holder
 
 
 def test_a_benchmark_file_that_does_not_exist_fails_the_run_before_training(

@@ -13,12 +13,13 @@ from pathlib import Path
 import yaml
 
 from lib.base_model import free_memory
-from lib.benchmark import Benchmark
+from lib.benchmark import Benchmark, read_benchmark, score_benchmark
 from lib.config import ConfigError, DataConfig, PipelineConfig, build_config, load_config
 from lib.corpus import CorpusError, iter_articles, join_title_and_text
 from lib.dataset import fingerprint_settings
 from lib.evaluation import evaluate_model
 from lib.generation import model_context_length
+from lib.loading import load_registered
 from lib.splits import fingerprint_articles, select_articles, split_articles
 from lib.threads import configure_threads
 
@@ -27,9 +28,6 @@ def score_registered_on_benchmark(
     tracking_uri: str, registered_uri: str, benchmark: Benchmark, batch_size: int
 ) -> dict[str, float]:
     """`benchmark_<m>` of a registered version (one registered before benchmarks, say)."""
-    from lib.benchmark import read_benchmark, score_benchmark
-    from lib.loading import load_registered
-
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     _, documents = read_benchmark(benchmark.path)
     scores = score_benchmark(model, tokenizer, benchmark, documents, batch_size, model_context_length(model, tokenizer))
@@ -104,8 +102,6 @@ def evaluate_registered(
 ) -> dict:
     """Re-evaluate `models:/NAME/VERSION` on the test split of `csv_path`; same result keys as
     `evaluate_model`, plus `dataset_fingerprint` and `test_articles`."""
-    from lib.loading import load_registered
-
     configure_threads(config.train.threads)
     model, tokenizer, _ = load_registered(tracking_uri, registered_uri)
     context = model_context_length(model, tokenizer)

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import SAMPLE_CSV, load_config
 from tests.conftest import tiny_overrides
+from tests.support.adapter_fixtures import flip_last_byte
 
 pytestmark = pytest.mark.slow
 
@@ -139,8 +140,7 @@ def test_a_champion_without_a_benchmark_score_is_scored_before_it_is_compared(
     forget_benchmark_scores(holder)
     folder = Path(urlparse(client.get_model_version_download_uri(name, holder)).path)
     weights = folder / "artifacts" / "adapter" / "adapter_model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    flip_last_byte(weights)
     third = finetune(config=config, force=True)
     assert third["model"]["version"] == 3
     assert BENCHMARK_TAG not in client.get_model_version(name, holder).tags  # it could not be scored

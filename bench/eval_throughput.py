@@ -35,7 +35,7 @@ def load_model_and_texts(config):
     """The evaluate stage's inputs: prepared test split, its tokenizer, the base wrapped in LoRA."""
     from lib.base_model import load_base_model, load_tokenizer
     from lib.dataset import corpus_path, load_prepared, prepare_dataset
-    from lib.training import wrap_with_lora
+    from lib.lora import wrap_with_lora
 
     info = prepare_dataset(
         corpus_path(config.data),

@@ -82,7 +82,7 @@ def run_seed(config, steps: int) -> dict:
 
     from lib.base_model import load_base_model, load_tokenizer
     from lib.dataset import load_prepared
-    from lib.training import wrap_with_lora
+    from lib.lora import wrap_with_lora
 
     info = prepare(config)
     tokenizer = load_tokenizer(str(Path(info.path) / "tokenizer"), config.model)
@@ -162,7 +162,7 @@ def bare_loop(model, ids: torch.Tensor, steps: int, batch: int, lr: float) -> fl
 def run_bare(config, steps: int) -> dict:
     from lib.base_model import load_base_model
     from lib.dataset import load_prepared
-    from lib.training import wrap_with_lora
+    from lib.lora import wrap_with_lora
 
     info = prepare(config)
     torch.manual_seed(config.train.seed)
@@ -251,7 +251,7 @@ def bench_13b(steps: int, batch: int, block: int) -> dict:
 
     from lib.base_model import load_base_model
     from lib.config import build_config
-    from lib.training import wrap_with_lora
+    from lib.lora import wrap_with_lora
 
     peak = matmul_peak(torch.bfloat16, "cuda", n=8192)
     ids = torch.randint(0, 50257, (batch * 4, block))

@@ -18,7 +18,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lib.corpus import CorpusError
     from lib.export import ExportError
     from lib.kaggle_source import KaggleError
-    from lib.training import OutOfMemory, TrainingDiverged
+    from lib.steps import OutOfMemory, TrainingDiverged
 
     return (
         ConfigError,

@@ -1,7 +1,8 @@
-"""The pieces of an optimizer step, for the loop in lib/training.py: the loss a step minimises (and
-the validation loss, the same measure on held-out blocks), the run's plan (how many steps, which
-blocks each micro-batch takes), the backward pass over a step's micro-batches, and what a step that
-fails says (and raises).
+"""An optimizer step, for the loop in lib/training.py: `train_step` and its pieces. The state it reads and
+advances (`Run`, made once by `training.setup`; `LoopState`, what a checkpoint carries over), the loss a
+step minimises (and the validation loss, the same measure on held-out blocks), the run's plan (how many
+steps, which blocks each micro-batch takes), the backward pass over a step's micro-batches, and what a
+step that fails says (and raises).
 
 Loss convention: every optimizer step minimises the mean NLL over all *real* tokens of its
 `grad_accum` micro-batches (each micro-batch's summed loss is divided by the step's total token
@@ -15,10 +16,16 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lib.config import ModelConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from lib.dataset import PreparedDataset
+    from lib.progress import Ticker
 
 log = logging.getLogger("lenta_lora.train")
 
@@ -29,6 +36,45 @@ class TrainingDiverged(RuntimeError):
 
 class OutOfMemory(RuntimeError):
     """A training step did not fit in GPU (or CPU) memory; the message says which settings to lower."""
+
+
+@dataclass
+class Run:
+    """What `setup` makes once per process; fixed for the whole run."""
+
+    model: Any  # the PEFT model (what is checkpointed and saved)
+    wrapped: Any  # what forward/backward run through: DistributedDataParallel around `model` with N > 1 ranks, else it
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    info: PreparedDataset  # the prepared dataset's facts
+    val_blocks: Any  # a `datasets` table
+    ids: torch.Tensor  # the training blocks: two tensors index faster than a `datasets` table (per step:
+    masks: torch.Tensor  # that indexing cost more than a tiny model's whole step)
+    order: list[list[int]]  # block indices of every micro-batch of the run (all ranks')
+    shard: slice  # this rank's part of a micro-batch
+    steps: int
+    world: int
+    autocast_dtype: torch.dtype | None = None  # a GPU's half precision (lib/steps.mixed_precision)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on a GPU only
+
+
+@dataclass
+class LoopState:
+    """How far training is: what a checkpoint carries over (step, tokens, seconds, history), and this
+    process's share."""
+
+    step: int = 0  # optimizer steps done, counting those of a run this one resumed
+    tokens: int = 0  # real tokens trained on, likewise
+    seconds: float = 0.0  # training time of the processes before this one
+    history: list[dict] = field(default_factory=list)  # one record per step
+    start_step: int = 0  # the step this process resumed after
+    new_tokens: int = 0  # this process's
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        """Seconds this process has trained: its rates and ETA exclude earlier ones."""
+        return time.perf_counter() - self.started
 
 
 def batch_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,3 +237,41 @@ def accumulate_gradients(
             )
             heartbeat.mark()
     return step_nll, step_tokens
+
+
+def train_step(
+    run: Run, state: LoopState, step: int, train: TrainConfig, model_cfg: ModelConfig, heartbeat: Ticker
+) -> dict[str, float]:
+    """Optimizer step `step` (1-based): advances `state` and returns the step's metrics. Raises OutOfMemory
+    with the settings to lower, or TrainingDiverged on a non-finite loss, before any weight changed."""
+    chunk = run.order[(step - 1) * train.grad_accum : step * train.grad_accum]
+    try:
+        at = (step, run.steps)
+        step_nll, step_tokens = accumulate_gradients(
+            run.wrapped, run.ids, run.masks, chunk, run.shard, at, heartbeat, run.scaler, run.autocast_dtype
+        )
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise OutOfMemory(oom_message(error, step, train, model_cfg)) from None
+    if run.world > 1:  # the gradients are summed already (DDP); the logged loss needs every rank's NLL too
+        torch.distributed.all_reduce(step_nll)
+    loss = float(step_nll) / step_tokens  # unscaled: a GradScaler skips steps with inf gradients itself
+    lr = run.schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
+    if not math.isfinite(loss):
+        raise TrainingDiverged(diverged_message(loss, step, run.steps, lr, train, state.history))
+    if run.scaler is not None:  # unscales, skips the update if a gradient overflowed, then adapts the scale
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(run.masks[idx].sum()) for idx in chunk)
+    state.step, state.tokens, state.new_tokens = step, state.tokens + tokens, state.new_tokens + tokens
+    return {
+        "train_loss": loss,
+        "learning_rate": lr,
+        "tokens_per_second": state.new_tokens / state.elapsed(),
+        "epoch": step * train.grad_accum * train.batch_size * run.world / len(run.ids),
+    }

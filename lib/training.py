@@ -2,7 +2,8 @@
 
     setup       the data as tensors, the base with its LoRA adapter, optimizer, LR schedule, micro-batch order
     resume      from the newest checkpoint, if any (rank 0 holds the folder's lock: `checkpoint.held_folders`)
-    train_step  one optimizer step over its micro-batches (lib/steps.py: the loss, the failure messages)
+    train_step  one optimizer step over its micro-batches (lib/steps.py, with the loss, the failure messages
+                and the `Run` / `LoopState` a step reads and advances)
     report      a step's metrics to `on_log`; then `save_checkpoint`, and at the end `final_validation`
 
 Resume: the micro-batch order of the whole run is a function of `train.seed`, and a checkpoint
@@ -20,75 +21,21 @@ fp16 scales the loss with a GradScaler that the checkpoints carry (lib/steps.mix
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lib import checkpoint, distributed, faults, progress
 from lib.base_model import free_memory, load_base_model, load_tokenizer
-from lib.config import ModelConfig, PipelineConfig, TrainConfig
-from lib.dataset import PreparedDataset, load_prepared, read_prepared
+from lib.config import PipelineConfig
+from lib.dataset import load_prepared, read_prepared
 from lib.lora import make_optimizer, save_adapter, wrap_with_lora
-from lib.steps import (
-    OutOfMemory,
-    TrainingDiverged,
-    accumulate_gradients,
-    count_steps,
-    diverged_message,
-    is_out_of_memory,
-    micro_batch_order,
-    mixed_precision,
-    oom_message,
-    validation_loss,
-)
+from lib.steps import LoopState, Run, count_steps, micro_batch_order, mixed_precision, train_step, validation_loss
 from lib.threads import configure_threads
 from lib.train_result import LogFn, Progress, TrainResult
 
 log = logging.getLogger("lenta_lora.train")
-
-
-@dataclass
-class Run:
-    """What `setup` makes once per process; fixed for the whole run."""
-
-    model: Any  # the PEFT model (what is checkpointed and saved)
-    wrapped: Any  # what forward/backward run through: DistributedDataParallel around `model` with N > 1 ranks, else it
-    tokenizer: Any
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR
-    info: PreparedDataset  # the prepared dataset's facts
-    val_blocks: Any  # a `datasets` table
-    ids: torch.Tensor  # the training blocks: two tensors index faster than a `datasets` table (per step:
-    masks: torch.Tensor  # that indexing cost more than a tiny model's whole step)
-    order: list[list[int]]  # block indices of every micro-batch of the run (all ranks')
-    shard: slice  # this rank's part of a micro-batch
-    steps: int
-    world: int
-    autocast_dtype: torch.dtype | None = None  # a GPU's half precision (lib/steps.mixed_precision)
-    scaler: torch.amp.GradScaler | None = None  # fp16 on a GPU only
-
-
-@dataclass
-class LoopState:
-    """How far training is: what a checkpoint carries over (step, tokens, seconds, history), and this
-    process's share."""
-
-    step: int = 0  # optimizer steps done, counting those of a run this one resumed
-    tokens: int = 0  # real tokens trained on, likewise
-    seconds: float = 0.0  # training time of the processes before this one
-    history: list[dict] = field(default_factory=list)  # one record per step
-    start_step: int = 0  # the step this process resumed after
-    new_tokens: int = 0  # this process's
-    started: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        """Seconds this process has trained: its rates and ETA exclude earlier ones."""
-        return time.perf_counter() - self.started
 
 
 def train_adapter(
@@ -288,44 +235,6 @@ def resume(
     return found, LoopState(
         done["step"], done["tokens"], done["seconds"], list(done["history"]), start_step=done["step"]
     )
-
-
-def train_step(
-    run: Run, state: LoopState, step: int, train: TrainConfig, model_cfg: ModelConfig, heartbeat: progress.Ticker
-) -> dict[str, float]:
-    """Optimizer step `step` (1-based): advances `state` and returns the step's metrics. Raises OutOfMemory
-    with the settings to lower, or TrainingDiverged on a non-finite loss, before any weight changed."""
-    chunk = run.order[(step - 1) * train.grad_accum : step * train.grad_accum]
-    try:
-        at = (step, run.steps)
-        step_nll, step_tokens = accumulate_gradients(
-            run.wrapped, run.ids, run.masks, chunk, run.shard, at, heartbeat, run.scaler, run.autocast_dtype
-        )
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
-            raise
-        raise OutOfMemory(oom_message(error, step, train, model_cfg)) from None
-    if run.world > 1:  # the gradients are summed already (DDP); the logged loss needs every rank's NLL too
-        torch.distributed.all_reduce(step_nll)
-    loss = float(step_nll) / step_tokens  # unscaled: a GradScaler skips steps with inf gradients itself
-    lr = run.schedule.get_last_lr()[0]  # the rate this step's update uses (LoRA+: the A matrices')
-    if not math.isfinite(loss):
-        raise TrainingDiverged(diverged_message(loss, step, run.steps, lr, train, state.history))
-    if run.scaler is not None:  # unscales, skips the update if a gradient overflowed, then adapts the scale
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    run.schedule.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(run.masks[idx].sum()) for idx in chunk)
-    state.step, state.tokens, state.new_tokens = step, state.tokens + tokens, state.new_tokens + tokens
-    return {
-        "train_loss": loss,
-        "learning_rate": lr,
-        "tokens_per_second": state.new_tokens / state.elapsed(),
-        "epoch": step * train.grad_accum * train.batch_size * run.world / len(run.ids),
-    }
 
 
 def report(

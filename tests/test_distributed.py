@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib import checkpoint, dataset, training
+from lib import checkpoint, dataset, steps, training
 
 # The same tiny settings and prepared dataset as the single-process training tests.
 from tests.conftest import tiny_overrides
@@ -136,9 +136,9 @@ def test_two_processes_train_an_adapter_that_loads(prepared, shared_cache, tmp_p
     base_path = json.loads((Path(prepared) / "lenta_lora_dataset.json").read_text())["base"]
     model = PeftModel.from_pretrained(load_base_model(base_path, config.model), result.adapter_dir)
     blocks = dataset.load_prepared(prepared)["validation_blocks"]
-    tuned = training.validation_loss(model, blocks, 8)
+    tuned = steps.validation_loss(model, blocks, 8)
     with model.disable_adapter():
-        base = training.validation_loss(model, blocks, 8)
+        base = steps.validation_loss(model, blocks, 8)
     assert tuned == pytest.approx(result.validation_loss, abs=1e-5)  # the saved adapter is the trained one
     assert tuned < base - 0.004, (base, tuned)
 
@@ -148,8 +148,8 @@ def test_an_epoch_is_shared_by_the_processes(shared_cache):
         shared_cache, **{"train.max_steps": "null", "train.epochs": 1, "train.batch_size": 4, "train.grad_accum": 2}
     )
     # 100 blocks: 25 micro-batches of 4 -> 13 steps alone; 13 global micro-batches of 2 x 4 -> 7 steps with 2 ranks
-    assert training.count_steps(100, config.train) == 13
-    assert training.count_steps(100, config.train, world=2) == 7
+    assert steps.count_steps(100, config.train) == 13
+    assert steps.count_steps(100, config.train, world=2) == 7
 
 
 @pytest.mark.slow
@@ -222,7 +222,7 @@ def test_a_ranks_error_reaches_the_caller_with_its_type_and_message(prepared, sh
         },
     )
     logged: list[int] = []
-    with pytest.raises(training.TrainingDiverged, match=r"training loss is \S+ at optimizer step") as error:
+    with pytest.raises(steps.TrainingDiverged, match=r"training loss is \S+ at optimizer step") as error:
         training.train_adapter(
             prepared, config, tmp_path / "out", on_log=lambda step, record, progress: logged.append(step)
         )

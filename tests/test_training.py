@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from lib import checkpoint, dataset, training
+from lib import checkpoint, dataset, steps, training
 from tests.support.training import tiny  # and the `prepared` fixture (tests/conftest.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +29,7 @@ def test_loss_decreases_on_the_tiny_model(prepared, shared_cache):
     assert [h["step"] for h in result.history] == list(range(1, 41))
     blocks = dataset.load_prepared(prepared)["validation_blocks"]
     with model.disable_adapter():  # the same model without its adapter is the base
-        base = training.validation_loss(model, blocks, 8)
+        base = steps.validation_loss(model, blocks, 8)
     # Held-out loss, same blocks both sides, so the gap is not batch-to-batch noise. LoRA moves this
     # barely pre-trained tiny base little: 5.690 -> 5.680 nats measured.
     assert result.validation_loss < base - 0.004, (base, result.validation_loss)
@@ -184,7 +184,7 @@ def test_diverging_loss_stops_early_and_saves_no_adapter(prepared, shared_cache,
         },
     )
     logged = []
-    with pytest.raises(training.TrainingDiverged) as error:
+    with pytest.raises(steps.TrainingDiverged) as error:
         training.train_adapter(
             prepared,
             config,

@@ -19,7 +19,7 @@ import torch
 from mlflow import MlflowClient
 
 from flows.cli import DEFAULT_PROFILE
-from lib import training
+from lib import steps, training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.harness import ROOT, all_runs
@@ -37,7 +37,7 @@ def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_c
     overrides = {"train.max_steps": 20, "train.learning_rate": 1e6, "lora.target_modules": "all-linear"}
     config = tiny(shared_cache, **overrides, **{"registry.model_name": "nan"})
     # demo.yaml warms up over 10 steps from lr 0: steps 2-3 run at 1e5 and 2e5, step 4's 3e5 gives a NaN loss.
-    with pytest.raises(training.TrainingDiverged, match="at optimizer step 4 of 20.*no adapter was saved"):
+    with pytest.raises(steps.TrainingDiverged, match="at optimizer step 4 of 20.*no adapter was saved"):
         finetune(config=config)
     client = MlflowClient(tracking_uri)
     [run] = all_runs(client)
@@ -54,7 +54,7 @@ def test_diverging_flow_is_failed_and_registers_nothing(prefect_server, shared_c
 OOM_CHILD = r"""
 import resource, sys
 from flows.cli import DEFAULT_PROFILE
-from lib import training
+from lib import steps, training
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 
@@ -68,7 +68,7 @@ resource.setrlimit(resource.RLIMIT_AS, (mapped + 200 * 2**20, resource.RLIM_INFI
 big = load_config(DEFAULT_PROFILE, tiny_overrides(cache, **linear, **{"train.batch_size": 1000}))
 try:
     training.train_model(prepared, big)
-except training.OutOfMemory as error:
+except steps.OutOfMemory as error:
     print("OOM " + str(error))
 """
 
@@ -106,7 +106,7 @@ def test_gpu_out_of_memory_gets_the_same_advice(prepared, shared_cache, monkeypa
         return model
 
     monkeypatch.setattr(training, "load_base_model", load_and_fail)
-    with pytest.raises(training.OutOfMemory) as error:
+    with pytest.raises(steps.OutOfMemory) as error:
         training.train_model(prepared, config)
     message = str(error.value)
     print(f"\n{message}")

@@ -42,57 +42,15 @@ def _quiet_environment() -> None:
     set_wait_policy()
 
 
-def _browse_hint(uri: str) -> str:
-    """How a person opens the store in the MLflow UI: a server's own address, else `mlflow ui`."""
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
-
-
-def _print_summary(summary: dict) -> None:
-    model, uri = summary["model"], summary["tracking_uri"]
-    if summary.get("up_to_date") and "metrics" not in summary:
-        print("\n=== lenta-lora: up to date ===")
-        print(f"MLflow run:        {summary['run_id']}")
-        print(summary["message"])
-        print(f"browse it:         {_browse_hint(uri)}")
-        return
-    m = summary["metrics"]
-    print("\n=== lenta-lora: run complete ===")
-    print(f"MLflow run:        {summary['run_id']}")
-    if model.get("up_to_date"):
-        print(f"registered model:  nothing registered: {model['uri']} holds the same training key (a concurrent run)")
-    else:
-        print(
-            f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
-            f"champion: {'yes' if model['champion'] else 'no'})"
-        )
-        print(f"champion:          {model['decision']['reason']}")
-    if "benchmark_bits_per_byte" in m:
-        bench = summary["benchmark"]
-        print(
-            f"benchmark bits/b:  {m['benchmark_bits_per_byte']:.4f}  (benchmark {bench['fingerprint'][:12]}: "
-            f"{bench['texts']} texts, {bench['source']})"
-        )
-    print(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
-    print(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
-    if "chrf" in m:
-        print(f"chrF++:            base {m['base_chrf']:.2f} -> tuned {m['chrf']:.2f}")
-    print(
-        f"trained:           {summary['train']['steps']} steps, {summary['train']['tokens']} tokens, "
-        f"{summary['train']['seconds']:.0f}s"
-    )
-    print(f"browse it:         {_browse_hint(uri)}")
-
-
 def command_run(args) -> int:
     from lib.config import load_config
+    from lib.reports import summary_text
 
     config = load_config(args.config, args.set or [])  # every config problem reported before any work
     from flows.finetune import finetune
 
     summary = finetune(config=config, force=args.force)
-    _print_summary(summary)
+    print(summary_text(summary))
     return 0
 
 

@@ -1,5 +1,6 @@
 """What a person reads and follows: the Markdown of Prefect's summary artifacts (where the MLflow
-run is, base vs tuned metrics, the champion decision, a few samples) and links to MLflow runs."""
+run is, base vs tuned metrics, the champion decision, a few samples), the same summary as the
+`lenta-lora run` command prints it, and links to MLflow runs."""
 
 from __future__ import annotations
 
@@ -100,6 +101,54 @@ def render_evaluation(summary: dict) -> str:
             "title": f"re-evaluation of {target['uri']} (trained in run `{target['run_id']}`) on `{summary['csv']}`",
         }
     )
+
+
+def browse_hint(uri: str) -> str:
+    """How a person opens the store in the MLflow UI: a server's own address, else `mlflow ui`."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def summary_text(summary: dict) -> str:
+    """The run summary (`run_summary` / `up_to_date_summary`) as `lenta-lora run` prints it."""
+    out: list[str] = []
+    model, uri = summary["model"], summary["tracking_uri"]
+    if summary.get("up_to_date") and "metrics" not in summary:
+        out.append("\n=== lenta-lora: up to date ===")
+        out.append(f"MLflow run:        {summary['run_id']}")
+        out.append(summary["message"])
+        out.append(f"browse it:         {browse_hint(uri)}")
+        return "\n".join(out)
+    m = summary["metrics"]
+    out.append("\n=== lenta-lora: run complete ===")
+    out.append(f"MLflow run:        {summary['run_id']}")
+    if model.get("up_to_date"):
+        out.append(
+            f"registered model:  nothing registered: {model['uri']} holds the same training key (a concurrent run)"
+        )
+    else:
+        out.append(
+            f"registered model:  {model['name']} version {model['version']}  ({model['uri']}; "
+            f"champion: {'yes' if model['champion'] else 'no'})"
+        )
+        out.append(f"champion:          {model['decision']['reason']}")
+    if "benchmark_bits_per_byte" in m:
+        bench = summary["benchmark"]
+        out.append(
+            f"benchmark bits/b:  {m['benchmark_bits_per_byte']:.4f}  (benchmark {bench['fingerprint'][:12]}: "
+            f"{bench['texts']} texts, {bench['source']})"
+        )
+    out.append(f"test perplexity:   base {m['base_test_perplexity']:.2f} -> tuned {m['test_perplexity']:.2f}")
+    out.append(f"test bits/byte:    base {m['base_test_bits_per_byte']:.4f} -> tuned {m['test_bits_per_byte']:.4f}")
+    if "chrf" in m:
+        out.append(f"chrF++:            base {m['base_chrf']:.2f} -> tuned {m['chrf']:.2f}")
+    out.append(
+        f"trained:           {summary['train']['steps']} steps, {summary['train']['tokens']} tokens, "
+        f"{summary['train']['seconds']:.0f}s"
+    )
+    out.append(f"browse it:         {browse_hint(uri)}")
+    return "\n".join(out)
 
 
 def run_link(uri: str, run_id: str) -> dict:

@@ -1,7 +1,7 @@
 """Fetch one file of a Kaggle dataset into a verified local cache, with the official kagglesdk.
 
-Layout: ``cache_dir/<owner>__<name>/<file_name>`` plus ``<file_name>.kaggle.json`` (size and
-sha256). The marker is written last, so a CSV without a valid marker is never trusted.
+The file lands in a verified cache (lib/kaggle_cache.py): ``cache_dir/<owner>__<name>/<file_name>``
+plus a marker with its size and sha256, written last, so a CSV without a valid marker is never trusted.
 
 We call ``kagglesdk`` directly rather than ``kaggle.KaggleApi``: importing the ``kaggle``
 package authenticates at import time (a network call when a token is set), ``authenticate()``
@@ -13,9 +13,6 @@ lazily: it takes 0.3 s, and a cache hit never needs it.
 from __future__ import annotations
 
 import csv
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
@@ -24,13 +21,13 @@ import tempfile
 import time
 import zipfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
 
 from lib.kaggle_auth import KaggleError, open_client, resolve_credentials
+from lib.kaggle_cache import cache_valid, cached_path, discard_unverified, locked, publish
 
 log = logging.getLogger("lenta_lora.kaggle")
 
@@ -75,7 +72,7 @@ def download_kaggle_file(
         raise KaggleError("retries and backoff_s must be >= 0 and timeout_s > 0")
     owner, name = match.groups()
     cache_dir = Path(cache_dir).expanduser()
-    csv_path = cache_dir / f"{owner}__{name}" / file_name
+    csv_path = cached_path(dataset, file_name, cache_dir)
     try:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -84,11 +81,11 @@ def download_kaggle_file(
         ) from None
 
     # One lock per dataset: a second process waits, then finds the first one's verified file.
-    with _locked(cache_dir / f".{owner}__{name}.lock"):
-        if _cache_valid(csv_path, dataset, file_name, version):
+    with locked(cache_dir / f".{owner}__{name}.lock"):
+        if cache_valid(csv_path, dataset, file_name, version):
             log.info("using cached %s (size and sha256 verified)", csv_path)
             return csv_path
-        _discard_unverified(cache_dir, f".tmp-{owner}__{name}-", csv_path)
+        discard_unverified(cache_dir, f".tmp-{owner}__{name}-", csv_path)
         auth, source = resolve_credentials(credentials, timeout_s)
         log.info("downloading %s from Kaggle dataset %s (credentials: %s)", file_name, dataset, source)
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{owner}__{name}-", dir=cache_dir))
@@ -97,100 +94,11 @@ def download_kaggle_file(
                 auth, source, dataset, file_name, work, retries, backoff_s, timeout_s, version
             )
             _check_csv(fresh, dataset, file_name, expected_columns)
-            size, digest = fresh.stat().st_size, _sha256(fresh)
-            os.replace(fresh, csv_path)  # same filesystem: atomic
-            _write_json_atomic(
-                _marker(csv_path),
-                {
-                    "dataset": dataset,
-                    "file_name": file_name,
-                    "size": size,
-                    "sha256": digest,
-                    "version": version,
-                    "downloaded_at": time.time(),
-                },
-            )
+            size, digest = publish(fresh, csv_path, dataset, file_name, version)
             log.info("cached %s (%d bytes, sha256 %s)", csv_path, size, digest[:12])
             return csv_path
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-
-# --- cache --------------------------------------------------------------------------------
-
-
-@contextmanager
-def _locked(lock_path: Path):
-    # flock is released by the kernel when the holder dies, so a killed download never
-    # leaves a stale lock. The lock file itself stays: deleting it would race with waiters.
-    with open(lock_path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish with %s", lock_path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock, on errors too
-
-
-def _marker(csv_path: Path) -> Path:
-    return csv_path.with_name(csv_path.name + ".kaggle.json")
-
-
-def cached_path(dataset: str, file_name: str, cache_dir: str | Path) -> Path:
-    """Where `download_kaggle_file` keeps `file_name` of `dataset`."""
-    return Path(cache_dir).expanduser() / dataset.replace("/", "__", 1) / file_name
-
-
-def cached_version(csv_path: Path) -> int | None:
-    """The Kaggle dataset version the cached file was downloaded as (None: unknown or no cache)."""
-    try:
-        return json.loads(_marker(Path(csv_path)).read_text()).get("version")
-    except (OSError, ValueError):
-        return None
-
-
-def _cache_valid(csv_path: Path, dataset: str, file_name: str, version: int | None = None) -> bool:
-    try:
-        meta = json.loads(_marker(csv_path).read_text())
-        size = csv_path.stat().st_size
-    except (OSError, ValueError):
-        return False
-    if (meta.get("dataset"), meta.get("file_name"), meta.get("size")) != (dataset, file_name, size):
-        return False
-    if version is not None and meta.get("version") != version:
-        log.info(
-            "%s holds version %s of %s; Kaggle's current version is %s", csv_path, meta.get("version"), dataset, version
-        )
-        return False
-    # Streaming the hash costs seconds on the 2 GB CSV and catches same-size edits and bit rot.
-    return meta.get("sha256") == _sha256(csv_path)
-
-
-def _discard_unverified(cache_dir: Path, tmp_prefix: str, csv_path: Path) -> None:
-    # We hold the lock, so any temp dir with our prefix belongs to a dead process.
-    for leftover in cache_dir.glob(tmp_prefix + "*"):
-        log.warning("removing leftover partial download %s", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-    for stale in [path for path in (csv_path, _marker(csv_path)) if path.exists()]:
-        log.warning("discarding unverified cache file %s", stale)
-        stale.unlink()
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make both renames survive a power loss
-    os.fsync(dir_fd)
-    os.close(dir_fd)
 
 
 def _download_with_retries(auth, source, dataset, file_name, work, retries, backoff_s, timeout_s, version) -> Path:

@@ -129,6 +129,6 @@ def corpus_version(data: DataConfig) -> int | None:
     """The Kaggle dataset version of the cached download (None for other sources or no cache)."""
     if data.source != "kaggle":
         return None
-    from lib.kaggle_source import cached_path, cached_version
+    from lib.kaggle_cache import cached_path, cached_version
 
     return cached_version(cached_path(data.kaggle_dataset, data.kaggle_file, f"{data.cache_dir}/kaggle"))

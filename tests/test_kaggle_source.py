@@ -276,7 +276,8 @@ def test_malformed_dataset_name(cache, dataset):
 
 
 def test_current_version_is_asked_and_a_moved_version_is_downloaded_again(server, creds, cache):
-    from lib.kaggle_source import cached_version, current_version
+    from lib.kaggle_cache import cached_version
+    from lib.kaggle_source import current_version
 
     assert current_version(DATASET) == 1
     path = fetch(cache, version=1)

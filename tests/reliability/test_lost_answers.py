@@ -1,0 +1,76 @@
+"""Answers lost between the client and a real `mlflow server` (tests/support/lossy_proxy.py): the
+server carried the request out, the client saw an error. Registration must still leave exactly one
+version per run, and a lost alias write must not make `champion` wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from mlflow import MlflowClient
+
+from lib import registry, tracking
+from tests.support.adapter_fixtures import CHAMPION_POLICY
+from tests.support.lossy_proxy import lossy_proxy
+
+# A hub id: only the adapter is uploaded, and nothing is loaded (registration never loads a model).
+HUB_BASE = {"kind": "hub", "name": "no-such-org/no-such-model", "revision": "main", "precision": "fp32"}
+ALIAS = "/registered-models/alias"
+
+
+def register(uri: str, trained, name: str, bits_per_byte: float) -> tuple[str, dict]:
+    run_id = tracking.start_run(uri, name, "lost-answers", {}, {}, "{}\n")
+    result = registry.register_adapter(
+        uri, run_id, trained["adapter"], HUB_BASE, {}, name, {}, {"benchmark_bits_per_byte": bits_per_byte},
+        **CHAMPION_POLICY,
+    )  # fmt: skip
+    tracking.finish_run(uri, run_id)
+    return run_id, result
+
+
+@pytest.mark.slow
+def test_a_version_create_whose_answer_was_lost_leaves_one_version(mlflow_server, trained, caplog):
+    """MLflow's client retries a POST that got a 502: the server made the version the first time, so the
+    retry makes a twin of the same run. The registrant keeps the run's lowest version, deletes its own."""
+    name = "lost-create"
+    with lossy_proxy(mlflow_server.uri) as proxy:
+        proxy.lose_answer("POST", "/model-versions/create", status=502)
+        with caplog.at_level(logging.WARNING, logger="lenta_lora"):
+            run_id, result = register(proxy.uri, trained, name, 2.5)
+        assert proxy.seen("POST", "/model-versions/create") == [502, 200]  # the retry made a second version
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]  # version 2, the twin, is gone
+    assert result["version"] == 1 and result["uri"] == f"models:/{name}/1" and not result["up_to_date"]
+    assert result["champion"] is True and str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    kept = client.get_model_version(name, "1")
+    assert kept.tags["benchmark_bits_per_byte"] == repr(2.5) and kept.tags["adapter_sha256"]
+    assert '"promoted": true' in kept.tags["champion_decision"]
+    assert any("deleting duplicate version 2" in r.getMessage() for r in caplog.records), caplog.text
+
+    # The next run registers normally: version 3 (MLflow does not reuse a deleted number).
+    _, after = register(mlflow_server.uri, trained, name, 2.0)
+    assert after["version"] == 3 and after["champion"] is True
+
+
+@pytest.mark.slow
+def test_an_alias_write_whose_answer_was_lost_still_decides_champion(mlflow_server, trained, caplog):
+    """Two first-ever alias writes race in MLflow's select-then-insert and one gets a 400 (not retried),
+    though a write landed. The registrant re-reads and re-checks: the better version holds `champion`,
+    the decision says so, and the registration does not fail."""
+    name = "lost-alias"
+    _, first = register(mlflow_server.uri, trained, name, 3.0)
+    assert first["champion"] is True
+    with lossy_proxy(mlflow_server.uri) as proxy:
+        race = {"error_code": "INVALID_STATE", "message": "(sqlite3.IntegrityError) UNIQUE constraint failed"}
+        proxy.lose_answer("POST", ALIAS, status=400, body=race)
+        with caplog.at_level(logging.INFO, logger="lenta_lora"):
+            _, second = register(proxy.uri, trained, name, 2.0)  # beats 3.0 by far more than the margin
+        assert proxy.seen("POST", ALIAS) == [400]  # not retried by the client: the registrant re-checked
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    decision = second["decision"]
+    assert second["champion"] is True and decision["promoted"] and decision["champion_version"] == "2"
+    assert decision["previous_champion"] == "1" and decision["previous_value"] == 3.0 and decision["value"] == 2.0
+    assert any("lost a race" in r.getMessage() for r in caplog.records), caplog.text

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lib.checkpoint import storage_error
+from lib.checkpoint import ADAPTER_SAVE_OPTIONS, storage_error
 from lib.config import BASE_MUTATING_INITS, LoraConfig, ModelConfig, PipelineConfig
 
 log = logging.getLogger("lenta_lora.lora")
@@ -147,10 +147,11 @@ def make_optimizer(model, config: PipelineConfig) -> torch.optim.Optimizer:
 
 
 def save_pretrained(model, folder: Path) -> None:
-    """PEFT's safetensors save; a PiSSA/OLoRA adapter is saved converted for the untouched base (module doc)."""
+    """PEFT's safetensors save of the adapter's own weights; a PiSSA/OLoRA adapter is saved converted for
+    the untouched base (module doc)."""
     initial = getattr(model, INITIAL_ADAPTER, None)
     if initial is None:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, **ADAPTER_SAVE_OPTIONS)
         return
     from safetensors.torch import save_file
 
@@ -163,7 +164,7 @@ def save_pretrained(model, folder: Path) -> None:
             {k: v.contiguous() for k, v in initial.items()}, str(scratch / "initial" / "adapter_model.safetensors")
         )
         model.save_pretrained(
-            folder, safe_serialization=True, path_initial_model_for_weight_conversion=str(scratch / "initial")
+            folder, **ADAPTER_SAVE_OPTIONS, path_initial_model_for_weight_conversion=str(scratch / "initial")
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -13,7 +13,7 @@ from tasks.acquire import acquire_corpus, corpus_version, result_storage_for
 from tasks.benchmark import resolve_benchmark, score_champion_on_benchmark, store_benchmark
 from tasks.evaluate import evaluate_adapter
 from tasks.prepare import prepare_dataset, record_dataset
-from tasks.provenance import record_up_to_date, training_key, version_with_training_key
+from tasks.provenance import pin_revision, record_up_to_date, training_key, version_with_training_key
 from tasks.register import register_adapter
 from tasks.tracking import finish_run, provenance_tags, start_run
 from tasks.train import discard_checkpoints, train_adapter
@@ -31,6 +31,7 @@ def finetune(
     """
     if overrides:  # checked before any work: a bad override fails the flow run with every problem listed
         config = build_config(config.model_dump(mode="json"), overrides, source="the overrides parameter")
+    config = pin_revision(config)  # a hub branch -> its commit now: every stage loads the same weights
     uri = resolve_tracking_uri(config.tracking.uri)
     tags = provenance_tags()
     run_id = start_run(config, uri, tags)

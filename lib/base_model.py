@@ -274,6 +274,26 @@ def base_identity(base: str, revision: str | None) -> dict:
         return {"kind": "hub", "name": base, "commit": wanted, "resolved": False}
 
 
+def pin_revision(model_cfg: ModelConfig) -> ModelConfig:
+    """`model_cfg` with a hub base's `revision` (a branch such as `main`) replaced by the commit it
+    names now. Every stage of a run then loads the same weights (the tokenizer, training, evaluation,
+    the identity the version records) even if the branch moves during a run of hours, and a checkpoint
+    resumes only onto the commit it was trained on. Unchanged for a local folder, the tiny build, or a
+    revision that resolves nowhere (offline with no cached copy: loading fails later, saying so)."""
+    if model_cfg.name == TINY_MODEL or Path(model_cfg.name).is_dir():
+        return model_cfg
+    identity = base_identity(model_cfg.name, model_cfg.revision)
+    if not identity["resolved"] or identity["commit"] == model_cfg.revision:
+        return model_cfg
+    log.info(
+        "base %s: revision %s is commit %s for this run",
+        model_cfg.name,
+        model_cfg.revision or "main",
+        identity["commit"],
+    )
+    return model_cfg.model_copy(update={"revision": identity["commit"]})
+
+
 def identity_label(identity: dict) -> str:
     """One string for a version tag: the hub commit, or sha256 over a folder's `file:digest` lines."""
     if identity.get("kind") == "hub":

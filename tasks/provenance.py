@@ -4,6 +4,9 @@ A scheduled run on an unchanged corpus, config, code and base would train the ve
 registered version already holds. The flow computes the key after preparing the data (the
 dataset fingerprint is part of it), asks the registry, and stops there when a version holds it:
 the run finishes Completed, tagged `up_to_date_version`, and registers nothing.
+
+Before all of that the flow pins a hub base's revision to the commit it names (`pin_revision`): the
+key then holds the commit the run trains on, and a branch that moves mid-run changes nothing in it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,16 @@ import json
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from lib import provenance, registry, reports, tracking
+from lib import base_model, provenance, registry, reports, tracking
 from lib.config import PipelineConfig
 from lib.dataset import PreparedDataset
+
+
+@task
+def pin_revision(config: PipelineConfig) -> PipelineConfig:
+    """The run's config with a hub base pinned to the commit its revision names now (the rest of the
+    run, its MLflow params and its training key, use that commit)."""
+    return config.model_copy(update={"model": base_model.pin_revision(config.model)})
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])

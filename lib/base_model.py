@@ -255,22 +255,14 @@ def base_identity(base: str, revision: str | None) -> dict:
         return {"kind": "files", "sha256": sha256_weights(base)}
     wanted = revision or "main"
     try:
-        from huggingface_hub import HfApi
+        from huggingface_hub import hf_hub_download
 
-        return {
-            "kind": "hub",
-            "name": base,
-            "commit": HfApi().model_info(base, revision=wanted, timeout=10).sha,
-            "resolved": True,
-        }
-    except Exception as error:  # noqa: BLE001 - offline, or an unknown id: try the local cache
-        log.info("hub lookup of %s@%s failed (%s); trying the local cache", base, wanted, type(error).__name__)
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(base, revision=wanted, local_files_only=True)
-        return {"kind": "hub", "name": base, "commit": Path(snapshot).name, "resolved": True}
-    except Exception:  # noqa: BLE001
+        # Every base has a config.json. Fetching it by `wanted` resolves a branch to its commit (asked of the
+        # hub; offline, read from the cache's record of the branch) and keeps that record for an offline run.
+        found = Path(hf_hub_download(base, "config.json", revision=wanted, etag_timeout=10))
+        return {"kind": "hub", "name": base, "commit": found.parent.name, "resolved": True}  # snapshots/<commit>/
+    except Exception as error:  # noqa: BLE001 - offline and not cached, or an unknown id
+        log.info("%s@%s resolves nowhere (%s): recorded unresolved", base, wanted, type(error).__name__)
         return {"kind": "hub", "name": base, "commit": wanted, "resolved": False}
 
 

@@ -112,4 +112,8 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert weights_fetched(hub, before) == {commit_a}
+    # The Hub gone (a GPU box without internet): the same command, offline, resolves main from the cache.
+    offline = {**hf, "HF_HUB_OFFLINE": "1"}
+    assert run_flow(command, tmp_path / "run-4.log", tracking_uri=uri, **offline) == 0, log_of(tmp_path, 4)
+    assert "up to date: version 2 holds this" in log_of(tmp_path, 4)
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]

@@ -77,7 +77,13 @@ def crash_at(step_to_crash: int):
         # state; warm-up to step 8 puts the resume (after step 7) inside the warm-up.
         (
             0.0,
-            {"lora.init_weights": "pissa", "lora.plus_lr_ratio": 4, "lora.use_rslora": True, "train.warmup_steps": 8},
+            {
+                "lora.init_weights": "pissa",
+                "lora.target_modules": "[q_proj, v_proj]",  # not the demo's lm_head: tied, refused for PiSSA
+                "lora.plus_lr_ratio": 4,
+                "lora.use_rslora": True,
+                "train.warmup_steps": 8,
+            },
         ),
         (0.0, {"lora.use_dora": True}),  # a trained magnitude vector per layer
     ],
@@ -247,6 +253,19 @@ def test_a_head_only_adapter_holds_its_lora_weights_alone_and_reloads_to_the_sam
     ids = tokenizer("Учёные нашли новый вид бабочек", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_or_olora_on_the_tied_head_is_refused_before_training(prepared, shared_cache, tmp_path, init):
+    """The demo's lm_head shares its weight with the input embeddings: PiSSA/OLoRA would rewrite both."""
+    from lib.config import ConfigError
+
+    config = tiny(shared_cache, **{"lora.init_weights": init})
+    assert config.lora.target_modules == ["lm_head"]
+    logged = []
+    with pytest.raises(ConfigError, match=rf"init_weights={init} rewrites .* lm_head shares its weights"):
+        training.train_model(prepared, config, on_log=lambda *a: logged.append(a), checkpoint_dir=tmp_path / "ck")
+    assert logged == [] and not list((tmp_path / "ck").glob("step-*"))
 
 
 def test_a_grad_scaler_changes_no_update_and_resumes_exactly(prepared, shared_cache, tmp_path, monkeypatch):

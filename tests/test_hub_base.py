@@ -5,7 +5,8 @@ hf_hub_server.py) that serves the tiny base as a model repo.
 A run pins the branch it was given (`main`) to the commit it names at the start: tokenizer,
 training, evaluation and the registered identity all use that commit, even when the branch moves
 in the middle of the run. The next scheduled run sees the new commit and trains again; the one
-after it is up to date; and the first version still loads the commit it was trained on.
+after it is up to date; and the first version still loads the commit it was trained on. With the
+Hub gone, a run resolves the branch from the local cache, and a version loads from it.
 """
 
 from __future__ import annotations
@@ -116,4 +117,14 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
     offline = {**hf, "HF_HUB_OFFLINE": "1"}
     assert run_flow(command, tmp_path / "run-4.log", tracking_uri=uri, **offline) == 0, log_of(tmp_path, 4)
     assert "up to date: version 2 holds this" in log_of(tmp_path, 4)
+    # ... and a registered version loads from that cache by its pinned commit.
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", "--model", NAME, "--alias", "champion", "Заголовок"],
+        cwd=ROOT,
+        env=child_env(tracking_uri=uri, **offline),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("Заголовок"), done.stderr[-3000:]
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]

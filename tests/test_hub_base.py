@@ -28,6 +28,7 @@ from tests.support.training import prepare_for, tiny
 pytestmark = pytest.mark.slow
 
 REPO = "lenta-test/tiny-neo"
+TOKEN = "hf_lentaLoraTestToken0123456789abcdef"  # HF_TOKEN: sent to the Hub, stored nowhere
 NAME = "test-adapter"  # tiny_overrides' registry.model_name
 
 
@@ -68,6 +69,7 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
     command = flow_command(tmp_path / "cache", **{"model.name": REPO, "model.revision": "main"})
     with running_hf_hub(tmp_path / "hub") as hub:
         hf = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        hf["HF_TOKEN"] = TOKEN
         commit_a = hub.publish(REPO, first)
         # The branch moves once training has downloaded the weights: evaluation and registration come after.
         hub.publish_after_download(REPO, "model.safetensors", second)
@@ -128,3 +130,27 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
     )
     assert done.returncode == 0 and done.stdout.startswith("Заголовок"), done.stderr[-3000:]
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]
+    assert hub.authorizations == {f"Bearer {TOKEN}"}  # the client sent the token ...
+    texts = stored_texts(client, tmp_path)
+    assert any("MLmodel" in where for where, _ in texts) and any(commit_a in text for _, text in texts)  # searched
+    assert not [where for where, text in texts if TOKEN in text]  # ... and nothing kept it
+
+
+def stored_texts(client, tmp_path) -> list[tuple[str, str]]:
+    """(where, text) for everything a run leaves readable: the terminal output, every MLflow run's params,
+    tags and artifacts, and every registered version's tags, description and model files."""
+    import mlflow
+
+    found = [(p.name, p.read_text(errors="replace")) for p in tmp_path.glob("run-*.log")]
+    uri = client.tracking_uri
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            found.append((run.info.run_id, json.dumps([run.data.params, run.data.tags])))
+            into = str(tmp_path / "artifacts" / run.info.run_id)
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=into, tracking_uri=uri))
+            found += [(str(p), p.read_bytes().decode("utf-8", "replace")) for p in local.rglob("*") if p.is_file()]
+    for version in client.search_model_versions(f"name = '{NAME}'"):
+        found.append((f"v{version.version}", json.dumps([version.tags, version.description])))
+        folder = Path(client.get_model_version_download_uri(NAME, version.version).removeprefix("file://"))
+        found += [(str(p), p.read_bytes().decode("utf-8", "replace")) for p in folder.rglob("*") if p.is_file()]
+    return found

@@ -24,9 +24,10 @@ A revision is ``main`` or a full 40-hex commit sha; every commit stays downloada
 ``X-Error-Code`` the client maps to exceptions: ``RepoNotFound``, ``RevisionNotFound`` and ``EntryNotFound`` (the
 last with ``X-Repo-Commit``, so the client caches the file's absence, as transformers expects of optional files).
 
-What it does not: authentication, private or gated repos, tags and other branches, LFS pointers and redirects to a
-CDN (files are served by the Hub itself with 200, never via Xet: no ``X-Xet-*`` header, so plain HTTP is used),
-Range requests (resumed downloads), uploads through the client, datasets and spaces. Every request is recorded in
+What it does not: check a token (``hub.authorizations`` records the Authorization headers sent), private or
+gated repos, tags and other branches, LFS pointers and redirects to a CDN (files are served by the Hub itself
+with 200, never via Xet: no ``X-Xet-*`` header, so plain HTTP is used), Range requests (resumed downloads),
+uploads through the client, datasets and spaces. Every request is recorded in
 ``hub.requests`` as (method, path without query); an unknown path gets a plain 404.
 
 Blobs and the commit history live under ``root``: the same ``root`` and ``port`` again restart a stopped hub.
@@ -68,6 +69,7 @@ class FakeHub:
     requests: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: list[tuple[str, str, Path]] = field(default_factory=list)  # (repo, file, folder): publish_after_download
+    authorizations: set[str] = field(default_factory=set)  # Authorization headers seen (a token is sent, not checked)
 
     def publish(self, repo_id: str, folder: Path) -> str:
         """Every file under `folder` (recursively) becomes the content of a new commit on `main` of `repo_id`
@@ -126,6 +128,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlsplit(self.path).path)
             with hub.lock:
                 hub.requests.append((self.command, path))
+                if self.headers.get("Authorization"):
+                    hub.authorizations.add(self.headers["Authorization"])
             for methods, pattern, name in ROUTES:
                 match = pattern.fullmatch(path)
                 if self.command in methods.split() and match:

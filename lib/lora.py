@@ -110,6 +110,7 @@ def wrap_with_lora(model, config: PipelineConfig):
 
     if config.model.precision in ("int8", "nf4"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.model.gradient_checkpointing)
+        keep_4bit_weights_trainable(model)
     elif config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -128,6 +129,17 @@ def wrap_with_lora(model, config: PipelineConfig):
         initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(wrapped).items()}
         setattr(wrapped, INITIAL_ADAPTER, initial)
     return wrapped
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """bitsandbytes 0.50 repacks an nf4 layer's weights for fast CPU inference the first time it runs in eval
+    mode without gradients (on CPUs with AVX512-BF16), and never unpacks them for training: after the first
+    validation pass, every training step through such a layer took the inference path and failed ("a view
+    of a leaf Variable that requires grad is being used in an in-place operation"; any target below the
+    head, measured). The model being trained keeps the trainable layout; evaluation loads its own copy."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def refuse_tied_targets(model, targets: list[str], init: str) -> None:

@@ -86,12 +86,16 @@ def test_a_prepared_dataset_survives_prefects_json_results_and_a_wrong_folder_is
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_quantized_base_trains_on_cpu(precision, shared_cache, tmp_path):
-    """The seed recipe's 8-bit base (and QLoRA's 4-bit) through real bitsandbytes on the tiny model."""
+    """The seed recipe's 8-bit base (and QLoRA's 4-bit) through real bitsandbytes on the tiny model, with
+    the seed's targets inside the model (q_proj, v_proj) and a validation pass between steps: bitsandbytes
+    repacked nf4 weights for CPU inference at that pass, and the next step failed (lib/lora.py)."""
     from lib.training import train_model
 
-    config = build_config({}, tiny_overrides(shared_cache, **{"model.precision": precision, "train.max_steps": 2}))
+    overrides = {"model.precision": precision, "lora.target_modules": "[q_proj, v_proj]", "train.max_steps": 4}
+    config = build_config({}, tiny_overrides(shared_cache, **overrides, **{"train.eval_every": 2}))
     info = prepare_dataset(*_prepare_args(config, shared_cache, packing=True))
     model, _, result = train_model(info.path, config)
     kinds = {type(m).__name__ for m in model.modules()}
     assert ("Linear8bitLt" if precision == "int8" else "Linear4bit") in kinds, kinds
-    assert result.steps == 2 and np.isfinite(result.final_loss)
+    assert result.steps == 4 and np.isfinite(result.final_loss)
+    assert np.isfinite(result.history[1]["validation_loss"])  # step 2's pass, with steps 3-4 after it

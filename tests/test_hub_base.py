@@ -61,6 +61,20 @@ def log_of(tmp_path, run: int) -> str:
     return (tmp_path / f"run-{run}.log").read_text()[-3000:]
 
 
+def generate(uri: str, env: dict[str, str], *which: str) -> str:
+    """`lenta-lora generate` for a version of NAME in a fresh process with `env` (its HF settings); its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", "--model", NAME, *which, "Заголовок"],
+        cwd=ROOT,
+        env=child_env(tracking_uri=uri, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_again(
     prefect_server, shared_cache, tmp_path
 ):
@@ -69,13 +83,11 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
     command = flow_command(tmp_path / "cache", **{"model.name": REPO, "model.revision": "main"})
     with running_hf_hub(tmp_path / "hub") as hub:
         hf = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-        hf["HF_TOKEN"] = TOKEN
+        hf |= {"HF_TOKEN": TOKEN}
         commit_a = hub.publish(REPO, first)
         # The branch moves once training has downloaded the weights: evaluation and registration come after.
         hub.publish_after_download(REPO, "model.safetensors", second)
-        assert run_flow(command, tmp_path / "run-1.log", tracking_uri=uri, **hf) == 0, (
-            tmp_path / "run-1.log"
-        ).read_text()
+        assert run_flow(command, tmp_path / "run-1.log", tracking_uri=uri, **hf) == 0, log_of(tmp_path, 1)
         commit_a, commit_b = hub.commits(REPO)  # the move happened during the run
         assert weights_fetched(hub) == {commit_a}  # evaluation used the commit training used, not the new main
 
@@ -91,44 +103,25 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
 
         # The next scheduled run: main is commit B now, so the key differs and it trains on B.
         before = len(hub.requests)
-        assert run_flow(command, tmp_path / "run-2.log", tracking_uri=uri, **hf) == 0, (
-            tmp_path / "run-2.log"
-        ).read_text()
+        assert run_flow(command, tmp_path / "run-2.log", tracking_uri=uri, **hf) == 0, log_of(tmp_path, 2)
         assert weights_fetched(hub, before) == {commit_b}
         two = client.get_model_version(NAME, "2")
         assert two.tags["base_identity"] == commit_b and two.tags["training_key"] != one.tags["training_key"]
 
         # Nothing moved since: up to date.
         assert run_flow(command, tmp_path / "run-3.log", tracking_uri=uri, **hf) == 0
-        assert "up to date: version 2 holds this" in (tmp_path / "run-3.log").read_text()
+        assert "up to date: version 2 holds this" in log_of(tmp_path, 3)
 
         # Version 1 still loads commit A, in a fresh process with an empty Hugging Face cache.
         before = len(hub.requests)
-        fresh = {**hf, "HF_HOME": str(tmp_path / "hf-user")}
-        done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "generate", "--model", NAME, "--version", "1", "Заголовок"],
-            cwd=ROOT,
-            env=child_env(tracking_uri=uri, **fresh),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        generate(uri, {**hf, "HF_HOME": str(tmp_path / "hf-user")}, "--version", "1")
         assert weights_fetched(hub, before) == {commit_a}
     # The Hub gone (a GPU box without internet): the same command, offline, resolves main from the cache.
     offline = {**hf, "HF_HUB_OFFLINE": "1"}
     assert run_flow(command, tmp_path / "run-4.log", tracking_uri=uri, **offline) == 0, log_of(tmp_path, 4)
     assert "up to date: version 2 holds this" in log_of(tmp_path, 4)
     # ... and a registered version loads from that cache by its pinned commit.
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", "--model", NAME, "--alias", "champion", "Заголовок"],
-        cwd=ROOT,
-        env=child_env(tracking_uri=uri, **offline),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0 and done.stdout.startswith("Заголовок"), done.stderr[-3000:]
+    assert generate(uri, offline, "--alias", "champion").startswith("Заголовок")
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]
     assert hub.authorizations == {f"Bearer {TOKEN}"}  # the client sent the token ...
     texts = stored_texts(client, tmp_path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.support.artifacts import stored_texts
 from tests.support.env import ROOT, child_env
 from tests.support.harness import flow_command, run_flow
 from tests.support.hf_hub_server import running_hf_hub
@@ -124,26 +125,8 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
     assert generate(uri, offline, "--alias", "champion").startswith("Заголовок")
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]
     assert hub.authorizations == {f"Bearer {TOKEN}"}  # the client sent the token ...
-    texts = stored_texts(client, tmp_path)
+    runs = [r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    texts = [(p.name, p.read_text(errors="replace")) for p in tmp_path.glob("run-*.log")]  # the terminal
+    texts += stored_texts(client, runs, tmp_path / "artifacts")
     assert any("MLmodel" in where for where, _ in texts) and any(commit_a in text for _, text in texts)  # searched
     assert not [where for where, text in texts if TOKEN in text]  # ... and nothing kept it
-
-
-def stored_texts(client, tmp_path) -> list[tuple[str, str]]:
-    """(where, text) for everything a run leaves readable: the terminal output, every MLflow run's params,
-    tags and artifacts, and every registered version's tags, description and model files."""
-    import mlflow
-
-    found = [(p.name, p.read_text(errors="replace")) for p in tmp_path.glob("run-*.log")]
-    uri = client.tracking_uri
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id]):
-            found.append((run.info.run_id, json.dumps([run.data.params, run.data.tags])))
-            into = str(tmp_path / "artifacts" / run.info.run_id)
-            local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=into, tracking_uri=uri))
-            found += [(str(p), p.read_bytes().decode("utf-8", "replace")) for p in local.rglob("*") if p.is_file()]
-    for version in client.search_model_versions(f"name = '{NAME}'"):
-        found.append((f"v{version.version}", json.dumps([version.tags, version.description])))
-        folder = Path(client.get_model_version_download_uri(NAME, version.version).removeprefix("file://"))
-        found += [(str(p), p.read_bytes().decode("utf-8", "replace")) for p in folder.rglob("*") if p.is_file()]
-    return found

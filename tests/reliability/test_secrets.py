@@ -5,15 +5,14 @@ and every artifact, the registry version, Prefect's logs and the terminal are al
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from flows.cli import DEFAULT_PROFILE
 from lib.config import load_config
 from tests.conftest import tiny_overrides
+from tests.support.artifacts import stored_texts
 from tests.support.kaggle_server import SECRET
 
 pytestmark = pytest.mark.slow
@@ -45,19 +44,14 @@ def test_kaggle_source_downloads_once_and_never_stores_the_key(
     assert first["dataset_fingerprint"] == second["dataset_fingerprint"]
 
     client = MlflowClient(tracking_uri)
-    haystack: list[str] = []
-    for summary in (first, second):
-        run = client.get_run(summary["run_id"])
-        haystack += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=summary["run_id"], dst_path=str(tmp_path / summary["run_id"]), tracking_uri=tracking_uri
-            )
-        )
-        haystack += [p.read_bytes().decode("utf-8", "replace") for p in local.rglob("*") if p.is_file()]
-        haystack += flow_logs(run.data.tags["prefect.flow_run_id"])
-        version = client.get_model_version(summary["model"]["name"], str(summary["model"]["version"]))
-        haystack += [f"{k}={v}" for k, v in version.tags.items()] + [version.description or ""]
+    runs = [first["run_id"], second["run_id"]]
+    # MLflow: params, tags, artifacts, and the registered versions' tags, descriptions and files.
+    texts = stored_texts(client, runs, tmp_path / "artifacts")
+    for summary in (first, second):  # each run's registered version was among what was searched
+        assert f"{summary['model']['name']}/{summary['model']['version']}" in {where for where, _ in texts}
+    haystack = [text for _, text in texts]
+    for run_id in runs:
+        haystack += flow_logs(client.get_run(run_id).data.tags["prefect.flow_run_id"])
     captured = capfd.readouterr()
     haystack += [captured.out, captured.err]
     assert len(haystack) > 50  # params, tags, artifacts and log lines were really searched

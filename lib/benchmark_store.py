@@ -30,7 +30,7 @@ from pathlib import Path
 from lib.benchmark import FILE_NAME, Benchmark, read_benchmark, write_benchmark
 from lib.store import all_pages, ensure_registered_model, not_found
 from lib.store import client as _client
-from lib.tracking import experiment_id, log_dataset_input
+from lib.tracking import create_run, experiment_id, log_dataset_input
 
 log = logging.getLogger("lenta_lora.champion")
 
@@ -135,10 +135,11 @@ def _log_benchmark_run(client, uri: str, model, benchmark: Benchmark, experiment
     from mlflow.entities import Param
 
     name = model.name
-    run = client.create_run(
+    run = create_run(
+        client,
         experiment_id(client, uri, experiment),  # an experiment of its own: the training one lists training runs
-        run_name=f"benchmark-{name}",
-        tags={
+        f"benchmark-{name}",
+        {
             "lenta_lora.kind": "benchmark",
             "benchmark.for_model": name,
             MODEL_CREATED: str(model.creation_timestamp),

@@ -21,6 +21,7 @@ log = logging.getLogger("lenta_lora.tracking")
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; the
 # model-training view ("Machine learning") is `custom_model_development`.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+TOKEN = "lenta_lora.create_token"  # one per create_run call: finds twins made by a retried request
 
 
 def experiment_id(client, uri: str, name: str) -> str:
@@ -40,6 +41,26 @@ def experiment_id(client, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def create_run(client, experiment: str, run_name: str, tags: dict[str, Any]):
+    """`client.create_run` that leaves exactly one run, even when an answer was lost.
+
+    MLflow's client retries a POST whose answer it did not get (a 502 from a gateway, a dropped
+    connection): the server created the run the first time, so the retry makes a twin that nobody
+    logs into or closes. Its owner (this process) is alive, so the stale-run sweep would leave it
+    RUNNING until some later run. Each creation carries a fresh token; any other run with the
+    token is such a twin and is deleted here.
+    """
+    import uuid
+
+    token = uuid.uuid4().hex
+    run = client.create_run(experiment, run_name=run_name, tags={**{k: str(v) for k, v in tags.items()}, TOKEN: token})
+    twins = client.search_runs([experiment], filter_string=f"tags.`{TOKEN}` = '{token}'", max_results=50)
+    for twin in [t.info.run_id for t in twins if t.info.run_id != run.info.run_id]:
+        log.warning("deleting run %s: a twin of run %s made by a retried request", twin, run.info.run_id)
+        client.delete_run(twin)
+    return run
+
+
 def start_run(
     uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str], config_yaml: str
 ) -> str:
@@ -49,9 +70,7 @@ def start_run(
     store.require_reachable(uri)  # the flow's first MLflow call: a dead server fails the run in seconds
     store.initialize_store(uri)
     client = store.client(uri)
-    run = client.create_run(
-        experiment_id(client, uri, experiment), run_name=run_name, tags={k: str(v) for k, v in tags.items()}
-    )
+    run = create_run(client, experiment_id(client, uri, experiment), run_name, tags)
     params_list = [Param(k, "" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
     for start in range(0, len(params_list), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run.info.run_id, params=params_list[start : start + 100])

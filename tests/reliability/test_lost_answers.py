@@ -1,6 +1,7 @@
 """Answers lost between the client and a real `mlflow server` (tests/support/lossy_proxy.py): the
-server carried the request out, the client saw an error. Registration must still leave exactly one
-version per run, and a lost alias write must not make `champion` wrong.
+server carried the request out, the client saw an error. A run's start must still leave one run (no
+twin left RUNNING), registration exactly one version per run, and a lost alias write must not make
+`champion` wrong.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import logging
 import pytest
 from mlflow import MlflowClient
 
-from lib import registry, tracking
+from lib import benchmark_store, registry, tracking
+from lib.benchmark import write_benchmark
 from tests.support.adapter_fixtures import CHAMPION_POLICY
 from tests.support.lossy_proxy import lossy_proxy
 
@@ -27,6 +29,48 @@ def register(uri: str, trained, name: str, bits_per_byte: float) -> tuple[str, d
     )  # fmt: skip
     tracking.finish_run(uri, run_id)
     return run_id, result
+
+
+def live_runs(client: MlflowClient, experiment: str) -> list:
+    """Every run of `experiment` that was not deleted (the UI's and search's default view)."""
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+@pytest.mark.slow
+def test_a_run_create_whose_answer_was_lost_leaves_one_run(mlflow_server, tmp_path, caplog):
+    """MLflow's client retries a run create that got a 502: the server made the run the first time.
+    The twin is no one's: its owner (this process) lives, so no stale sweep would close it. The flow's
+    run and a model's benchmark run each stay one run, and nothing is left RUNNING."""
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    with lossy_proxy(mlflow_server.uri) as proxy:
+        with caplog.at_level(logging.WARNING, logger="lenta_lora"):
+            proxy.lose_answer("POST", "/runs/create", status=502, times=2)  # the first retry loses its answer too
+            run_id = tracking.start_run(proxy.uri, "lost-run", "lost-run", {"lora.r": 8}, {}, "lora: {r: 8}\n")
+            proxy.lose_answer("POST", "/runs/create", status=502)
+            texts = ["Первая новость о погоде.", "Вторая новость о футболе."]
+            written = write_benchmark(texts, 64, None, "two texts", tmp_path)
+            benchmark_store.store_benchmark(proxy.uri, "lost-run-model", written, "lost-run")
+        assert proxy.seen("POST", "/runs/create") == [502, 502, 200, 502, 200]  # each try made a run
+    tracking.finish_run(mlflow_server.uri, run_id)
+    [flow_run] = live_runs(client, "lost-run")
+    assert flow_run.info.run_id == run_id and flow_run.info.status == "FINISHED"
+    assert flow_run.data.params == {"lora.r": "8"}
+    [benchmark_run] = live_runs(client, "lost-run-benchmarks")
+    assert (
+        benchmark_run.info.status == "FINISHED"
+        and benchmark_run.info.run_id
+        == (benchmark_store.model_benchmark(mlflow_server.uri, "lost-run-model")["run_id"])
+    )
+    every = client.search_runs(
+        [client.get_experiment_by_name(e).experiment_id for e in ("lost-run", "lost-run-benchmarks")],
+        run_view_type=ViewType.ALL,
+    )
+    twins = [r for r in every if r.info.lifecycle_stage == "deleted"]
+    assert len(every) == 5 and len(twins) == 3, [(r.info.run_name, r.info.lifecycle_stage) for r in every]
+    warned = [r.getMessage() for r in caplog.records if "made by a retried request" in r.getMessage()]
+    assert len(warned) == 3 and all(t.info.run_id in " ".join(warned) for t in twins), caplog.text
 
 
 @pytest.mark.slow

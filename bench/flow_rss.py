@@ -1,6 +1,7 @@
 """Peak memory of the whole flow vs its training stage, on a base large enough to matter.
 
     python -m bench.flow_rss [--precision fp32 nf4] [--hidden 1024] [--layers 12] [--vocab 50257]
+    python -m bench.flow_rss --scale gpt-neo-1.3b --hub --precision int8 [--set key=value ...]
 
 Builds a GPT-Neo with random weights from a config (no download; 1024 x 12 layers with GPT-2's
 vocabulary is ~205M parameters, an 0.8 GB fp32 `model.safetensors`) as a local base folder, then
@@ -14,13 +15,21 @@ nothing else changes. The flow is measured, not a re-creation of it.
 Prints one JSON line per precision: the peak RSS of each stage (MiB), the largest number of mappings
 of the base file in each stage, and `flow_peak / train_peak`. The target (issue #17) is <= 1.3: the
 stages after training must not hold a second copy of the base.
+
+`--scale gpt-neo-1.3b` builds the real 1.3B shape (2048 wide, 24 layers, 16 heads, window 256:
+1.3B parameters, a 5.3 GB fp32 file). `--hub` publishes the base to a fake Hub on loopback
+(tests/support/hf_hub_server.py) as `EleutherAI/gpt-neo-1.3B` and the flow runs with that name and an
+empty HF cache: the default profile's path (pin the branch, download, load, identity), with the
+real huggingface_hub client. `--set` adds overrides for the flow. Each stage's wall time is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +46,13 @@ STAGES = {
 }
 
 
-def build_base(folder: Path, hidden: int, layers: int, vocab: int, cache: Path) -> Path:
+SCALES = {"gpt-neo-1.3b": {"hidden": 2048, "layers": 24, "heads": 16, "vocab": 50257, "window": 256}}
+HUB_NAME = "EleutherAI/gpt-neo-1.3B"
+
+
+def build_base(
+    folder: Path, hidden: int, layers: int, vocab: int, cache: Path, heads: int = 16, window: int = 256
+) -> Path:
     """A random GPT-Neo (the 1.3B's attention pattern) and a byte-level BPE without a pad token."""
     import torch
     from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
@@ -52,10 +67,10 @@ def build_base(folder: Path, hidden: int, layers: int, vocab: int, cache: Path) 
         vocab_size=vocab,
         hidden_size=hidden,
         num_layers=layers,
-        num_heads=16,
+        num_heads=heads,
         attention_types=[[["global", "local"], layers // 2]],
         max_position_embeddings=2048,
-        window_size=256,
+        window_size=window,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -72,9 +87,11 @@ def child(args: argparse.Namespace) -> None:
 
     import psutil
 
-    weights = str(Path(args.base) / "model.safetensors")
+    # A local base is mapped from its folder; a hub one from the HF cache's blobs of that repo.
+    weights = args.weights or str(Path(args.base) / "model.safetensors")
     process, current = psutil.Process(), ["startup"]
     peaks: dict[str, dict[str, float]] = {}
+    began = {"startup": time.monotonic()}
     stop = threading.Event()
 
     def sample() -> None:
@@ -82,18 +99,19 @@ def child(args: argparse.Namespace) -> None:
             rss = process.memory_info().rss / 2**20
             with open("/proc/self/maps") as maps:  # one line per mapped range of the file
                 mapped = sum(weights in line for line in maps)
-            stage = peaks.setdefault(current[0], {"peak_rss_mib": 0.0, "max_base_mappings": 0})
-            stage["peak_rss_mib"] = max(stage["peak_rss_mib"], rss)
-            stage["max_base_mappings"] = max(stage["max_base_mappings"], mapped)
+            stage = peaks.setdefault(current[0], {})
+            stage["peak_rss_mib"] = max(stage.get("peak_rss_mib", 0.0), rss)
+            stage["max_base_mappings"] = max(stage.get("max_base_mappings", 0), mapped)
             time.sleep(0.02)
 
     def marked(name, fn):
         def run(*a, **k):
-            current[0] = name
+            current[0], began[name] = name, time.monotonic()
             try:
                 return fn(*a, **k)
             finally:
                 current[0] = f"after {name}"
+                peaks.setdefault(name, {})["wall_s"] = round(time.monotonic() - began[name], 1)
 
         return run
 
@@ -117,6 +135,7 @@ def child(args: argparse.Namespace) -> None:
         "eval.max_new_tokens=8",
         "lora.target_modules=[q_proj,v_proj]",
         f"registry.model_name=rss-{args.child}",
+        *(args.set or []),
     ]
     code = main(["run", *sum((["--set", o] for o in overrides), [])])
     stop.set()
@@ -124,23 +143,13 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"rc": code, "stages": peaks}), flush=True)
 
 
-def measure(precision: str, base: Path, cache: Path) -> dict:
+def measure(precision: str, base: Path | str, cache: Path, extra: list[str], env: dict[str, str]) -> dict:
+    command = [sys.executable, "-m", "bench.flow_rss", "--child", precision, "--base", str(base)]
+    command += ["--cache", str(cache / precision), *(f"--set={o}" for o in extra)]
+    if "HF_HOME" in env:
+        command += ["--weights", str(Path(env["HF_HOME"]) / "hub" / f"models--{HUB_NAME.replace('/', '--')}" / "blobs")]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.flow_rss",
-            "--child",
-            precision,
-            "--base",
-            str(base),
-            "--cache",
-            str(cache / precision),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"},
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", **env}
     )
     if "RESULT " not in done.stdout:
         raise RuntimeError(f"{precision}: the flow failed:\n{done.stderr[-3000:]}")
@@ -160,7 +169,9 @@ def measure(precision: str, base: Path, cache: Path) -> dict:
         "flow_over_train": round(flow_peak / train_peak, 3),
         "stages": {
             k: {"peak_rss_mib": round(v["peak_rss_mib"]), "max_base_mappings": v["max_base_mappings"]}
+            | ({"wall_s": v["wall_s"]} if "wall_s" in v else {})
             for k, v in stages.items()
+            if "peak_rss_mib" in v
         },
     }
 
@@ -171,28 +182,38 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--scale", choices=sorted(SCALES), help="a real model's shape (overrides the sizes)")
+    parser.add_argument("--hub", action="store_true", help=f"serve the base through a fake Hub as {HUB_NAME}")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="another override for the flow")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    with tempfile.TemporaryDirectory(prefix="flow-rss-") as tmp:
-        base = build_base(Path(tmp) / "base", args.hidden, args.layers, args.vocab, Path(tmp) / "tok")
+    shape = (
+        SCALES[args.scale]
+        if args.scale
+        else {k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "window")}
+    )
+    with tempfile.TemporaryDirectory(prefix="flow-rss-") as tmp, contextlib.ExitStack() as stack:
+        base = build_base(Path(tmp) / "base", cache=Path(tmp) / "tok", **shape)
         size = (base / "model.safetensors").stat().st_size / 2**20
+        where, env = base, {}
+        if args.hub:
+            from tests.support.hf_hub_server import running_hf_hub
+
+            hub = stack.enter_context(running_hf_hub(Path(tmp) / "hub"))
+            hub.publish(HUB_NAME, base)
+            shutil.rmtree(base)  # from here on the weights exist only on the Hub
+            where, env = HUB_NAME, {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(Path(tmp) / "hf-home")}
         for precision in args.precision:
-            print(
-                json.dumps(
-                    {
-                        "base_mib": round(size),
-                        "hidden": args.hidden,
-                        "layers": args.layers,
-                        **measure(precision, base, Path(tmp)),
-                    }
-                ),
-                flush=True,
-            )
+            result = measure(precision, where, Path(tmp), args.set or [], env)
+            print(json.dumps({"base_mib": round(size), **shape, "hub": args.hub, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from lib.base_model import base_identity
+from lib.base_identity import base_identity
 from lib.checkpoint import checkpoint_key
 from lib.config import PipelineConfig
 

@@ -16,7 +16,7 @@ import json
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from lib import base_model, provenance, registry, reports, tracking
+from lib import base_identity, provenance, registry, reports, tracking
 from lib.config import PipelineConfig
 from lib.dataset import PreparedDataset
 
@@ -25,7 +25,7 @@ from lib.dataset import PreparedDataset
 def pin_revision(config: PipelineConfig) -> PipelineConfig:
     """The run's config with a hub base pinned to the commit its revision names now (the rest of the
     run, its MLflow params and its training key, use that commit)."""
-    return config.model_copy(update={"model": base_model.pin_revision(config.model)})
+    return config.model_copy(update={"model": base_identity.pin_revision(config.model)})
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])

@@ -11,7 +11,7 @@ import errno
 from prefect import get_run_logger, task
 
 from lib import lora, registry
-from lib.base_model import describe_base, identity_label
+from lib.base_identity import describe_base, identity_label
 from lib.benchmark import Benchmark
 from lib.config import PipelineConfig
 from lib.dataset import PreparedDataset

@@ -19,7 +19,7 @@ import pytest
 
 from lib import loading, registry, tracking
 from lib.adapter_pyfunc import ArtifactIntegrityError, sha256_file
-from lib.base_model import describe_base, identity_label
+from lib.base_identity import describe_base, identity_label
 from tests.support.adapter_fixtures import CHAMPION_POLICY, flip_last_byte
 
 ROOT = Path(__file__).resolve().parent.parent

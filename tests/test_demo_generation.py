@@ -230,7 +230,7 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path, new_
     sampling, not greedy: greedy decoding of a model this small writes newlines, which would hide
     a difference; the three prompts fit one batch on every path, so the RNG draws are the same."""
     from lib import registry, tracking
-    from lib.base_model import describe_base
+    from lib.base_identity import describe_base
     from lib.evaluation import generate_both
 
     model, tokenizer, info = demo_model["model"], demo_model["tokenizer"], demo_model["info"]

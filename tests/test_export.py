@@ -216,7 +216,7 @@ def test_a_bad_dtype_is_refused_before_anything_is_written(tmp_path):
 def test_a_missing_local_base_is_one_line_for_a_merge_and_a_warning_for_an_adapter(
     trained, tmp_path, new_store, caplog
 ):
-    from lib.base_model import describe_base
+    from lib.base_identity import describe_base
 
     base = tmp_path / "my-base"
     shutil.copytree(trained["info"].base, base, ignore=shutil.ignore_patterns("lenta_lora_recipe.json"))

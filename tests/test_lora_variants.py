@@ -13,7 +13,7 @@ import pytest
 
 from flows.cli import DEFAULT_PROFILE
 from lib import registry, tracking, training
-from lib.base_model import describe_base
+from lib.base_identity import describe_base
 from lib.config import load_config
 from tests.conftest import tiny_overrides
 from tests.support.adapter_fixtures import CHAMPION_POLICY, PROMPT

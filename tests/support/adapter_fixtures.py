@@ -61,7 +61,7 @@ def registered(trained, tmp_path_factory):
     from mlflow import MlflowClient
 
     from lib import registry, tracking
-    from lib.base_model import describe_base
+    from lib.base_identity import describe_base
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     config, info = trained["config"], trained["info"]

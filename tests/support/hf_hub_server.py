@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,9 +57,21 @@ ROUTES = [  # (methods, pattern over the unquoted path, handler method name)
 ]
 
 
+CHUNK = 1 << 20  # files are hashed and sent in 1 MiB pieces: a 5 GB base never sits in memory
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The id git (and the Hub, as the ETag of a non-LFS file) gives a file's content."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def file_blob_sha1(path: Path) -> str:
+    """`git_blob_sha1` of a file's content, read piece by piece."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        while piece := f.read(CHUNK):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -76,9 +89,8 @@ class FakeHub:
         (created if new); returns the commit's sha. Files of the previous commit that `folder` lacks are gone."""
         files = {}
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-            data = path.read_bytes()
-            files[path.relative_to(folder).as_posix()] = blob = git_blob_sha1(data)
-            (self.root / "blobs" / blob).write_bytes(data)
+            files[path.relative_to(folder).as_posix()] = blob = file_blob_sha1(path)
+            shutil.copyfile(path, self.root / "blobs" / blob)
         with self.lock:
             commits = self.history.setdefault(repo_id, [])
             seed = json.dumps([repo_id, len(commits), files], sort_keys=True).encode()
@@ -168,7 +180,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if blob is None:
                 return self._entry_not_found(commit)
             headers = {"X-Repo-Commit": commit["sha"], "ETag": f'"{blob}"', "Content-Type": "application/octet-stream"}
-            self._send(200, (hub.root / "blobs" / blob).read_bytes(), headers)
+            self._send(200, hub.root / "blobs" / blob, headers)
             if self.command == "GET":
                 with hub.lock:
                     due = [p for p in hub.pending if p[:2] == (match["repo"], match["file"])]
@@ -180,13 +192,19 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             headers = {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit["sha"]}  # the client caches the absence
             self._send(404, b'{"error": "Entry not found"}', headers)
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        def _send(self, status: int, body: bytes | Path, headers: dict[str, str] | None = None) -> None:
+            """Answer with `body`: bytes, or a file sent piece by piece."""
             self.send_response(status)
             for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
                 self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(body.stat().st_size if isinstance(body, Path) else len(body)))
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command == "HEAD":
+                return
+            if isinstance(body, Path):
+                with body.open("rb") as f:
+                    shutil.copyfileobj(f, self.wfile, CHUNK)
+            else:
                 self.wfile.write(body)
 
     return Handler

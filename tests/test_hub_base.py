@@ -6,7 +6,7 @@ A run pins the branch it was given (`main`) to the commit it names at the start:
 training, evaluation and the registered identity all use that commit, even when the branch moves
 in the middle of the run. The next scheduled run sees the new commit and trains again; the one
 after it is up to date; and the first version still loads the commit it was trained on. With the
-Hub gone, a run resolves the branch from the local cache, and a version loads from it.
+Hub gone, a run resolves the branch from the local cache, and a version loads (and merges) from it.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def log_of(tmp_path, run: int) -> str:
     return (tmp_path / f"run-{run}.log").read_text()[-3000:]
 
 
-def generate(uri: str, env: dict[str, str], *which: str) -> str:
-    """`lenta-lora generate` for a version of NAME in a fresh process with `env` (its HF settings); its output."""
+def cli(uri: str, env: dict[str, str], *args: str) -> str:
+    """`lenta-lora ARGS` in a fresh process with `env` (its HF settings); its output."""
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", "--model", NAME, *which, "Заголовок"],
+        [sys.executable, "-m", "flows.cli", *args],
         cwd=ROOT,
         env=child_env(tracking_uri=uri, **env),
         capture_output=True,
@@ -76,9 +76,17 @@ def generate(uri: str, env: dict[str, str], *which: str) -> str:
     return done.stdout
 
 
+def generate(uri: str, env: dict[str, str], *which: str) -> str:
+    """`lenta-lora generate` for a version of NAME; its output."""
+    return cli(uri, env, "generate", "--model", NAME, *which, "Заголовок")
+
+
 def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_again(
     prefect_server, shared_cache, tmp_path
 ):
+    import torch
+    from safetensors.torch import load_file
+
     first, second = repo_commits(shared_cache, tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = flow_command(tmp_path / "cache", **{"model.name": REPO, "model.revision": "main"})
@@ -123,6 +131,12 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
     assert "up to date: version 2 holds this" in log_of(tmp_path, 4)
     # ... and a registered version loads from that cache by its pinned commit.
     assert generate(uri, offline, "--alias", "champion").startswith("Заголовок")
+    # ... and `export --merged` of version 1 merges into commit A from that cache, though main is B there.
+    cli(uri, offline, "export", "--model", NAME, "--version", "1", "--out", str(tmp_path / "merged"), "--merged")
+    merged, untouched = load_file(tmp_path / "merged" / "model.safetensors"), "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(merged[untouched], load_file(first / "model.safetensors")[untouched])  # no LoRA there
+    assert not torch.equal(merged[untouched], load_file(second / "model.safetensors")[untouched])
+    assert commit_a in (tmp_path / "merged" / "README.md").read_text()
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == ["1", "2"]
     assert hub.authorizations == {f"Bearer {TOKEN}"}  # the client sent the token ...
     runs = [r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]

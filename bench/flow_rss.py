@@ -96,10 +96,13 @@ def child(args: argparse.Namespace) -> None:
 
     def sample() -> None:
         while not stop.is_set():
+            label = current[0]
             rss = process.memory_info().rss / 2**20
             with open("/proc/self/maps") as maps:  # one line per mapped range of the file
                 mapped = sum(weights in line for line in maps)
-            stage = peaks.setdefault(current[0], {})
+            if current[0] != label:  # a stage began or ended while measuring: the sample is neither's
+                continue
+            stage = peaks.setdefault(label, {})
             stage["peak_rss_mib"] = max(stage.get("peak_rss_mib", 0.0), rss)
             stage["max_base_mappings"] = max(stage.get("max_base_mappings", 0), mapped)
             time.sleep(0.02)

@@ -35,6 +35,7 @@ from lib.champion import (
 from lib.loading import registered_model
 from lib.store import alias_version, all_pages, all_versions, ensure_registered_model, not_found, require_reachable
 from lib.store import client as _client
+from lib.tracking import create_logged_model
 
 log = logging.getLogger("lenta_lora.registry")
 
@@ -159,12 +160,9 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         package = packaging.package_adapter(tmp, adapter_dir, base, generation, example)  # loads no model
         local, meta, manifest = package["model_dir"], package["base_model_json"], package["manifest"]
         # An MLflow 3 logged model ("Logged models" in the UI) made by this run; the version points at it.
-        logged = client.create_logged_model(
-            client.get_run(run_id).info.experiment_id,
-            name=MODEL_PATH,
-            source_run_id=run_id,
-            model_type="lora-adapter",
-            tags={"base_model": str(base.get("name"))},
+        experiment = client.get_run(run_id).info.experiment_id
+        logged = create_logged_model(
+            client, experiment, run_id, MODEL_PATH, "lora-adapter", {"base_model": str(base.get("name"))}
         )
         try:
             client.log_model_artifacts(logged.model_id, str(local))

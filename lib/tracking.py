@@ -21,7 +21,7 @@ log = logging.getLogger("lenta_lora.tracking")
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; the
 # model-training view ("Machine learning") is `custom_model_development`.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-TOKEN = "lenta_lora.create_token"  # one per create_run call: finds twins made by a retried request
+TOKEN = "lenta_lora.create_token"  # one per create call: finds twins made by a retried request
 
 
 def experiment_id(client, uri: str, name: str) -> str:
@@ -50,15 +50,33 @@ def create_run(client, experiment: str, run_name: str, tags: dict[str, Any]):
     RUNNING until some later run. Each creation carries a fresh token; any other run with the
     token is such a twin and is deleted here.
     """
-    import uuid
-
-    token = uuid.uuid4().hex
+    token = _token()
     run = client.create_run(experiment, run_name=run_name, tags={**{k: str(v) for k, v in tags.items()}, TOKEN: token})
     twins = client.search_runs([experiment], filter_string=f"tags.`{TOKEN}` = '{token}'", max_results=50)
     for twin in [t.info.run_id for t in twins if t.info.run_id != run.info.run_id]:
         log.warning("deleting run %s: a twin of run %s made by a retried request", twin, run.info.run_id)
         client.delete_run(twin)
     return run
+
+
+def create_logged_model(client, experiment: str, run_id: str, name: str, model_type: str, tags: dict[str, str]):
+    """`client.create_logged_model` made by run `run_id`, leaving exactly one (see `create_run`): a
+    retried create would leave a twin PENDING in the experiment's logged models."""
+    token = _token()
+    logged = client.create_logged_model(
+        experiment, name=name, source_run_id=run_id, model_type=model_type, tags={**tags, TOKEN: token}
+    )
+    twins = client.search_logged_models([experiment], filter_string=f"tags.`{TOKEN}` = '{token}'", max_results=50)
+    for twin in [t.model_id for t in twins if t.model_id != logged.model_id]:
+        log.warning("deleting logged model %s: a twin of %s made by a retried request", twin, logged.model_id)
+        client.delete_logged_model(twin)
+    return logged
+
+
+def _token() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 def start_run(

@@ -76,18 +76,24 @@ def test_a_run_create_whose_answer_was_lost_leaves_one_run(mlflow_server, tmp_pa
 @pytest.mark.slow
 def test_a_version_create_whose_answer_was_lost_leaves_one_version(mlflow_server, trained, caplog):
     """MLflow's client retries a POST that got a 502: the server made the version the first time, so the
-    retry makes a twin of the same run. The registrant keeps the run's lowest version, deletes its own."""
+    retry makes a twin of the same run. The registrant keeps the run's lowest version, deletes its own.
+    A lost logged-model create leaves no twin PENDING in the experiment's logged models either."""
     name = "lost-create"
     with lossy_proxy(mlflow_server.uri) as proxy:
         proxy.lose_answer("POST", "/model-versions/create", status=502)
+        proxy.lose_answer("POST", "/logged-models", status=502)  # and the logged model the version points at
         with caplog.at_level(logging.WARNING, logger="lenta_lora"):
             run_id, result = register(proxy.uri, trained, name, 2.5)
         assert proxy.seen("POST", "/model-versions/create") == [502, 200]  # the retry made a second version
+        assert proxy.seen("POST", "/logged-models") == [502, 200]
     client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
     versions = client.search_model_versions(f"name = '{name}'")
     assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]  # version 2, the twin, is gone
     assert result["version"] == 1 and result["uri"] == f"models:/{name}/1" and not result["up_to_date"]
     assert result["champion"] is True and str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    experiment = client.get_run(run_id).info.experiment_id
+    [logged] = client.search_logged_models([experiment])  # the twin logged model is gone too
+    assert logged.model_id == versions[0].tags["logged_model_id"] and str(logged.status) == "READY"
     kept = client.get_model_version(name, "1")
     assert kept.tags["benchmark_bits_per_byte"] == repr(2.5) and kept.tags["adapter_sha256"]
     assert '"promoted": true' in kept.tags["champion_decision"]

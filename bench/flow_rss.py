@@ -91,7 +91,7 @@ def child(args: argparse.Namespace) -> None:
     weights = args.weights or str(Path(args.base) / "model.safetensors")
     process, current = psutil.Process(), ["startup"]
     peaks: dict[str, dict[str, float]] = {}
-    began = {"startup": time.monotonic()}
+    began: dict[str, float] = {}  # stage -> when it began (monotonic s)
     stop = threading.Event()
 
     def sample() -> None:
@@ -162,7 +162,7 @@ def measure(precision: str, base: Path | str, cache: Path, extra: list[str], env
         raise RuntimeError(
             f"{precision}: the flow exited {result['rc']} (stages {sorted(stages)}):\n{done.stderr[-3000:]}"
         )
-    flow_peak = max(s["peak_rss_mib"] for s in stages.values())
+    flow_peak = max(s.get("peak_rss_mib", 0.0) for s in stages.values())
     train_peak = stages["train"]["peak_rss_mib"]
     return {
         "precision": precision,

@@ -58,11 +58,8 @@ def test_a_run_create_whose_answer_was_lost_leaves_one_run(mlflow_server, tmp_pa
     assert flow_run.info.run_id == run_id and flow_run.info.status == "FINISHED"
     assert flow_run.data.params == {"lora.r": "8"}
     [benchmark_run] = live_runs(client, "lost-run-benchmarks")
-    assert (
-        benchmark_run.info.status == "FINISHED"
-        and benchmark_run.info.run_id
-        == (benchmark_store.model_benchmark(mlflow_server.uri, "lost-run-model")["run_id"])
-    )
+    pointed = benchmark_store.model_benchmark(mlflow_server.uri, "lost-run-model")["run_id"]
+    assert benchmark_run.info.status == "FINISHED" and benchmark_run.info.run_id == pointed
     every = client.search_runs(
         [client.get_experiment_by_name(e).experiment_id for e in ("lost-run", "lost-run-benchmarks")],
         run_view_type=ViewType.ALL,

@@ -125,10 +125,13 @@ def test_a_hub_base_is_pinned_to_one_commit_per_run_and_a_moved_branch_trains_ag
         before = len(hub.requests)
         generate(uri, {**hf, "HF_HOME": str(tmp_path / "hf-user")}, "--version", "1")
         assert weights_fetched(hub, before) == {commit_a}
-    # The Hub gone (a GPU box without internet): the same command, offline, resolves main from the cache.
-    offline = {**hf, "HF_HUB_OFFLINE": "1"}
-    assert run_flow(command, tmp_path / "run-4.log", tracking_uri=uri, **offline) == 0, log_of(tmp_path, 4)
+    # The Hub gone (a GPU box without internet): the same command resolves main from the cache.
+    # Not told it is offline (the nightly after a network outage): the Hub refuses connections.
+    assert run_flow(command, tmp_path / "run-4.log", tracking_uri=uri, **hf) == 0, log_of(tmp_path, 4)
     assert "up to date: version 2 holds this" in log_of(tmp_path, 4)
+    offline = {**hf, "HF_HUB_OFFLINE": "1"}  # ... and told so
+    assert run_flow(command, tmp_path / "run-5.log", tracking_uri=uri, **offline) == 0, log_of(tmp_path, 5)
+    assert "up to date: version 2 holds this" in log_of(tmp_path, 5)
     # ... and a registered version loads from that cache by its pinned commit.
     assert generate(uri, offline, "--alias", "champion").startswith("Заголовок")
     # ... and `export --merged` of version 1 merges into commit A from that cache, though main is B there.

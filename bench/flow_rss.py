@@ -53,7 +53,9 @@ HUB_NAME = "EleutherAI/gpt-neo-1.3B"
 def build_base(
     folder: Path, hidden: int, layers: int, vocab: int, cache: Path, heads: int = 16, window: int = 256
 ) -> Path:
-    """A random GPT-Neo (the 1.3B's attention pattern) and a byte-level BPE without a pad token."""
+    """A random GPT-Neo (the 1.3B's attention pattern) and the tiny build's byte-level BPE (4,096 tokens,
+    with a pad token of its own: GPT-Neo's tokenizer has none; the flow then pads with EOS, which the
+    seed-profile test covers, not this memory benchmark)."""
     import torch
     from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
 

@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from lib.config import SAMPLE_CSV, load_config
+from tests.support.family_models import build_tokenizer, sample_texts
 from tests.support.harness import run_flow
 from tests.support.hf_hub_server import running_hf_hub
 from tests.support.kaggle_server import SECRET, FakeKaggle
@@ -31,17 +33,12 @@ PROFILE = "configs/gpt-neo-1.3b.yaml"
 SAMPLES = "samples/samples_table.json"  # MLflow table: {"columns": [...], "data": [[...], ...]}
 
 
-def gpt_neo_without_pad(folder, cache):
-    """A 2-layer GPT-Neo (the 1.3B's attention pattern and context) and a BPE whose config names no pad."""
-    import torch
+def gpt_neo_without_pad(folder):
+    """A 2-layer GPT-Neo (the 1.3B's class, attention pattern and context) with GPT-2's kind of BPE:
+    <|endoftext|> for BOS and EOS, no pad token (tests/support/family_models.py)."""
     from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
 
-    from lib.base_model import build_tiny_tokenizer
-    from lib.corpus import iter_articles, join_title_and_text
-
-    texts = [join_title_and_text(a) for a in iter_articles(SAMPLE_CSV)]
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(texts, 1024, cache))
-    tokenizer.pad_token = None
+    tokenizer = build_tokenizer("gpt2", sample_texts())
     config = GPTNeoConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -63,7 +60,7 @@ def gpt_neo_without_pad(folder, cache):
 def test_the_seed_profile_runs_end_to_end_as_written(prefect_server, new_store, tmp_path):
     seed = load_config(PROFILE)
     uri = new_store(tmp_path / "mlruns" / "mlflow.db")
-    base = gpt_neo_without_pad(tmp_path / "base", tmp_path / "tok")
+    base = gpt_neo_without_pad(tmp_path / "base")
     home = tmp_path / "home"
     home.mkdir()
     command = [sys.executable, "-m", "flows.cli", "run", "--config", PROFILE]

@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # only: this is the top conftest, loaded before the session starts; pyproject's testpaths.)
 pytest_plugins = [
     "tests.support.adapter_fixtures",  # trained, registered
+    "tests.support.kaggle_server",  # fake_kaggle
     "tests.support.mlflow_server",  # mlflow_server
     "tests.support.toy_lm",  # tokenizer, model
     "tests.support.training",  # prepared, one_thread

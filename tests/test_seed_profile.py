@@ -2,11 +2,12 @@
 as written: only the cache folder and the MLflow store are set.
 
 Kaggle and the Hub are fakes on loopback that the official clients talk to: the Kaggle dataset the
-profile names serves the bundled sample, and `EleutherAI/gpt-neo-1.3B` is a small GPT-Neo with random
-weights and a byte-level BPE without a pad token, as GPT-Neo's own tokenizer has none. So every stage
-runs as the profile configures it: download, 512 tokens padded (no packing), int8 through
-bitsandbytes, batch 1 x grad-accum 8 for one epoch, 32 samples of 64 tokens, registration. The
-numbers are those of random weights: this checks that the recipe runs, not how well.
+profile names serves the bundled sample (the `fake_kaggle` fixture), and `EleutherAI/gpt-neo-1.3B` is
+a small GPT-Neo with random weights and a byte-level BPE without a pad token, as GPT-Neo's own
+tokenizer has none. So every stage runs as the profile configures it: download, 512 tokens padded
+(no packing), int8 through bitsandbytes, batch 1 x grad-accum 8 for one epoch, 32 samples of 64
+tokens, registration. The numbers are those of random weights: this checks that the recipe runs,
+not how well.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lib.config import SAMPLE_CSV, load_config
+from lib.config import load_config
 from tests.support.family_models import build_tokenizer, sample_texts
 from tests.support.harness import run_flow
 from tests.support.hf_hub_server import running_hf_hub
-from tests.support.kaggle_server import SECRET, FakeKaggle
 
 pytestmark = pytest.mark.slow
 
@@ -57,26 +57,19 @@ def gpt_neo_without_pad(folder):
     return folder
 
 
-def test_the_seed_profile_runs_end_to_end_as_written(prefect_server, new_store, tmp_path):
+def test_the_seed_profile_runs_end_to_end_as_written(prefect_server, fake_kaggle, new_store, tmp_path):
     seed = load_config(PROFILE)
     uri = new_store(tmp_path / "mlruns" / "mlflow.db")
     base = gpt_neo_without_pad(tmp_path / "base")
-    home = tmp_path / "home"
-    home.mkdir()
     command = [sys.executable, "-m", "flows.cli", "run", "--config", PROFILE]
     command += [f"--set=data.cache_dir={tmp_path / 'cache'}", f"--set=tracking.uri={uri}"]
-    with (
-        running_hf_hub(tmp_path / "hub") as hub,
-        FakeKaggle(csv_bytes=SAMPLE_CSV.read_bytes(), username="alice", key=SECRET) as kaggle,
-    ):
+    with running_hf_hub(tmp_path / "hub") as hub:  # the child inherits fake_kaggle's variables
         commit = hub.publish(seed.model.name, base)
         shutil.rmtree(base)  # the weights exist only on the Hub now
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-        env |= {"HOME": str(home), "KAGGLE_CONFIG_DIR": str(home / ".kaggle"), **kaggle.env()}
-        env |= {"KAGGLE_USERNAME": "alice", "KAGGLE_KEY": SECRET, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
         code = run_flow(command, tmp_path / "run.log", tracking_uri=uri, **env)
         assert code == 0, (tmp_path / "run.log").read_text()[-4000:]
-        assert kaggle.downloaded_versions == [1]
+        assert fake_kaggle.downloaded_versions == [1]
         assert hub.seen("GET", f"/resolve/{commit}/model.safetensors") == 1
 
     client = MlflowClient(uri, uri)

@@ -40,9 +40,11 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import pytest
+
 STORAGE_HOST = "storage.kaggle.test"
 SIGNATURE = "fake-signature-0123456789"  # stands in for a GCS signed-URL signature
-SECRET = "kGl-SeCrEt-4e1f9a77c0d2"  # the API key of the reliability tests' `fake_kaggle`: no file may keep it
+SECRET = "kGl-SeCrEt-4e1f9a77c0d2"  # the API key of the `fake_kaggle` fixture: no file may keep it
 LENTA_HEADER = ["url", "title", "text", "topic", "tags", "date"]
 
 
@@ -277,3 +279,28 @@ def _make_handler(server: FakeKaggle):
             self.wfile.write(raw)
 
     return Handler
+
+
+@pytest.fixture
+def fake_kaggle(tmp_path, monkeypatch):
+    """A running FakeKaggle serving the bundled sample as version 1, its variables and credentials set in
+    this process's environment (so a child process started from it talks to the fake too), and a HOME
+    of the test's own."""
+    from lib.config import SAMPLE_CSV
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeKaggle(csv_bytes=SAMPLE_CSV.read_bytes(), username="alice", key=SECRET) as fake:
+        for name, value in fake.env().items():
+            monkeypatch.setenv(name, value)
+        # The client's `localhost:7777` goes through the fake (a proxy); Prefect's own API on
+        # 127.0.0.1 must not.
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+        monkeypatch.setenv("KAGGLE_KEY", SECRET)
+        yield fake

@@ -56,8 +56,7 @@ def build_base(
     """A random GPT-Neo (the 1.3B's attention pattern) and the tiny build's byte-level BPE (4,096 tokens,
     with a pad token of its own: GPT-Neo's tokenizer has none; the flow then pads with EOS, which the
     seed-profile test covers, not this memory benchmark)."""
-    import torch
-    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import AutoTokenizer
 
     from lib.base_model import build_tiny_tokenizer
     from lib.config import SAMPLE_CSV
@@ -65,6 +64,15 @@ def build_base(
 
     texts = [join_title_and_text(a) for a in iter_articles(SAMPLE_CSV)]
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(texts, 4096, cache))
+    return save_gpt_neo(folder, tokenizer, hidden, layers, vocab, heads, window)
+
+
+def save_gpt_neo(folder: Path, tokenizer, hidden: int, layers: int, vocab: int, heads: int, window: int) -> Path:
+    """A GPT-Neo with random weights (seed 0) and the 1.3B's context and global/local attention pattern,
+    saved with `tokenizer` (whose EOS is also its BOS) as a `from_pretrained` folder."""
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
     config = GPTNeoConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -77,8 +85,7 @@ def build_base(
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    model = GPTNeoForCausalLM(config)
-    model.save_pretrained(folder)
+    GPTNeoForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
 
+from bench.flow_rss import save_gpt_neo
 from lib.config import load_config
 from tests.support.family_models import build_tokenizer, sample_texts
 from tests.support.harness import run_flow
@@ -36,23 +36,10 @@ SAMPLES = "samples/samples_table.json"  # MLflow table: {"columns": [...], "data
 def gpt_neo_without_pad(folder):
     """A 2-layer GPT-Neo (the 1.3B's class, attention pattern and context) with GPT-2's kind of BPE:
     <|endoftext|> for BOS and EOS, no pad token (tests/support/family_models.py)."""
-    from transformers import AutoTokenizer, GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = build_tokenizer("gpt2", sample_texts())
-    config = GPTNeoConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_layers=2,
-        num_heads=2,
-        attention_types=[[["global", "local"], 1]],
-        max_position_embeddings=2048,
-        window_size=256,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    GPTNeoForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_gpt_neo(folder, tokenizer, hidden=64, layers=2, vocab=len(tokenizer), heads=2, window=256)
     assert AutoTokenizer.from_pretrained(folder).pad_token is None
     return folder
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from lib.benchmark import FILE_NAME, Benchmark, read_benchmark, write_benchmark
 from lib.store import all_pages, ensure_registered_model, not_found
 from lib.store import client as _client
-from lib.tracking import create_run, experiment_id, log_dataset_input
+from lib.tracking import create_run, experiment_id, failed_on_error, log_dataset_input
 
 log = logging.getLogger("lenta_lora.champion")
 
@@ -148,12 +148,13 @@ def _log_benchmark_run(client, uri: str, model, benchmark: Benchmark, experiment
         },
     )
     run_id = run.info.run_id
-    with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:  # stored under a stable name
-        shutil.copyfile(benchmark.path, Path(tmp) / FILE_NAME)
-        client.log_artifact(run_id, str(Path(tmp) / FILE_NAME), "benchmark")
-    log_documents(uri, run_id, benchmark, name, context="benchmark")
-    described = {k: getattr(benchmark, k) for k in DESCRIPTION}
-    client.log_batch(run_id, params=[Param(f"benchmark.{k}", str(v)[:500]) for k, v in described.items()])
+    with failed_on_error(client, run_id, "storing the benchmark"):  # FAILED: never a candidate, not left RUNNING
+        with tempfile.TemporaryDirectory(prefix="lenta-lora-benchmark-") as tmp:  # stored under a stable name
+            shutil.copyfile(benchmark.path, Path(tmp) / FILE_NAME)
+            client.log_artifact(run_id, str(Path(tmp) / FILE_NAME), "benchmark")
+        log_documents(uri, run_id, benchmark, name, context="benchmark")
+        described = {k: getattr(benchmark, k) for k in DESCRIPTION}
+        client.log_batch(run_id, params=[Param(f"benchmark.{k}", str(v)[:500]) for k, v in described.items()])
     client.set_terminated(run_id, "FINISHED")  # only now a candidate: its file is complete
     return run_id
 

@@ -88,13 +88,34 @@ def start_run(
     store.require_reachable(uri)  # the flow's first MLflow call: a dead server fails the run in seconds
     store.initialize_store(uri)
     client = store.client(uri)
-    run = create_run(client, experiment_id(client, uri, experiment), run_name, tags)
+    run_id = create_run(client, experiment_id(client, uri, experiment), run_name, tags).info.run_id
     params_list = [Param(k, "" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
-    for start in range(0, len(params_list), 100):  # MLflow caps a batch at 100 params
-        client.log_batch(run.info.run_id, params=params_list[start : start + 100])
-    client.log_text(run.info.run_id, config_yaml, "config.yaml")
-    client.set_tag(run.info.run_id, "mlflow.note.content", f"lenta-lora fine-tuning run `{run_name}`")
-    return run.info.run_id
+    with failed_on_error(client, run_id, "logging the run's config"):
+        for start in range(0, len(params_list), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(run_id, params=params_list[start : start + 100])
+        client.log_text(run_id, config_yaml, "config.yaml")
+        client.set_tag(run_id, "mlflow.note.content", f"lenta-lora fine-tuning run `{run_name}`")
+    return run_id
+
+
+@contextlib.contextmanager
+def failed_on_error(client, run_id: str, doing: str) -> Iterator[None]:
+    """Close run `run_id` as FAILED when the block raises, then re-raise.
+
+    A run made but not finished being set up stays RUNNING otherwise, and a retry of the task makes
+    another one beside it. Its owner is alive, so the stale-run sweep skips it (and benchmark runs
+    are never swept). The reason tag names the step and the error's type only: an error's message
+    can carry a URI with credentials.
+    """
+    try:
+        yield
+    except BaseException as error:
+        try:
+            client.set_tag(run_id, "lenta_lora.failed_while", f"{doing} ({type(error).__name__})")
+            client.set_terminated(run_id, "FAILED")
+        except Exception as closing:  # noqa: BLE001 - the first error is the one to report
+            log.warning("run %s is left RUNNING: closing it as FAILED failed too (%s)", run_id, type(closing).__name__)
+        raise
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """Answers lost between the client and a real `mlflow server` (tests/support/lossy_proxy.py): the
 server carried the request out, the client saw an error. A run's start must still leave one run (no
-twin left RUNNING), registration exactly one version per run, and a lost alias write must not make
-`champion` wrong.
+twin left RUNNING), a run whose set-up failed must be closed FAILED, registration must make exactly one
+version per run, and a lost alias write must not make `champion` wrong.
 """
 
 from __future__ import annotations
@@ -68,6 +68,38 @@ def test_a_run_create_whose_answer_was_lost_leaves_one_run(mlflow_server, tmp_pa
     assert len(every) == 5 and len(twins) == 3, [(r.info.run_name, r.info.lifecycle_stage) for r in every]
     warned = [r.getMessage() for r in caplog.records if "made by a retried request" in r.getMessage()]
     assert len(warned) == 3 and all(t.info.run_id in " ".join(warned) for t in twins), caplog.text
+
+
+def test_a_run_whose_set_up_failed_is_closed_failed_and_a_retry_makes_one_new_run(mlflow_server, tmp_path):
+    """A run is made, then logging into it fails (here a 400, which the client does not retry). The
+    run is closed FAILED with the step named, not left RUNNING beside the run the task's retry makes;
+    the same for a model's benchmark run, whose failed run is never taken as the benchmark."""
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    refused = {"error_code": "INVALID_PARAMETER_VALUE", "message": "refused by the test proxy"}
+    texts = ["Первая новость о погоде.", "Вторая новость о футболе."]
+    written = write_benchmark(texts, 64, None, "two texts", tmp_path)
+    with lossy_proxy(mlflow_server.uri) as proxy:
+        proxy.lose_answer("POST", "/runs/log-batch", status=400, body=refused)
+        with pytest.raises(Exception, match="refused by the test proxy"):
+            tracking.start_run(proxy.uri, "half-run", "half-run", {"lora.r": 8}, {}, "lora: {r: 8}\n")
+        run_id = tracking.start_run(proxy.uri, "half-run", "half-run", {"lora.r": 8}, {}, "lora: {r: 8}\n")
+        proxy.lose_answer("POST", "/runs/log-inputs", status=400, body=refused)
+        with pytest.raises(Exception, match="refused by the test proxy"):
+            benchmark_store.store_benchmark(proxy.uri, "half-run-model", written, "half-run")
+        benchmark_store.store_benchmark(proxy.uri, "half-run-model", written, "half-run")
+    failed, started = sorted(live_runs(client, "half-run"), key=lambda r: r.info.start_time)
+    assert (failed.info.status, started.info.status, started.info.run_id) == ("FAILED", "RUNNING", run_id)
+    assert failed.data.tags["lenta_lora.failed_while"] == "logging the run's config (RestException)"
+    tracking.finish_run(mlflow_server.uri, run_id)
+    failed, stored = sorted(live_runs(client, "half-run-benchmarks"), key=lambda r: r.info.start_time)
+    assert (failed.info.status, stored.info.status) == ("FAILED", "FINISHED")
+    assert failed.data.tags["lenta_lora.failed_while"] == "storing the benchmark (RestException)"
+    assert benchmark_store.model_benchmark(mlflow_server.uri, "half-run-model")["run_id"] == stored.info.run_id
+
+
+def failed_tag(client: MlflowClient, experiment: str) -> str:
+    [failed] = [r for r in live_runs(client, experiment) if r.info.status == "FAILED"]
+    return failed.data.tags["lenta_lora.failed_while"]
 
 
 @pytest.mark.slow

@@ -113,7 +113,7 @@ def register_adapter(
         # One unit: a version without a decision must not stay (the holder may be worse than it).
         log.error("deciding champion for %s version %s failed: deleting the version", model_name, version.version)
         try:
-            client.delete_model_version(model_name, version.version)
+            _delete_version(client, model_name, version.version)
         except Exception as error:  # noqa: BLE001 - the next run's sweep retracts it (its run ends FAILED)
             log.error("could not delete %s version %s: %s", model_name, version.version, error)
         raise
@@ -149,7 +149,7 @@ def _keep_lowest_of_key(client, name: str, training_key: str, version):
         training_key[:12],
         version.version,
     )
-    client.delete_model_version(name, version.version)
+    _delete_version(client, name, version.version)
     return twins[0]
 
 
@@ -211,7 +211,7 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
             twins[0].version,
             created.version,
         )
-        client.delete_model_version(model_name, created.version)
+        _delete_version(client, model_name, created.version)
         return twins[0]
     return created
 
@@ -256,6 +256,7 @@ def _link_metrics(client, run_id: str, model_id: str, metrics: dict[str, float],
     import time
 
     from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.exceptions import MlflowException
 
     now = int(time.time() * 1000)
     test = ("lenta-test", f"{tags.get('dataset_fingerprint', '')[:24]}-test")
@@ -268,7 +269,15 @@ def _link_metrics(client, run_id: str, model_id: str, metrics: dict[str, float],
     ]
     if linked:
         client.log_batch(run_id, metrics=linked)
-    client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
+    except MlflowException:
+        # A retried request whose first try landed (its answer lost) meets the first one's row: a
+        # UNIQUE constraint error. The output is recorded, which is all that was asked.
+        outputs = client.get_run(run_id).outputs
+        if model_id not in [o.model_id for o in (outputs.model_outputs if outputs else [])]:
+            raise
+        log.info("run %s already records model %s as an output (a retried request)", run_id, model_id)
 
 
 def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
@@ -283,7 +292,7 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
     client, retracted, names = _client(uri), [], {}
     for run_id in run_ids:
         for version in all_pages(client.search_model_versions, f"run_id = '{run_id}'"):
-            client.delete_model_version(version.name, version.version)
+            _delete_version(client, version.name, version.version)
             retracted.append(f"{version.name}/{version.version}")
             names[version.name] = version.tags.get(METRIC_TAG)
     for name, metric in names.items():
@@ -292,6 +301,19 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
     if retracted:
         log.warning("deleted registry version(s) %s: %s", ", ".join(retracted), reason)
     return retracted
+
+
+def _delete_version(client, name: str, version) -> None:
+    """Delete a version; one already gone counts as deleted. MLflow's client retries a DELETE whose
+    answer was lost (a gateway's 502), and the retry finds nothing to delete: RESOURCE_DOES_NOT_EXIST."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_model_version(name, str(version))
+    except MlflowException as error:
+        if getattr(error, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.info("%s version %s was already deleted (a retried request)", name, version)
 
 
 def _versions_of_run(client, name: str, run_id: str) -> list:

@@ -1,5 +1,6 @@
 """The pipeline against a real `mlflow server` over HTTP (artifacts proxied by the server): the
-flow under the real Prefect engine registers a version that another process loads by HTTP URI,
+flow under the real Prefect engine, through a gateway that loses answers, registers a version that
+another process loads by HTTP URI,
 concurrent flow runs each get their own version, and `champion` ends on the best of them.
 """
 
@@ -18,6 +19,7 @@ from mlflow import MlflowClient
 from lib import champion
 from tests.conftest import tiny_overrides
 from tests.support.env import child_env, run_script
+from tests.support.lossy_proxy import lossy_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +42,48 @@ print("RESULT " + json.dumps({"max_abs_diff": diff, "kind": base["kind"]}))
 """
 
 
-def test_flow_over_http_registers_a_version_another_process_loads(
+def test_flow_over_http_through_a_lossy_gateway_registers_a_version_another_process_loads(
     prefect_server, mlflow_server, shared_cache, tmp_path
 ):
+    """The flow talks to the server through a gateway that loses the first answer to every kind of
+    write (each POST, PUT, PATCH or DELETE path once: the server acted, the client got a 502 and
+    retried). Every step copes with its own retried write without failing its task: no Prefect task
+    runs twice, and the store holds what one clean run leaves."""
     from flows.cli import DEFAULT_PROFILE
     from flows.finetune import finetune
     from lib.config import load_config
 
     uri = mlflow_server.uri
-    config = load_config(
-        DEFAULT_PROFILE, tiny_overrides(shared_cache, **{"tracking.uri": uri, "registry.model_name": "remote-adapter"})
-    )
-    summary = finetune(config=config)
-    assert summary["tracking_uri"] == uri and summary["model"]["version"] == 1 and summary["model"]["champion"]
+    with lossy_proxy(uri) as gateway:
+        gateway.lose_every_first_answer()
+        overrides = {
+            "tracking.uri": gateway.uri,
+            "tracking.experiment": "lossy-gateway",
+            "registry.model_name": "remote-adapter",
+        }
+        state = finetune(
+            config=load_config(DEFAULT_PROFILE, tiny_overrides(shared_cache, **overrides)), return_state=True
+        )
+        summary = state.result()
+    lost = {(method, path.rsplit("/mlflow/", 1)[-1]) for method, path in gateway.lost_once}
+    assert {("POST", "runs/create"), ("POST", "model-versions/create"), ("DELETE", "model-versions/delete")} <= lost
+    assert {("POST", "runs/outputs"), ("POST", "logged-models"), ("POST", "registered-models/alias")} <= lost
+    assert summary["tracking_uri"] == gateway.uri and summary["model"]["version"] == 1 and summary["model"]["champion"]
+    assert task_run_counts(state.state_details.flow_run_id) == {1}  # no task needed Prefect's retry
 
     client = MlflowClient(uri, uri)
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    # Nothing a retried write left behind: one run per experiment (twins deleted), one version
+    # (its twin deleted), one logged model and it READY.
+    experiments = [
+        client.get_experiment_by_name(n).experiment_id for n in ("lossy-gateway", "lossy-gateway-benchmarks")
+    ]
+    assert [r.info.status for r in client.search_runs(experiments)] == ["FINISHED", "FINISHED"]
+    assert [v.version for v in client.search_model_versions("name = 'remote-adapter'")] == ["1"]
+    [logged] = client.search_logged_models([run.info.experiment_id])
+    assert str(logged.status) == "READY"
+    assert logged.model_id == client.get_model_version("remote-adapter", "1").tags["logged_model_id"]
     version = client.get_model_version("remote-adapter", "1")
     tags = version.tags
     assert tags["prefect.flow_run_id"] == run.data.tags["prefect.flow_run_id"] and tags["git_commit"]
@@ -79,6 +106,16 @@ def test_flow_over_http_registers_a_version_another_process_loads(
     )
     print(f"\nHTTP-loaded vs local adapter, max |logits difference|: {result['max_abs_diff']}")
     assert result["max_abs_diff"] < 1e-4 and result["kind"] == "tiny"
+
+
+def task_run_counts(flow_run_id) -> set[int]:
+    """How many times each task run of a flow run ran (1: no retry), from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.run_count for run in runs}
 
 
 def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(

@@ -41,6 +41,8 @@ class LossyProxy:
     losses: list[Loss] = field(default_factory=list)
     log: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status the client got)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    first_losses: tuple[set[str], int] | None = None  # see lose_every_first_answer
+    lost_once: set[tuple[str, str]] = field(default_factory=set)
 
     def lose_answer(self, method: str, path: str, status: int = 502, body: dict | None = None, times: int = 1) -> None:
         """The next `times` requests `method` ... `path` reach the server; the client gets `status`
@@ -48,12 +50,21 @@ class LossyProxy:
         with self.lock:
             self.losses.append(Loss(method, path, status, body or {"error": "answer lost by the test proxy"}, times))
 
+    def lose_every_first_answer(self, methods=("POST", "PUT", "PATCH", "DELETE"), status: int = 502) -> None:
+        """From now on, the first answer to each distinct `method` ... path (every call that changes
+        something, by default) is lost with `status`: one flaky gateway hit per kind of write."""
+        with self.lock:
+            self.first_losses = (set(methods), status)
+
     def seen(self, method: str, path: str) -> list[int]:
         """The statuses the client got for each `method` ... `path` request that reached the server."""
         return [status for m, p, status in self.log if m == method and p.endswith(path)]
 
     def take_loss(self, method: str, path: str) -> Loss | None:
         with self.lock:
+            if self.first_losses and method in self.first_losses[0] and (method, path) not in self.lost_once:
+                self.lost_once.add((method, path))
+                return Loss(method, path, self.first_losses[1], {"error": "answer lost by the test proxy"})
             for loss in self.losses:
                 if loss.left and loss.method == method and path.endswith(loss.path):
                     loss.left -= 1

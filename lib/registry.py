@@ -35,7 +35,7 @@ from lib.champion import (
 from lib.loading import registered_model
 from lib.store import alias_version, all_pages, all_versions, ensure_registered_model, not_found, require_reachable
 from lib.store import client as _client
-from lib.tracking import create_logged_model
+from lib.tracking import create_logged_model, fail_logged_model, link_model_metrics, logged_model_failed_on_error
 
 log = logging.getLogger("lenta_lora.registry")
 
@@ -116,6 +116,7 @@ def register_adapter(
             _delete_version(client, model_name, version.version)
         except Exception as error:  # noqa: BLE001 - the next run's sweep retracts it (its run ends FAILED)
             log.error("could not delete %s version %s: %s", model_name, version.version, error)
+        fail_logged_model(client, version.tags.get("logged_model_id"), run_id)
         raise
     faults.reach("register.after-champion")
     return {
@@ -164,42 +165,54 @@ def _create_version(client, run_id, adapter_dir, base, generation, model_name, t
         logged = create_logged_model(
             client, experiment, run_id, MODEL_PATH, "lora-adapter", {"base_model": str(base.get("name"))}
         )
-        try:
-            client.log_model_artifacts(logged.model_id, str(local))
-        except OSError as error:  # a local artifact store's disk; the error names the source file, not it
-            client.finalize_logged_model(logged.model_id, "FAILED")
-            if error.errno != errno.ENOSPC:
-                raise
-            raise OSError(
-                errno.ENOSPC, "No space left in the MLflow artifact store", logged.artifact_location
-            ) from error
-        client.finalize_logged_model(logged.model_id, "READY")
-        _link_metrics(client, run_id, logged.model_id, metrics, tags)
-        faults.reach("register.after-artifacts")
-        # The registry (a database) keeps these apart from the artifact store they describe, so a
-        # file changed in the store cannot also change the checksum it is verified against.
-        integrity = {
-            "base_model_json_sha256": sha256_file(meta),
-            "adapter_sha256": manifest["adapter"][ADAPTER_WEIGHTS],
-        }
-    if "model.safetensors" in manifest.get("base_weights", {}):
-        integrity["base_weights_sha256"] = manifest["base_weights"]["model.safetensors"]
-    # Exact values (repr) of the scores on the model's benchmark: what `champion` is decided on.
-    ranked = {k: repr(float(v)) for k, v in metrics.items() if k.startswith("benchmark_") and _finite(v)}
-    if champion_metric in ranked:
-        ranked.update({METRIC_TAG: champion_metric, VALUE_TAG: ranked[champion_metric]})
-    # The source is the logged model's own folder, not `models:/<model_id>`: MLflow's database
-    # registry resolves that form with a client on the process-wide tracking URI (a TODO in its
-    # sqlalchemy store), which may name another store; and it keeps no model_id on a version. So the
-    # version names its logged model in the tag `logged_model_id` too.
-    created = client.create_model_version(
-        model_name,
-        logged.artifact_location,
-        run_id=run_id,
-        model_id=logged.model_id,
-        tags={**{k: str(v) for k, v in tags.items()}, **integrity, **ranked, "logged_model_id": logged.model_id},
-        description=packaging.describe_version(base, tags, metrics, champion_metric, run_id),
-    )
+        with logged_model_failed_on_error(client, logged.model_id, run_id):
+            try:
+                client.log_model_artifacts(logged.model_id, str(local))
+            except OSError as error:  # a local artifact store's disk; the error names the source file, not it
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise OSError(
+                    errno.ENOSPC, "No space left in the MLflow artifact store", logged.artifact_location
+                ) from error
+            client.finalize_logged_model(logged.model_id, "READY")
+            link_model_metrics(
+                client,
+                run_id,
+                logged.model_id,
+                metrics,
+                str(tags.get("dataset_fingerprint", "")),
+                str(tags[BENCHMARK_TAG]),
+            )
+            faults.reach("register.after-artifacts")
+            # The registry (a database) keeps these apart from the artifact store they describe, so a
+            # file changed in the store cannot also change the checksum it is verified against.
+            integrity = {
+                "base_model_json_sha256": sha256_file(meta),
+                "adapter_sha256": manifest["adapter"][ADAPTER_WEIGHTS],
+            }
+            if "model.safetensors" in manifest.get("base_weights", {}):
+                integrity["base_weights_sha256"] = manifest["base_weights"]["model.safetensors"]
+            # Exact values (repr) of the scores on the model's benchmark: what `champion` is decided on.
+            ranked = {k: repr(float(v)) for k, v in metrics.items() if k.startswith("benchmark_") and _finite(v)}
+            if champion_metric in ranked:
+                ranked.update({METRIC_TAG: champion_metric, VALUE_TAG: ranked[champion_metric]})
+            # The source is the logged model's own folder, not `models:/<model_id>`: MLflow's database
+            # registry resolves that form with a client on the process-wide tracking URI (a TODO in its
+            # sqlalchemy store), which may name another store; and it keeps no model_id on a version. So
+            # the version names its logged model in the tag `logged_model_id` too.
+            created = client.create_model_version(
+                model_name,
+                logged.artifact_location,
+                run_id=run_id,
+                model_id=logged.model_id,
+                tags={
+                    **{k: str(v) for k, v in tags.items()},
+                    **integrity,
+                    **ranked,
+                    "logged_model_id": logged.model_id,
+                },
+                description=packaging.describe_version(base, tags, metrics, champion_metric, run_id),
+            )
     # MLflow's HTTP client retries any method, POST included: a create whose answer was lost can
     # leave a twin. Every registrant of a run keeps the run's lowest version and drops its own other.
     twins = _versions_of_run(client, model_name, run_id)
@@ -248,36 +261,6 @@ def _exists(client, name: str) -> bool:
         if not_found(error):
             return False
         raise
-
-
-def _link_metrics(client, run_id: str, model_id: str, metrics: dict[str, float], tags: dict) -> None:
-    """The logged model's scores, each tied to the text set it was measured on (MLflow's
-    model_id / dataset fields), and the model recorded as an output of the run."""
-    import time
-
-    from mlflow.entities import LoggedModelOutput, Metric
-    from mlflow.exceptions import MlflowException
-
-    now = int(time.time() * 1000)
-    test = ("lenta-test", f"{tags.get('dataset_fingerprint', '')[:24]}-test")
-    bench = ("benchmark", str(tags.get(BENCHMARK_TAG, ""))[:36])
-    linked = [
-        Metric(key, float(value), now, 0, model_id=model_id, dataset_name=where[0], dataset_digest=where[1])
-        for key, value in metrics.items()
-        if _finite(value)
-        and (where := bench if key.startswith("benchmark_") else test if key.startswith("test_") else None)
-    ]
-    if linked:
-        client.log_batch(run_id, metrics=linked)
-    try:
-        client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
-    except MlflowException:
-        # A retried request whose first try landed (its answer lost) meets the first one's row: a
-        # UNIQUE constraint error. The output is recorded, which is all that was asked.
-        outputs = client.get_run(run_id).outputs
-        if model_id not in [o.model_id for o in (outputs.model_outputs if outputs else [])]:
-            raise
-        log.info("run %s already records model %s as an output (a retried request)", run_id, model_id)
 
 
 def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:

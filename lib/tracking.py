@@ -73,6 +73,63 @@ def create_logged_model(client, experiment: str, run_id: str, name: str, model_t
     return logged
 
 
+@contextlib.contextmanager
+def logged_model_failed_on_error(client, model_id: str, run_id: str) -> Iterator[None]:
+    """When the block raises, mark logged model `model_id` FAILED (see `fail_logged_model`), then re-raise.
+    A retried task logs a new model: without this the first one would stay in the experiment's
+    Logged models tab, PENDING or READY, with no version."""
+    try:
+        yield
+    except BaseException:
+        fail_logged_model(client, model_id, run_id)
+        raise
+
+
+def fail_logged_model(client, model_id: str | None, run_id: str) -> None:
+    """Mark logged model `model_id` FAILED unless a registry version of run `run_id` names it (a version
+    create whose answer was lost can have landed). Never raises: the caller is handling an error."""
+    try:
+        versions = store.all_pages(client.search_model_versions, f"run_id = '{run_id}'")
+        if model_id and all(v.tags.get("logged_model_id") != model_id for v in versions):
+            client.finalize_logged_model(model_id, "FAILED")
+    except Exception as error:  # noqa: BLE001 - the error being raised is the one to report
+        log.warning("could not mark logged model %s FAILED (%s)", model_id, type(error).__name__)
+
+
+def link_model_metrics(
+    client, run_id: str, model_id: str, metrics: dict[str, float], dataset_fingerprint: str, benchmark: str
+) -> None:
+    """Logged model `model_id`'s scores, each tied to the texts it was measured on (MLflow's model_id /
+    dataset fields: `test_*` to the dataset's test split, `benchmark_*` to the model's benchmark), and
+    the model recorded as an output of the run."""
+    import math
+    import time
+
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.exceptions import MlflowException
+
+    now = int(time.time() * 1000)
+    test, bench = ("lenta-test", f"{dataset_fingerprint[:24]}-test"), ("benchmark", benchmark[:36])
+    linked = [
+        Metric(key, float(value), now, 0, model_id=model_id, dataset_name=where[0], dataset_digest=where[1])
+        for key, value in metrics.items()
+        if isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (where := bench if key.startswith("benchmark_") else test if key.startswith("test_") else None)
+    ]
+    if linked:
+        client.log_batch(run_id, metrics=linked)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
+    except MlflowException:
+        # A retried request whose first try landed (its answer lost) meets the first one's row: a
+        # UNIQUE constraint error. The output is recorded, which is all that was asked.
+        outputs = client.get_run(run_id).outputs
+        if model_id not in [o.model_id for o in (outputs.model_outputs if outputs else [])]:
+            raise
+        log.info("run %s already records model %s as an output (a retried request)", run_id, model_id)
+
+
 def _token() -> str:
     import uuid
 

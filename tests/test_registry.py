@@ -170,7 +170,41 @@ def test_a_failed_champion_decision_leaves_no_version(trained, registered, monke
         )
     assert [str(v.version) for v in client.search_model_versions(f"name = '{NAME}'")] == ["1"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert logged_model_states(client, run_id) == ["FAILED"]  # its version is gone: not left READY
     tracking.finish_run(uri, run_id, "FAILED")
+
+
+@pytest.mark.slow
+def test_a_registration_failed_before_its_version_leaves_its_logged_model_failed(trained, registered, monkeypatch):
+    """A task retry logs the model again: the failed attempt's logged model is FAILED, not READY with
+    no version; the retry's is READY and its version names it."""
+    uri = registered["tracking_uri"]
+    client = MlflowClient(uri, uri)
+    run_id = tracking.start_run(uri, "registry-test", "failed-before-version", {}, {}, "")
+    args = (uri, run_id, trained["adapter"], registered["base"], {}, NAME, {}, {"benchmark_bits_per_byte": 9.0})
+    monkeypatch.setenv("LENTA_LORA_FAULT", "register.after-artifacts:raise")
+    with pytest.raises(faults.InjectedFault):
+        registry.register_adapter(*args, **CHAMPION_POLICY)
+    assert logged_model_states(client, run_id) == ["FAILED"]
+    assert client.search_model_versions(f"run_id = '{run_id}'") == []
+    monkeypatch.delenv("LENTA_LORA_FAULT")
+    retried = registry.register_adapter(*args, **CHAMPION_POLICY)
+    assert logged_model_states(client, run_id) == ["FAILED", "READY"]
+    version = client.get_model_version(NAME, str(retried["version"]))
+    [ready] = [m for m in logged_models(client, run_id) if str(m.status) == "READY"]
+    assert version.tags["logged_model_id"] == ready.model_id and not retried["champion"]  # 9.0 loses to 3.25
+    registry.retract_versions(uri, [run_id], "test cleanup: a version that other tests must not see")
+    tracking.finish_run(uri, run_id, "FAILED")
+
+
+def logged_models(client: MlflowClient, run_id: str) -> list:
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    return sorted(found, key=lambda m: m.creation_timestamp)
+
+
+def logged_model_states(client: MlflowClient, run_id: str) -> list[str]:
+    return [str(m.status) for m in logged_models(client, run_id)]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lib.kaggle_source import KaggleError, download_kaggle_file
-from tests.support.kaggle_server import SIGNATURE, FakeKaggle, lenta_csv
+from tests.support.kaggle_server import SIGNATURE, FakeKaggle, isolated_home, lenta_csv
 
 DATASET = "yutkin/corpus-of-russian-news-articles-from-lenta"
 FILE = "lenta-ru-news.csv"
@@ -27,21 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-    for var in (
-        "KAGGLE_USERNAME",
-        "KAGGLE_KEY",
-        "KAGGLE_API_TOKEN",
-        "KAGGLE_API_V1_TOKEN",
-        "KAGGLE_KERNEL_RUN_TYPE",
-        "KAGGLE_API_ENVIRONMENT",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    return home
+    return isolated_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

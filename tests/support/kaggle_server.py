@@ -38,6 +38,7 @@ import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -281,6 +282,26 @@ def _make_handler(server: FakeKaggle):
     return Handler
 
 
+def isolated_home(tmp_path: Path, monkeypatch) -> Path:
+    """A HOME (and Kaggle and XDG config folders) of the test's own, with no Kaggle credential or
+    environment variable from the machine: the client finds only what the test gives it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    for var in (
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "KAGGLE_API_TOKEN",
+        "KAGGLE_API_V1_TOKEN",
+        "KAGGLE_KERNEL_RUN_TYPE",
+        "KAGGLE_API_ENVIRONMENT",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
 @pytest.fixture
 def fake_kaggle(tmp_path, monkeypatch):
     """A running FakeKaggle serving the bundled sample as version 1, its variables and credentials set in
@@ -288,12 +309,7 @@ def fake_kaggle(tmp_path, monkeypatch):
     of the test's own."""
     from lib.config import SAMPLE_CSV
 
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / ".kaggle"))
-    for var in ("KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
+    isolated_home(tmp_path, monkeypatch)
     with FakeKaggle(csv_bytes=SAMPLE_CSV.read_bytes(), username="alice", key=SECRET) as fake:
         for name, value in fake.env().items():
             monkeypatch.setenv(name, value)

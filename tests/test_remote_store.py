@@ -68,6 +68,11 @@ def test_flow_over_http_through_a_lossy_gateway_registers_a_version_another_proc
     lost = {(method, path.rsplit("/mlflow/", 1)[-1]) for method, path in gateway.lost_once}
     assert {("POST", "runs/create"), ("POST", "model-versions/create"), ("DELETE", "model-versions/delete")} <= lost
     assert {("POST", "runs/outputs"), ("POST", "logged-models"), ("POST", "registered-models/alias")} <= lost
+    assert {("POST", "runs/log-batch"), ("POST", "runs/log-inputs"), ("POST", "registered-models/create")} <= lost
+    assert {("POST", "experiments/create"), ("POST", "runs/update"), ("PATCH", "logged-models")} <= {
+        (method, path.split("/m-")[0]) for method, path in lost
+    }
+    assert any(method == "PUT" and "artifacts/adapter/adapter_model.safetensors" in path for method, path in lost)
     assert summary["tracking_uri"] == gateway.uri and summary["model"]["version"] == 1 and summary["model"]["champion"]
     assert task_run_counts(state.state_details.flow_run_id) == {1}  # no task needed Prefect's retry
 

@@ -35,7 +35,13 @@ from lib.champion import (
 from lib.loading import registered_model
 from lib.store import alias_version, all_pages, all_versions, ensure_registered_model, not_found, require_reachable
 from lib.store import client as _client
-from lib.tracking import create_logged_model, fail_logged_model, link_model_metrics, logged_model_failed_on_error
+from lib.tracking import (
+    create_logged_model,
+    fail_logged_model,
+    fail_logged_models,
+    link_model_metrics,
+    logged_model_failed_on_error,
+)
 
 log = logging.getLogger("lenta_lora.registry")
 
@@ -265,7 +271,8 @@ def _exists(client, name: str) -> bool:
 
 def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
     """Delete the registry versions of runs that did not finish (FAILED, or killed and swept), so that
-    no version points at a run that failed; `champion` moves back to the best version left.
+    no version points at a run that failed; `champion` moves back to the best version left. The
+    logged models those runs made are marked FAILED (none stays READY or PENDING without a version).
 
     A version is created before its run is closed, so a crash or a failure in between leaves one
     (see lib/faults.py: register.after-version). Returns "NAME/VERSION" for each one deleted.
@@ -278,6 +285,7 @@ def retract_versions(uri: str, run_ids: list[str], reason: str) -> list[str]:
             _delete_version(client, version.name, version.version)
             retracted.append(f"{version.name}/{version.version}")
             names[version.name] = version.tags.get(METRIC_TAG)
+        fail_logged_models(client, run_id)
     for name, metric in names.items():
         if metric and alias_version(client, name, CHAMPION) is None:  # the deleted version held it
             restore_champion(uri, name, metric)

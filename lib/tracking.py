@@ -96,6 +96,15 @@ def fail_logged_model(client, model_id: str | None, run_id: str) -> None:
         log.warning("could not mark logged model %s FAILED (%s)", model_id, type(error).__name__)
 
 
+def fail_logged_models(client, run_id: str) -> None:
+    """`fail_logged_model` for every logged model run `run_id` made that is not FAILED yet: for a run
+    that failed, or died (a kill after its model was logged leaves it READY with no version)."""
+    experiment = client.get_run(run_id).info.experiment_id
+    for made in store.all_pages(client.search_logged_models, [experiment], f"source_run_id = '{run_id}'"):
+        if str(made.status) != "FAILED":
+            fail_logged_model(client, made.model_id, run_id)
+
+
 def link_model_metrics(
     client, run_id: str, model_id: str, metrics: dict[str, float], dataset_fingerprint: str, benchmark: str
 ) -> None:

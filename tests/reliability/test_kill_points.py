@@ -113,6 +113,14 @@ def test_a_kill_at_every_stage_then_a_clean_run_gives_the_uninterrupted_result(
     [version] = assert_versions_have_their_files(client)  # the dead runs' versions were retracted
     assert version.run_id == final.info.run_id and "champion_decision" in version.tags  # none undecided
     assert client.get_model_version_by_alias("test-adapter", "champion").version == version.version
+    # The logged models the dead runs made (after-artifacts, after-version, after-champion) are FAILED;
+    # the one READY logged model is the final run's, the one its version names.
+    made = client.search_logged_models([final.info.experiment_id])
+    ready = [m.model_id for m in made if str(m.status) == "READY"]
+    dead = sorted(str(m.status) for m in made if m.source_run_id in killed_runs)
+    assert ready == [version.tags["logged_model_id"]] and dead == ["FAILED"] * 3, [
+        (m.source_run_id, str(m.status)) for m in made
+    ]
     found = assert_cache_consistent(cache)
     assert found["leftovers"] == [] and found["checkpoints"] == []  # cleaned up after success
 

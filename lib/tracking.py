@@ -48,11 +48,25 @@ def create_run(client, experiment: str, run_name: str, tags: dict[str, Any]):
     connection): the server created the run the first time, so the retry makes a twin that nobody
     logs into or closes. Its owner (this process) is alive, so the stale-run sweep would leave it
     RUNNING until some later run. Each creation carries a fresh token; any other run with the
-    token is such a twin and is deleted here.
+    token is such a twin and is deleted here. When the create raises (an error that is not retried,
+    or retries used up) after a try landed, the runs with the token are deleted before re-raising:
+    the task's retry starts from nothing.
     """
     token = _token()
-    run = client.create_run(experiment, run_name=run_name, tags={**{k: str(v) for k, v in tags.items()}, TOKEN: token})
-    twins = client.search_runs([experiment], filter_string=f"tags.`{TOKEN}` = '{token}'", max_results=50)
+    query = f"tags.`{TOKEN}` = '{token}'"
+    try:
+        run = client.create_run(
+            experiment, run_name=run_name, tags={**{k: str(v) for k, v in tags.items()}, TOKEN: token}
+        )
+    except Exception:
+        try:
+            for landed in client.search_runs([experiment], filter_string=query, max_results=50):
+                log.warning("deleting run %s: made by a create that then failed", landed.info.run_id)
+                client.delete_run(landed.info.run_id)
+        except Exception as error:  # noqa: BLE001 - the create's error is the one to report
+            log.warning("could not look for runs left by a failed create (%s)", type(error).__name__)
+        raise
+    twins = client.search_runs([experiment], filter_string=query, max_results=50)
     for twin in [t.info.run_id for t in twins if t.info.run_id != run.info.run_id]:
         log.warning("deleting run %s: a twin of run %s made by a retried request", twin, run.info.run_id)
         client.delete_run(twin)
@@ -61,12 +75,23 @@ def create_run(client, experiment: str, run_name: str, tags: dict[str, Any]):
 
 def create_logged_model(client, experiment: str, run_id: str, name: str, model_type: str, tags: dict[str, str]):
     """`client.create_logged_model` made by run `run_id`, leaving exactly one (see `create_run`): a
-    retried create would leave a twin PENDING in the experiment's logged models."""
+    retried create would leave a twin PENDING in the experiment's logged models, and a create that
+    raised after it landed would leave that one."""
     token = _token()
-    logged = client.create_logged_model(
-        experiment, name=name, source_run_id=run_id, model_type=model_type, tags={**tags, TOKEN: token}
-    )
-    twins = client.search_logged_models([experiment], filter_string=f"tags.`{TOKEN}` = '{token}'", max_results=50)
+    query = f"tags.`{TOKEN}` = '{token}'"
+    try:
+        logged = client.create_logged_model(
+            experiment, name=name, source_run_id=run_id, model_type=model_type, tags={**tags, TOKEN: token}
+        )
+    except Exception:  # a try may have landed: delete what it made (see `create_run`)
+        try:
+            for landed in client.search_logged_models([experiment], filter_string=query, max_results=50):
+                log.warning("deleting logged model %s: made by a create that then failed", landed.model_id)
+                client.delete_logged_model(landed.model_id)
+        except Exception as error:  # noqa: BLE001 - the create's error is the one to report
+            log.warning("could not look for logged models left by a failed create (%s)", type(error).__name__)
+        raise
+    twins = client.search_logged_models([experiment], filter_string=query, max_results=50)
     for twin in [t.model_id for t in twins if t.model_id != logged.model_id]:
         log.warning("deleting logged model %s: a twin of %s made by a retried request", twin, logged.model_id)
         client.delete_logged_model(twin)

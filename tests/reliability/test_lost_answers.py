@@ -70,15 +70,25 @@ def test_a_run_create_whose_answer_was_lost_leaves_one_run(mlflow_server, tmp_pa
     assert len(warned) == 3 and all(t.info.run_id in " ".join(warned) for t in twins), caplog.text
 
 
+def every_run(client: MlflowClient, experiment: str) -> list:
+    from mlflow.entities import ViewType
+
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id], run_view_type=ViewType.ALL)
+
+
 def test_a_run_whose_set_up_failed_is_closed_failed_and_a_retry_makes_one_new_run(mlflow_server, tmp_path):
     """A run is made, then logging into it fails (here a 400, which the client does not retry). The
     run is closed FAILED with the step named, not left RUNNING beside the run the task's retry makes;
-    the same for a model's benchmark run, whose failed run is never taken as the benchmark."""
+    the same for a model's benchmark run, whose failed run is never taken as the benchmark. A create
+    that raised though the server made the run deletes that run again."""
     client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
     refused = {"error_code": "INVALID_PARAMETER_VALUE", "message": "refused by the test proxy"}
     texts = ["Первая новость о погоде.", "Вторая новость о футболе."]
     written = write_benchmark(texts, 64, None, "two texts", tmp_path)
     with lossy_proxy(mlflow_server.uri) as proxy:
+        proxy.lose_answer("POST", "/runs/create", status=400, body=refused)  # the run was made: deleted again
+        with pytest.raises(Exception, match="refused by the test proxy"):
+            tracking.start_run(proxy.uri, "half-run", "half-run", {"lora.r": 8}, {}, "lora: {r: 8}\n")
         proxy.lose_answer("POST", "/runs/log-batch", status=400, body=refused)
         with pytest.raises(Exception, match="refused by the test proxy"):
             tracking.start_run(proxy.uri, "half-run", "half-run", {"lora.r": 8}, {}, "lora: {r: 8}\n")
@@ -87,6 +97,7 @@ def test_a_run_whose_set_up_failed_is_closed_failed_and_a_retry_makes_one_new_ru
         with pytest.raises(Exception, match="refused by the test proxy"):
             benchmark_store.store_benchmark(proxy.uri, "half-run-model", written, "half-run")
         benchmark_store.store_benchmark(proxy.uri, "half-run-model", written, "half-run")
+    [created] = [r for r in every_run(client, "half-run") if r.info.lifecycle_stage == "deleted"]
     failed, started = sorted(live_runs(client, "half-run"), key=lambda r: r.info.start_time)
     assert (failed.info.status, started.info.status, started.info.run_id) == ("FAILED", "RUNNING", run_id)
     assert failed.data.tags["lenta_lora.failed_while"] == "logging the run's config (RestException)"
@@ -131,6 +142,27 @@ def test_a_version_create_whose_answer_was_lost_leaves_one_version(mlflow_server
     # The next run registers normally: version 3 (MLflow does not reuse a deleted number).
     _, after = register(mlflow_server.uri, trained, name, 2.0)
     assert after["version"] == 3 and after["champion"] is True
+
+
+@pytest.mark.slow
+def test_a_logged_model_create_that_raised_after_it_landed_leaves_no_pending_model(mlflow_server, trained):
+    """The server made the logged model, the client got a 400 (not retried): registration fails and
+    deletes that model; the task's retry makes the one READY model its version names."""
+    name = "raised-create"
+    refused = {"error_code": "INVALID_PARAMETER_VALUE", "message": "refused by the test proxy"}
+    with lossy_proxy(mlflow_server.uri) as proxy:
+        proxy.lose_answer("POST", "/logged-models", status=400, body=refused)
+        run_id = tracking.start_run(proxy.uri, name, "raised", {}, {}, "{}\n")
+        args = (proxy.uri, run_id, trained["adapter"], HUB_BASE, {}, name, {}, {"benchmark_bits_per_byte": 2.5})
+        with pytest.raises(Exception, match="refused by the test proxy"):
+            registry.register_adapter(*args, **CHAMPION_POLICY)
+        assert proxy.seen("POST", "/logged-models") == [400]
+        result = registry.register_adapter(*args, **CHAMPION_POLICY)
+    tracking.finish_run(mlflow_server.uri, run_id)
+    client = MlflowClient(mlflow_server.uri, mlflow_server.uri)
+    [logged] = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert str(logged.status) == "READY" and result["version"] == 1
+    assert client.get_model_version(name, "1").tags["logged_model_id"] == logged.model_id
 
 
 @pytest.mark.slow

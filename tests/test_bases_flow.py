@@ -1,7 +1,10 @@
 """The whole `finetune` flow on tiny random GPT-2, Llama and Qwen2 bases built offline
 (tests/support/family_models.py), given as `model.name=<folder>`: train, evaluate, register, and load the
 version in a fresh process with the trained model's logits. `lora.target_modules: auto` resolves
-per architecture and the run and version record the resolved list."""
+per architecture and the run and version record the resolved list.
+
+One fresh interpreter loads the three versions in turn and makes on each the check each family's own
+child made before (a child costs about 10 s of CPU in imports alone)."""
 
 from __future__ import annotations
 
@@ -32,14 +35,16 @@ from safetensors.torch import load_file
 from lib.generation import generate_continuations
 from lib.loading import load_registered
 
-args = json.loads(sys.argv[1])
-ref = load_file(args["reference"])
-model, tokenizer, base = load_registered(args["uri"], args["target"])
-with torch.no_grad():
-    logits = model(input_ids=ref["input_ids"]).logits
-text = generate_continuations(model, tokenizer, ["Сборная"], max_new_tokens=4)
-print("RESULT " + json.dumps({"dtype": str(logits.dtype), "diff": float((logits - ref["logits"]).abs().max()),
-                              "kind": base["kind"], "name": base["name"], "text": text}))
+reports = {}
+for family, args in json.loads(sys.argv[1]).items():
+    ref = load_file(args["reference"])
+    model, tokenizer, base = load_registered(args["uri"], args["target"])
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    text = generate_continuations(model, tokenizer, ["Сборная"], max_new_tokens=4)
+    reports[family] = {"dtype": str(logits.dtype), "diff": float((logits - ref["logits"]).abs().max()),
+                       "kind": base["kind"], "name": base["name"], "text": text}
+print("RESULT " + json.dumps(reports))
 """
 
 
@@ -49,10 +54,8 @@ def bases(tmp_path_factory):
     return {family: build_family(family, root / family) for family in FAMILIES}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_flow_trains_registers_and_reloads_each_family(
-    family, bases, prefect_server, shared_cache, tracking_uri, tmp_path
-):
+def train_and_register(family: str, bases: dict, shared_cache: str, tracking_uri: str, tmp_path: Path) -> dict:
+    """The flow on `family`'s base, checked; the trained model's logits on PROMPT kept for the reload."""
     import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -91,11 +94,21 @@ def test_flow_trains_registers_and_reloads_each_family(
         logits = model(input_ids=ids).logits
     save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(tmp_path / "reference.safetensors"))
 
-    args = {"uri": tracking_uri, "target": f"models:/{name}/1", "reference": str(tmp_path / "reference.safetensors")}
-    report = run_script(
-        RELOAD, json.dumps(args), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300
+    return {"uri": tracking_uri, "target": f"models:/{name}/1", "reference": str(tmp_path / "reference.safetensors")}
+
+
+def test_flow_trains_registers_and_reloads_each_family(bases, prefect_server, shared_cache, tracking_uri, tmp_path):
+    jobs = {}
+    for family in FAMILIES:
+        (tmp_path / family).mkdir()
+        jobs[family] = train_and_register(family, bases, shared_cache, tracking_uri, tmp_path / family)
+    reports = run_script(
+        RELOAD, json.dumps(jobs), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600
     )
-    print(f"{family}: max |logits difference| registered vs trained {report['diff']:.2e}")
-    assert report["kind"] == "local" and report["name"] == str(bases[family].resolve())
-    assert report["dtype"] == "torch.float32" and report["diff"] < 1e-4, report
-    assert isinstance(report["text"], list) and len(report["text"]) == 1
+    assert reports.keys() == set(FAMILIES), reports
+    for family, report in reports.items():
+        print(f"\n{family}: max |logits difference| registered vs trained {report['diff']:.2e}", end="")
+    for family, report in reports.items():
+        assert report["kind"] == "local" and report["name"] == str(bases[family].resolve()), (family, report)
+        assert report["dtype"] == "torch.float32" and report["diff"] < 1e-4, (family, report)
+        assert isinstance(report["text"], list) and len(report["text"]) == 1, (family, report)

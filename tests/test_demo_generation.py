@@ -21,6 +21,7 @@ from lib.config import SAMPLE_CSV, load_config
 from lib.dataset import load_prepared, prepare_dataset
 from lib.generation import generate_continuations
 from tests.conftest import tiny_overrides
+from tests.support import warm
 from tests.support.env import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,7 +271,7 @@ def test_every_path_gives_the_same_text_for_a_version(demo_model, tmp_path, new_
         env=env,
     )
     signature = paths.pop("signature")
-    cli = subprocess.run(
+    cli = warm.run(
         [
             sys.executable,
             "-m",

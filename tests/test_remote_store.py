@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from lib import champion
 from tests.conftest import tiny_overrides
+from tests.support import warm
 from tests.support.env import child_env, run_script
 from tests.support.lossy_proxy import lossy_proxy
 
@@ -135,7 +136,7 @@ def test_concurrent_flow_runs_get_own_versions_and_champion_is_the_best(
         command = [sys.executable, "-m", "flows.cli", "run"] + [a for o in overrides for a in ("--set", o)]
         log = open(tmp_path / f"flow-{seed}.log", "w")
         env = child_env(tracking_uri=uri, pythonpath=True)
-        children.append((subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        children.append((warm.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for child, log in children:
         child.wait(timeout=900)
         log.close()

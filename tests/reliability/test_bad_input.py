@@ -130,8 +130,8 @@ def test_impossible_values_are_rejected():
 def test_a_user_error_prints_one_line_and_no_traceback_unless_debug(prefect_server, tracking_uri, tmp_path):
     """Through the real CLI in a child process, as a user sees it: Prefect's own failure logs keep their
     one-line messages, without the traceback; `--debug` shows it."""
-    import subprocess
 
+    from tests.support import warm
     from tests.support.env import ROOT, child_env
     from tests.support.harness import flow_command
 
@@ -139,7 +139,7 @@ def test_a_user_error_prints_one_line_and_no_traceback_unless_debug(prefect_serv
     command = flow_command(tmp_path / "cache", **{"data.source": "csv", "data.path": str(bad)})
     for debug in (False, True):
         args = command[:3] + (["--debug"] if debug else []) + command[3:]
-        done = subprocess.run(args, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+        done = warm.run(args, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
         printed = done.stdout + done.stderr
         assert done.returncode == 2, printed[-3000:]
         [line] = [x for x in done.stderr.splitlines() if x.startswith("lenta-lora: error: ")]

@@ -14,6 +14,7 @@ import subprocess
 import pytest
 from mlflow import MlflowClient
 
+from tests.support import warm
 from tests.support.env import ROOT, child_env
 from tests.support.harness import all_runs, assert_cache_consistent, assert_versions_have_their_files, flow_command
 
@@ -28,7 +29,7 @@ def test_two_identical_flows_at_once_keep_one_version(prefect_server, tracking_u
         log = (tmp_path / f"{name}.log").open("w")
         children.append(
             (
-                subprocess.Popen(
+                warm.Popen(
                     command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 ),
                 log,

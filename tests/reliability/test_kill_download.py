@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from flows.cli import DEFAULT_PROFILE
 from lib.config import load_config
 from tests.conftest import tiny_overrides
+from tests.support import warm
 from tests.support.env import ROOT, child_env
 from tests.support.harness import all_runs, flow_command, run_flow
 
@@ -33,7 +34,7 @@ def test_killed_mid_download_leaves_nothing_published_and_a_rerun_downloads_agai
     cache = tmp_path / "cache"
     command = flow_command(cache, **{"data.source": "kaggle"})
     with (tmp_path / "first.log").open("w") as out:
-        first = subprocess.Popen(
+        first = warm.Popen(
             command, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:

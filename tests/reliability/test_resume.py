@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from lib import checkpoint
 from tests.conftest import tiny_overrides
+from tests.support import warm
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_killed_flow_resumes_from_its_last_checkpoint(prefect_server, tracking_u
     # model is ~10x faster so on a shared 2-core machine, and the kill window stays seconds wide.
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
     log_first = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(
+    first = warm.Popen(
         command, cwd=ROOT, env=env, stdout=log_first, stderr=subprocess.STDOUT, start_new_session=True
     )  # its own process group: the kill takes its children too
     try:
@@ -69,7 +70,7 @@ def test_killed_flow_resumes_from_its_last_checkpoint(prefect_server, tracking_u
     client = MlflowClient(tracking_uri)
     assert client.get_run(found.run_id).info.status == "RUNNING"  # the kill gave it no chance to close
 
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    second = warm.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     runs = client.search_runs([client.get_experiment_by_name("lenta-lora").experiment_id])

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lib import checkpoint, loading, registry, store, tracking
+from tests.support import warm
 from tests.support.env import ROOT, child_env
 from tests.support.harness import all_runs, flow_command, run_flow
 from tests.support.mlflow_server import running_mlflow_server, stop
@@ -81,9 +82,7 @@ def test_server_lost_mid_training_keeps_the_steps_and_a_rerun_finishes(prefect_s
     env = child_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")  # bounded either way; 1 keeps the test short
     with running_mlflow_server(root, port=port) as server:
         with (tmp_path / "first.log").open("w") as out:
-            first = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            first = warm.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             folder = wait_for_checkpoint(first, cache, timeout=300)
             stop(server)  # the server goes away while the flow trains
             lost_at = checkpoint.latest(folder).step

@@ -11,6 +11,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_overrides
+from tests.support import warm
 from tests.support.env import ROOT, child_env
 
 
@@ -29,7 +30,7 @@ def flow_command(cache: str | Path, **extra) -> list[str]:
 def run_flow(command: list[str], log: Path, fault: str | None = None, timeout: float = 600, **env) -> int:
     """Run the flow to its end (or its death); its output goes to `log`. Returns the exit code."""
     with log.open("w") as out:
-        done = subprocess.run(
+        done = warm.run(
             command,
             cwd=ROOT,
             env=child_env(fault, **env),

@@ -32,6 +32,7 @@ import locale
 import os
 import pickle
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -87,6 +88,7 @@ def _start_warm(env: dict[str, str]) -> dict:
         stderr=log,
         start_new_session=True,
     )
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # runs after the kill below (last in, first out)
     atexit.register(process.kill)
     word, _, report = process.stdout.readline().decode().partition(" ")
     if word != "ready":
